@@ -1,0 +1,573 @@
+//! The domain: tenancy, tokens and the task lifecycle. Handlers call one
+//! method here per RPC; every rule (validation, the transition table, who may
+//! see what) is enforced in this module and nowhere else.
+
+pub mod status;
+mod tokens;
+
+use std::sync::Arc;
+
+use crate::model::*;
+use crate::store::{self, NewEvent, Store, TaskFilter};
+use status::can_transition;
+
+pub use tokens::hash_secret;
+
+/// Everything that can go wrong in the domain; `api` maps each variant to
+/// one gRPC code.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{field}: {message}")]
+    InvalidArgument {
+        field: &'static str,
+        message: String,
+    },
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    Aborted(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Unauthenticated(String),
+    #[error("{0}")]
+    PermissionDenied(String),
+    #[error("{0}")]
+    ResourceExhausted(String),
+    #[error(transparent)]
+    Store(#[from] store::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+pub fn invalid(field: &'static str, message: impl Into<String>) -> Error {
+    Error::InvalidArgument {
+        field,
+        message: message.into(),
+    }
+}
+
+/// Limits on what clients may send.
+pub const MAX_PLAN_BYTES: usize = 1 << 20;
+pub const MAX_NAME_CHARS: usize = 256;
+pub const MAX_DEPTH: i64 = 16;
+pub const DEFAULT_WORKSPACE: &str = "default";
+/// How often a contended task write is re-evaluated before giving up.
+const CAS_RETRIES: usize = 8;
+
+/// Parses a UUID given for `field`, answering its canonical text.
+pub fn parse_id(field: &'static str, s: &str) -> Result<String> {
+    if s.is_empty() {
+        return Err(invalid(field, "is required"));
+    }
+    uuid::Uuid::parse_str(s)
+        .map(|u| u.hyphenated().to_string())
+        .map_err(|_| invalid(field, format!("{s:?} is not a valid id")))
+}
+
+/// Parses an optional UUID: empty means none.
+pub fn parse_optional_id(field: &'static str, s: &str) -> Result<Option<String>> {
+    if s.is_empty() {
+        Ok(None)
+    } else {
+        parse_id(field, s).map(Some)
+    }
+}
+
+/// Resolves `page_size`: 0 means `default`, otherwise 1..=max.
+pub fn page_size(field: &'static str, size: i32, default: i64, max: i64) -> Result<i64> {
+    match i64::from(size) {
+        0 => Ok(default),
+        n if (1..=max).contains(&n) => Ok(n),
+        n => Err(invalid(field, format!("{n} is out of range 1..={max}"))),
+    }
+}
+
+fn check_name(field: &'static str, name: &str) -> Result<String> {
+    let name = name.trim();
+    if name.is_empty() {
+        return Err(invalid(field, "must not be empty"));
+    }
+    if name.chars().count() > MAX_NAME_CHARS {
+        return Err(invalid(
+            field,
+            format!("longer than {MAX_NAME_CHARS} characters"),
+        ));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(invalid(field, "must not contain control characters"));
+    }
+    Ok(name.to_string())
+}
+
+fn check_plan(plan: &str) -> Result<()> {
+    if plan.len() > MAX_PLAN_BYTES {
+        return Err(invalid(
+            "plan",
+            format!("{} bytes is over the limit of {MAX_PLAN_BYTES}", plan.len()),
+        ));
+    }
+    Ok(())
+}
+
+/// Runtime names are short identifiers such as `claude` or `shell`.
+pub fn check_runtime(field: &'static str, runtime: &str) -> Result<String> {
+    if runtime.is_empty() {
+        return Ok("shell".to_string());
+    }
+    let ok = runtime.len() <= 32
+        && runtime
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if !ok {
+        return Err(invalid(
+            field,
+            format!("{runtime:?} must be 1-32 characters of a-z, 0-9, - and _"),
+        ));
+    }
+    Ok(runtime.to_string())
+}
+
+fn check_text(field: &'static str, value: &str, max: usize) -> Result<String> {
+    if value.len() > max {
+        return Err(invalid(field, format!("longer than {max} bytes")));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(invalid(field, "must not contain control characters"));
+    }
+    Ok(value.trim().to_string())
+}
+
+/// A task as a client asks for it.
+#[derive(Debug, Default)]
+pub struct NewTask {
+    pub workspace: String,
+    pub name: String,
+    pub plan: String,
+    pub parent_id: Option<String>,
+    pub runtime: String,
+    pub repository: String,
+    pub branch: String,
+}
+
+/// The fields UpdateTask may change; `None` leaves a field as it is.
+#[derive(Debug, Default)]
+pub struct TaskPatch {
+    pub name: Option<String>,
+    pub plan: Option<String>,
+    pub runtime: Option<String>,
+    pub repository: Option<String>,
+    pub branch: Option<String>,
+}
+
+#[derive(Debug, Default)]
+pub struct ListTasks {
+    pub workspace: String,
+    pub statuses: Vec<TaskStatus>,
+    pub parent_id: Option<String>,
+    pub daemon_id: Option<String>,
+    pub page_size: i64,
+    pub page_token: Option<String>,
+}
+
+pub struct Domain {
+    store: Store,
+}
+
+impl Domain {
+    pub fn new(store: Store) -> Arc<Domain> {
+        Arc::new(Domain { store })
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    // ---- workspaces -------------------------------------------------------
+
+    /// The workspace a request names (by id or name) among those the caller
+    /// sees; an empty name is allowed when the caller sees exactly one.
+    pub fn resolve_workspace(&self, p: &Principal, name: &str) -> Result<Workspace> {
+        if name.is_empty() {
+            return match p.workspaces.as_slice() {
+                [only] => Ok(only.clone()),
+                [] => Err(Error::PermissionDenied(
+                    "this token's user belongs to no workspace".into(),
+                )),
+                many => Err(invalid(
+                    "workspace",
+                    format!(
+                        "this token sees {} workspaces ({}); name one",
+                        many.len(),
+                        many.iter()
+                            .map(|w| w.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                )),
+            };
+        }
+        p.workspaces
+            .iter()
+            .find(|w| w.id == name || w.name == name)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("workspace {name} not found")))
+    }
+
+    pub async fn create_workspace(&self, p: &Principal, name: &str) -> Result<Workspace> {
+        let user_id = require_user(p)?;
+        let name = check_workspace_name(name)?;
+        let (ws, created) = self.store.ensure_workspace(&name).await?;
+        if !created {
+            return Err(Error::AlreadyExists(format!(
+                "workspace {name} already exists"
+            )));
+        }
+        self.store.add_member(&ws.id, user_id).await?;
+        Ok(ws)
+    }
+
+    // ---- tasks -------------------------------------------------------------
+
+    /// Loads a task the caller may see; anything else is NOT_FOUND.
+    pub async fn load_task(&self, p: &Principal, id: &str) -> Result<Task> {
+        match self.store.get_task(id).await? {
+            Some(t) if p.sees(&t.workspace_id) => Ok(t),
+            _ => Err(Error::NotFound(format!("task {id} not found"))),
+        }
+    }
+
+    pub async fn create_task(&self, p: &Principal, new: NewTask) -> Result<Task> {
+        let ws = self.resolve_workspace(p, &new.workspace)?;
+        let name = check_name("name", &new.name)?;
+        check_plan(&new.plan)?;
+        let runtime = check_runtime("runtime", &new.runtime)?;
+        let repository = check_text("repository", &new.repository, 2048)?;
+        let branch = check_text("branch", &new.branch, 256)?;
+        let depth = match &new.parent_id {
+            None => 0,
+            Some(parent_id) => {
+                let parent = self.load_task(p, parent_id).await?;
+                if parent.workspace_id != ws.id {
+                    return Err(invalid(
+                        "parent_task_id",
+                        "the parent task is in another workspace",
+                    ));
+                }
+                if parent.depth + 1 > MAX_DEPTH {
+                    return Err(invalid(
+                        "parent_task_id",
+                        format!("subtasks nest at most {MAX_DEPTH} levels deep"),
+                    ));
+                }
+                parent.depth + 1
+            }
+        };
+        let now = now_micros();
+        let task = Task {
+            id: uuid::Uuid::now_v7().to_string(),
+            workspace_id: ws.id,
+            parent_id: new.parent_id,
+            depth,
+            name,
+            plan: new.plan,
+            status: TaskStatus::Pending,
+            version: 1,
+            runtime,
+            repository,
+            branch,
+            daemon_id: None,
+            pinned_daemon_id: None,
+            attempt: 0,
+            status_reason: String::new(),
+            agent_session_id: String::new(),
+            working_directory: String::new(),
+            created_by: p.subject.clone(),
+            created_at: now,
+            updated_at: now,
+            queued_at: None,
+            started_at: None,
+            ended_at: None,
+            last_seq: 0,
+        };
+        let event = NewEvent {
+            from: None,
+            to: TaskStatus::Pending,
+            actor: p.subject.clone(),
+            reason: "created".into(),
+        };
+        self.store.insert_task(&task, &event).await?;
+        Ok(task)
+    }
+
+    /// The task and its direct subtasks.
+    pub async fn get_task(&self, p: &Principal, id: &str) -> Result<(Task, Vec<Task>)> {
+        let task = self.load_task(p, id).await?;
+        let subtasks = self.store.subtasks(&task.id).await?;
+        Ok((task, subtasks))
+    }
+
+    /// A page of tasks, newest first, and the token of the next page.
+    pub async fn list_tasks(
+        &self,
+        p: &Principal,
+        q: ListTasks,
+    ) -> Result<(Vec<Task>, Option<String>)> {
+        let ws = self.resolve_workspace(p, &q.workspace)?;
+        let mut tasks = self
+            .store
+            .list_tasks(&TaskFilter {
+                workspace_id: ws.id,
+                statuses: q.statuses,
+                parent_id: q.parent_id,
+                daemon_id: q.daemon_id,
+                before_id: q.page_token,
+                limit: q.page_size + 1,
+            })
+            .await?;
+        Ok(next_page(&mut tasks, q.page_size, |t| t.id.clone()))
+    }
+
+    pub async fn update_task(
+        &self,
+        p: &Principal,
+        id: &str,
+        patch: TaskPatch,
+        expected_version: i64,
+    ) -> Result<Task> {
+        let task = self.load_task(p, id).await?;
+        if expected_version != 0 && expected_version != task.version {
+            return Err(version_conflict(id, expected_version, task.version));
+        }
+        let mut next = task.clone();
+        if let Some(name) = patch.name {
+            next.name = check_name("task.name", &name)?;
+        }
+        if let Some(plan) = patch.plan {
+            check_plan(&plan)?;
+            next.plan = plan;
+        }
+        if let Some(runtime) = patch.runtime {
+            next.runtime = check_runtime("task.runtime", &runtime)?;
+        }
+        if let Some(repository) = patch.repository {
+            next.repository = check_text("task.repository", &repository, 2048)?;
+        }
+        if let Some(branch) = patch.branch {
+            next.branch = check_text("task.branch", &branch, 256)?;
+        }
+        next.version = task.version + 1;
+        next.updated_at = now_micros();
+        if self.store.save_task(&next, task.version, None).await? {
+            return Ok(next);
+        }
+        // Someone changed the task between our read and our write.
+        let actual = self.load_task(p, id).await?.version;
+        Err(version_conflict(id, task.version, actual))
+    }
+
+    pub async fn delete_task(&self, p: &Principal, id: &str) -> Result<()> {
+        let task = self.load_task(p, id).await?;
+        if !self.store.delete_task(&task.id).await? {
+            return Err(Error::NotFound(format!("task {id} not found")));
+        }
+        Ok(())
+    }
+
+    /// Queues the task; starting a task that ran before opens a new attempt.
+    pub async fn start_task(&self, p: &Principal, id: &str, pin: Option<String>) -> Result<Task> {
+        let task = self.load_task(p, id).await?;
+        if let Some(daemon_id) = &pin {
+            match self.store.get_daemon(daemon_id).await? {
+                Some(d) if d.workspace_id == task.workspace_id => {}
+                _ => return Err(Error::NotFound(format!("daemon {daemon_id} not found"))),
+            }
+        }
+        self.transition(&p.subject, task, TaskStatus::Queued, "started", |t| {
+            t.attempt += 1;
+            t.pinned_daemon_id = pin.clone();
+            t.daemon_id = None;
+            t.status_reason.clear();
+            t.queued_at = Some(t.updated_at);
+            t.started_at = None;
+            t.ended_at = None;
+        })
+        .await
+    }
+
+    /// Cancels a task that has not reached a daemon.
+    pub async fn stop_task(&self, p: &Principal, id: &str) -> Result<Task> {
+        let task = self.load_task(p, id).await?;
+        if status::is_active(task.status) {
+            return Err(Error::Unavailable(format!(
+                "task {id} is {} on a daemon; interrupting it needs a daemon session",
+                task.status
+            )));
+        }
+        self.transition(&p.subject, task, TaskStatus::Cancelled, "stopped", |t| {
+            t.ended_at = Some(t.updated_at);
+        })
+        .await
+    }
+
+    /// Moves `task` to `to` if the transition table allows it, applying
+    /// `edit` to the new row. The write is a compare-and-swap on the version;
+    /// when another writer got there first the task is reloaded and the
+    /// transition judged again on the fresh state.
+    async fn transition(
+        &self,
+        actor: &str,
+        mut task: Task,
+        to: TaskStatus,
+        reason: &str,
+        edit: impl Fn(&mut Task),
+    ) -> Result<Task> {
+        for _ in 0..CAS_RETRIES {
+            if !can_transition(task.status, to) {
+                return Err(Error::FailedPrecondition(format!(
+                    "task {} is {}; it cannot become {to}",
+                    task.id, task.status
+                )));
+            }
+            let mut next = task.clone();
+            next.status = to;
+            next.version = task.version + 1;
+            next.updated_at = now_micros();
+            edit(&mut next);
+            let event = NewEvent {
+                from: Some(task.status),
+                to,
+                actor: actor.to_string(),
+                reason: reason.to_string(),
+            };
+            if self
+                .store
+                .save_task(&next, task.version, Some(&event))
+                .await?
+            {
+                return Ok(next);
+            }
+            task = self
+                .store
+                .get_task(&task.id)
+                .await?
+                .ok_or_else(|| Error::NotFound(format!("task {} not found", task.id)))?;
+        }
+        Err(Error::Aborted(format!(
+            "task {} is changing too often; try again",
+            task.id
+        )))
+    }
+
+    pub async fn list_task_events(
+        &self,
+        p: &Principal,
+        task_id: &str,
+        page_size: i64,
+        page_token: &str,
+    ) -> Result<(Vec<TaskEvent>, Option<String>)> {
+        let task = self.load_task(p, task_id).await?;
+        let after = if page_token.is_empty() {
+            0
+        } else {
+            page_token
+                .parse::<i64>()
+                .map_err(|_| invalid("page_token", "malformed"))?
+        };
+        let mut events = self
+            .store
+            .list_events(&task.id, after, page_size + 1)
+            .await?;
+        Ok(next_page(&mut events, page_size, |e| e.id.to_string()))
+    }
+
+    pub async fn list_task_messages(
+        &self,
+        p: &Principal,
+        task_id: &str,
+        since_seq: i64,
+        limit: i64,
+    ) -> Result<(Vec<TaskMessage>, i64)> {
+        if since_seq < 0 {
+            return Err(invalid("since_seq", "must not be negative"));
+        }
+        let task = self.load_task(p, task_id).await?;
+        let messages = self.store.list_messages(&task.id, since_seq, limit).await?;
+        Ok((messages, task.last_seq))
+    }
+
+    pub async fn task_usage(&self, p: &Principal, task_id: &str) -> Result<Vec<Usage>> {
+        let task = self.load_task(p, task_id).await?;
+        Ok(self.store.list_usage(&task.id).await?)
+    }
+
+    // ---- daemons ------------------------------------------------------------
+
+    pub async fn list_daemons(
+        &self,
+        p: &Principal,
+        workspace: &str,
+        page_size: i64,
+        page_token: Option<String>,
+    ) -> Result<(Vec<Daemon>, Option<String>)> {
+        let ws = self.resolve_workspace(p, workspace)?;
+        let after = page_token.unwrap_or_default();
+        let mut daemons = self
+            .store
+            .list_daemons(&ws.id, &after, page_size + 1)
+            .await?;
+        Ok(next_page(&mut daemons, page_size, |d| d.id.clone()))
+    }
+
+    pub async fn get_daemon(&self, p: &Principal, id: &str) -> Result<Daemon> {
+        match self.store.get_daemon(id).await? {
+            Some(d) if p.sees(&d.workspace_id) => Ok(d),
+            _ => Err(Error::NotFound(format!("daemon {id} not found"))),
+        }
+    }
+}
+
+/// Trims a page fetched with one extra row, answering the next page token.
+fn next_page<T>(
+    items: &mut Vec<T>,
+    page_size: i64,
+    token: impl Fn(&T) -> String,
+) -> (Vec<T>, Option<String>) {
+    let more = items.len() as i64 > page_size;
+    items.truncate(page_size as usize);
+    let next = if more { items.last().map(&token) } else { None };
+    (std::mem::take(items), next)
+}
+
+fn version_conflict(id: &str, expected: i64, actual: i64) -> Error {
+    Error::Aborted(format!(
+        "task {id} changed: expected version {expected}, actual version {actual}"
+    ))
+}
+
+fn check_workspace_name(name: &str) -> Result<String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+    if !ok {
+        return Err(invalid(
+            "name",
+            format!("{name:?} must be 1-64 characters of letters, digits, -, _ and ."),
+        ));
+    }
+    Ok(name.to_string())
+}
+
+/// The caller's user id; daemon tokens answer PERMISSION_DENIED.
+pub fn require_user(p: &Principal) -> Result<&str> {
+    match (p.kind, &p.user_id) {
+        (TokenKind::User, Some(id)) => Ok(id),
+        _ => Err(Error::PermissionDenied("this needs a user token".into())),
+    }
+}

@@ -1,0 +1,220 @@
+//! The `taskmesh` command: the server, token administration, and (as they
+//! land) the daemon and the task verbs.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use taskmesh::domain::Domain;
+use taskmesh::model::TokenKind;
+use taskmesh::server::{self, ServerConfig};
+use taskmesh::store::Store;
+use tokio::net::TcpListener;
+use tracing_subscriber::EnvFilter;
+
+/// taskmesh: a control plane for coding-agent daemons.
+///
+/// Run `taskmesh serve`, take the token it prints on first start, and talk to
+/// it with buf curl, grpcurl, a browser or a daemon on the same port.
+#[derive(Parser)]
+#[command(version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the control plane: gRPC, gRPC-web, reflection, health and the
+    /// dashboard on one port.
+    Serve(ServeArgs),
+    /// Manage access tokens directly in the database.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(clap::Args)]
+struct DatabaseArg {
+    /// Database URL: a SQLite file (`sqlite://taskmesh.db`, or a bare path)
+    /// or `postgres://user@host/db` to share one database between replicas.
+    #[arg(
+        long,
+        env = "TASKMESH_DATABASE_URL",
+        default_value = "sqlite://taskmesh.db"
+    )]
+    database_url: String,
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "TASKMESH_LISTEN", default_value = "127.0.0.1:7070")]
+    listen: String,
+    #[command(flatten)]
+    database: DatabaseArg,
+    /// Origins browsers may call from, comma-separated; any origin when unset.
+    #[arg(
+        long = "cors-origin",
+        env = "TASKMESH_CORS_ORIGINS",
+        value_delimiter = ','
+    )]
+    cors_origins: Vec<String>,
+    /// Seconds between HTTP/2 keepalive pings (and to wait for their answer).
+    #[arg(long, env = "TASKMESH_KEEPALIVE_SECS", default_value_t = 20,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    keepalive_secs: u64,
+    /// Seconds to let open streams finish after SIGINT/SIGTERM.
+    #[arg(long, env = "TASKMESH_DRAIN_SECS", default_value_t = 10)]
+    drain_secs: u64,
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a token and print its secret alone on stdout (shown once).
+    ///
+    /// Example: export TASKMESH_TOKEN=$(taskmesh token create --kind daemon)
+    Create(TokenCreateArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum KindArg {
+    /// For people and scripts: TaskService and WorkspaceService.
+    User,
+    /// For `taskmesh daemon`: DaemonService in one workspace.
+    Daemon,
+}
+
+#[derive(clap::Args)]
+struct TokenCreateArgs {
+    #[command(flatten)]
+    database: DatabaseArg,
+    /// Workspace the token is for (created if missing).
+    #[arg(long, default_value = "default")]
+    workspace: String,
+    /// What the token may do.
+    #[arg(long, value_enum, default_value = "user")]
+    kind: KindArg,
+    /// A label to tell tokens apart in ListTokens.
+    #[arg(long, default_value = "cli")]
+    name: String,
+    /// For user tokens: the user it acts as (created and added to the
+    /// workspace if missing).
+    #[arg(long, default_value = "admin")]
+    user: String,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("taskmesh: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Serve(args) => serve(args).await,
+            Command::Token(TokenCommand::Create(args)) => token_create(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("taskmesh: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type CliResult = Result<(), Box<dyn std::error::Error>>;
+
+async fn connect(url: &str) -> Result<Store, String> {
+    Store::connect(url)
+        .await
+        .map_err(|e| format!("cannot open the database {url}: {e}"))
+}
+
+async fn serve(args: ServeArgs) -> CliResult {
+    let store = connect(&args.database.database_url).await?;
+    let domain = Domain::new(store.clone());
+    if let Some(secret) = domain.bootstrap().await? {
+        println!(
+            "\nFirst start: created a user token for workspace \"default\". It is shown once:\n\n    {secret}\n\n\
+             Use it as:  export TASKMESH_TOKEN={secret}\n\
+             and send it as `authorization: Bearer $TASKMESH_TOKEN`. More tokens: `taskmesh token create`.\n"
+        );
+    }
+    let listener = TcpListener::bind(&args.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(backend = ?store.backend(), "database ready");
+    println!("taskmesh listening on http://{addr}  (gRPC, gRPC-web and the dashboard)");
+
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down: no new connections; draining open ones");
+        let _ = stop_tx.send(true);
+    });
+    let mut stopped = stop_rx.clone();
+    let config = ServerConfig {
+        cors_origins: args.cors_origins,
+        keepalive: Duration::from_secs(args.keepalive_secs),
+    };
+    let server = server::run(listener, domain, config, async move {
+        let _ = stopped.wait_for(|s| *s).await;
+    });
+    let drain = Duration::from_secs(args.drain_secs);
+    tokio::select! {
+        r = server => r?,
+        _ = async { let _ = stop_rx.wait_for(|s| *s).await; tokio::time::sleep(drain).await } => {
+            tracing::warn!("drain deadline passed; closing the remaining streams");
+        }
+    }
+    store.close().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} },
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+async fn token_create(args: TokenCreateArgs) -> CliResult {
+    let store = connect(&args.database.database_url).await?;
+    let domain = Domain::new(store.clone());
+    let kind = match args.kind {
+        KindArg::User => TokenKind::User,
+        KindArg::Daemon => TokenKind::Daemon,
+    };
+    let (_, secret, ws) = domain
+        .create_token_unchecked(&args.workspace, kind, &args.name, &args.user)
+        .await?;
+    store.close().await;
+    eprintln!(
+        "created a {kind} token for workspace {} (shown once)",
+        ws.name
+    );
+    println!("{secret}");
+    Ok(())
+}

@@ -1,0 +1,208 @@
+//! Plain types shared by every layer. Enums carry the one pair of string
+//! conversions used for storage; the gRPC conversions live in `api::convert`.
+
+use std::fmt;
+
+/// Parses a stored enum value; an unknown string means the database holds
+/// something this build does not know.
+pub trait StoredEnum: Sized + Copy + 'static {
+    const ALL: &'static [Self];
+    fn as_str(self) -> &'static str;
+    fn parse(s: &str) -> Option<Self> {
+        Self::ALL.iter().copied().find(|v| v.as_str() == s)
+    }
+}
+
+macro_rules! stored_enum {
+    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident => $text:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name { $($(#[$vmeta])* $variant),+ }
+        impl StoredEnum for $name {
+            const ALL: &'static [Self] = &[$(Self::$variant),+];
+            fn as_str(self) -> &'static str {
+                match self { $(Self::$variant => $text),+ }
+            }
+        }
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+stored_enum! {
+    /// A task's place in its lifecycle; `domain::status` holds the transitions.
+    TaskStatus {
+        Pending => "pending",
+        Queued => "queued",
+        Dispatched => "dispatched",
+        Running => "running",
+        Completed => "completed",
+        Failed => "failed",
+        Cancelled => "cancelled",
+        Interrupted => "interrupted",
+    }
+}
+
+stored_enum! {
+    /// What a token may do: users steer tasks, daemons run them.
+    TokenKind {
+        User => "user",
+        Daemon => "daemon",
+    }
+}
+
+stored_enum! {
+    /// The type of one piece of agent output.
+    MessageKind {
+        Assistant => "assistant",
+        ToolUse => "tool_use",
+        ToolResult => "tool_result",
+        User => "user",
+        System => "system",
+        Stdout => "stdout",
+        Stderr => "stderr",
+    }
+}
+
+stored_enum! {
+    /// Whether a daemon is reachable.
+    DaemonState {
+        Online => "online",
+        Offline => "offline",
+        Gone => "gone",
+    }
+}
+
+/// Microseconds since the Unix epoch, the unit of every stored time.
+pub type Micros = i64;
+
+pub fn now_micros() -> Micros {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Task {
+    pub id: String,
+    pub workspace_id: String,
+    pub parent_id: Option<String>,
+    pub depth: i64,
+    pub name: String,
+    pub plan: String,
+    pub status: TaskStatus,
+    pub version: i64,
+    pub runtime: String,
+    pub repository: String,
+    pub branch: String,
+    pub daemon_id: Option<String>,
+    pub pinned_daemon_id: Option<String>,
+    pub attempt: i64,
+    pub status_reason: String,
+    pub agent_session_id: String,
+    pub working_directory: String,
+    pub created_by: String,
+    pub created_at: Micros,
+    pub updated_at: Micros,
+    pub queued_at: Option<Micros>,
+    pub started_at: Option<Micros>,
+    pub ended_at: Option<Micros>,
+    pub last_seq: i64,
+}
+
+/// One status transition, as recorded in the audit trail.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskEvent {
+    pub id: i64,
+    pub task_id: String,
+    /// `None` for the creation event.
+    pub from: Option<TaskStatus>,
+    pub to: TaskStatus,
+    pub actor: String,
+    pub reason: String,
+    pub attempt: i64,
+    pub created_at: Micros,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskMessage {
+    pub task_id: String,
+    pub seq: i64,
+    pub kind: MessageKind,
+    pub content: String,
+    pub tool_name: String,
+    pub tool_input_json: String,
+    pub attempt: i64,
+    pub created_at: Micros,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Usage {
+    pub provider: String,
+    pub model: String,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub cache_read_tokens: i64,
+    pub cache_write_tokens: i64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Workspace {
+    pub id: String,
+    pub name: String,
+    pub created_at: Micros,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Token {
+    pub id: String,
+    pub kind: TokenKind,
+    pub name: String,
+    pub workspace_id: String,
+    pub user_id: Option<String>,
+    pub user_name: Option<String>,
+    pub created_at: Micros,
+    pub revoked_at: Option<Micros>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Runtime {
+    pub name: String,
+    pub version: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Daemon {
+    pub id: String,
+    pub workspace_id: String,
+    pub machine_id: String,
+    pub hostname: String,
+    pub version: String,
+    pub runtimes: Vec<Runtime>,
+    pub max_concurrent_tasks: i64,
+    pub state: DaemonState,
+    pub active_tasks: i64,
+    pub created_at: Micros,
+    pub last_seen_at: Micros,
+}
+
+/// Who is calling: the token and the workspaces it may see.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    pub token_id: String,
+    pub kind: TokenKind,
+    pub user_id: Option<String>,
+    /// Recorded as the actor of what this caller causes.
+    pub subject: String,
+    pub workspaces: Vec<Workspace>,
+}
+
+impl Principal {
+    pub fn sees(&self, workspace_id: &str) -> bool {
+        self.workspaces.iter().any(|w| w.id == workspace_id)
+    }
+}

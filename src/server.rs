@@ -1,0 +1,189 @@
+//! The server: every service, gRPC-web, reflection, health and the page at
+//! `/` on one port.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::response::{Html, IntoResponse};
+use http::{HeaderName, HeaderValue, Method, StatusCode, Uri};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::Routes;
+use tonic_web::GrpcWebLayer;
+use tower::{Layer, Service};
+use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
+
+use crate::api::{DaemonApi, TaskApi, WorkspaceApi};
+use crate::domain::Domain;
+use crate::pb;
+use crate::pb::daemon_service_server::DaemonServiceServer;
+use crate::pb::task_service_server::TaskServiceServer;
+use crate::pb::workspace_service_server::WorkspaceServiceServer;
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Origins browsers may call from; empty allows any (tokens travel in a
+    /// header, never in cookies, so `*` grants a page nothing by itself).
+    pub cors_origins: Vec<String>,
+    /// HTTP/2 keepalive ping interval and timeout, to catch half-open
+    /// connections sooner than heartbeats do.
+    pub keepalive: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            cors_origins: Vec::new(),
+            keepalive: Duration::from_secs(20),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("invalid CORS origin {0:?}")]
+    BadOrigin(String),
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+const INDEX_HTML: &str = include_str!("web/index.html");
+
+/// Serves until `shutdown` completes, then stops accepting and drains.
+pub async fn run(
+    listener: TcpListener,
+    domain: Arc<Domain>,
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<TaskServiceServer<TaskApi>>().await;
+    health.set_serving::<DaemonServiceServer<DaemonApi>>().await;
+    health
+        .set_serving::<WorkspaceServiceServer<WorkspaceApi>>()
+        .await;
+
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let web = GrpcWebLayer::new();
+    let routes = Routes::builder()
+        .add_service(web.layer(TaskServiceServer::new(TaskApi::new(domain.clone()))))
+        .add_service(web.layer(DaemonServiceServer::new(DaemonApi::new(domain.clone()))))
+        .add_service(web.layer(WorkspaceServiceServer::new(WorkspaceApi::new(domain))))
+        .add_service(web.layer(health_service))
+        .add_service(web.layer(reflection().build_v1()?))
+        .add_service(web.layer(reflection().build_v1alpha()?))
+        .clone()
+        .routes()
+        .into_axum_router()
+        .fallback(page);
+
+    tonic::transport::Server::builder()
+        .accept_http1(true)
+        .http2_keepalive_interval(Some(config.keepalive))
+        .http2_keepalive_timeout(Some(config.keepalive))
+        .layer(cors(&config.cors_origins)?)
+        .layer(RpcLogLayer)
+        .add_routes(Routes::from(routes))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await?;
+    Ok(())
+}
+
+async fn page(method: Method, uri: Uri) -> axum::response::Response {
+    match (method, uri.path()) {
+        (Method::GET | Method::HEAD, "/" | "/index.html") => Html(INDEX_HTML).into_response(),
+        _ => (StatusCode::NOT_FOUND, "not found\n").into_response(),
+    }
+}
+
+fn cors(origins: &[String]) -> Result<CorsLayer, ServeError> {
+    let allow = if origins.is_empty() || origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        let list = origins
+            .iter()
+            .map(|o| HeaderValue::from_str(o).map_err(|_| ServeError::BadOrigin(o.clone())))
+            .collect::<Result<Vec<_>, _>>()?;
+        AllowOrigin::list(list)
+    };
+    Ok(CorsLayer::new()
+        .allow_origin(allow)
+        .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+        // Mirrored, because a wildcard never covers `authorization`.
+        .allow_headers(AllowHeaders::mirror_request())
+        .expose_headers([
+            HeaderName::from_static("grpc-status"),
+            HeaderName::from_static("grpc-message"),
+            HeaderName::from_static("grpc-status-details-bin"),
+        ])
+        .max_age(Duration::from_secs(3600)))
+}
+
+/// Logs one line per request: the RPC (or path), its gRPC code (or HTTP
+/// status) and how long it took to answer. For streams the time is to the
+/// response headers.
+#[derive(Clone, Copy)]
+struct RpcLogLayer;
+
+impl<S> Layer<S> for RpcLogLayer {
+    type Service = RpcLog<S>;
+    fn layer(&self, inner: S) -> RpcLog<S> {
+        RpcLog { inner }
+    }
+}
+
+#[derive(Clone)]
+struct RpcLog<S> {
+    inner: S,
+}
+
+impl<S, B, RB> Service<http::Request<B>> for RpcLog<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<RB>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let start = Instant::now();
+        let path = req.uri().path().to_string();
+        let grpc = req
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let res = fut.await;
+            let ms = start.elapsed().as_secs_f64() * 1000.0;
+            if let Ok(r) = &res {
+                if grpc {
+                    let code = r
+                        .headers()
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse::<i32>().ok())
+                        .map_or(tonic::Code::Ok, tonic::Code::from_i32);
+                    tracing::info!(rpc = %path, code = ?code, ms = format_args!("{ms:.2}"), "rpc");
+                } else {
+                    tracing::info!(path = %path, status = r.status().as_u16(), ms = format_args!("{ms:.2}"), "http");
+                }
+            }
+            res
+        })
+    }
+}
