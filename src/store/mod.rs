@@ -36,11 +36,15 @@ pub enum Backend {
 }
 
 impl Backend {
-    pub fn from_url(url: &str) -> Backend {
+    /// `postgres://` and `postgresql://` select PostgreSQL; `sqlite:` or a
+    /// plain file path select SQLite; any other scheme is refused.
+    pub fn from_url(url: &str) -> Result<Backend> {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            Backend::Postgres
+            Ok(Backend::Postgres)
+        } else if url.starts_with("sqlite:") || !url.contains("://") {
+            Ok(Backend::Sqlite)
         } else {
-            Backend::Sqlite
+            Err(Error::UnsupportedUrl(url.to_string()))
         }
     }
 }
@@ -64,6 +68,20 @@ pub struct TaskFilter {
     pub daemon_id: Option<String>,
     pub before_id: Option<String>,
     pub limit: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Backend;
+
+    #[test]
+    fn backend_from_url() {
+        assert_eq!(Backend::from_url("postgres://h/db").unwrap(), Backend::Postgres);
+        assert_eq!(Backend::from_url("postgresql://h/db").unwrap(), Backend::Postgres);
+        assert_eq!(Backend::from_url("sqlite://x.db").unwrap(), Backend::Sqlite);
+        assert_eq!(Backend::from_url("data/x.db").unwrap(), Backend::Sqlite);
+        assert!(Backend::from_url("mysql://h/db").is_err());
+    }
 }
 
 #[derive(Clone)]
@@ -96,7 +114,17 @@ impl Store {
     /// Connects and applies the migrations of the URL's backend.
     pub async fn connect(url: &str) -> Result<Store> {
         sqlx::any::install_default_drivers();
-        let backend = Backend::from_url(url);
+        let backend = Backend::from_url(url)?;
+        // One plain connection first: a wrong URL fails now with the
+        // driver's reason, instead of after the pool's retries time out.
+        let probe_url = match backend {
+            Backend::Sqlite => sqlite::normalize_url(url),
+            Backend::Postgres => url.to_string(),
+        };
+        sqlx::Connection::close(
+            <sqlx::AnyConnection as sqlx::Connection>::connect(&probe_url).await?,
+        )
+        .await?;
         let (writer, reader) = match backend {
             Backend::Sqlite => sqlite::connect(url).await?,
             Backend::Postgres => {

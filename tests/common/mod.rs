@@ -1,0 +1,299 @@
+//! Test harness: starts the real server on an ephemeral port over a fresh
+//! database (a temporary SQLite file, or a new PostgreSQL database that is
+//! dropped afterwards) and hands out real gRPC clients.
+//!
+//! PostgreSQL tests use `TASKMESH_TEST_DATABASE_URL` (default
+//! `postgres://postgres@127.0.0.1:5432/postgres`). Setting it to `skip`
+//! skips them locally; under CI=true a skip is a failure.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use taskmesh::domain::Domain;
+use taskmesh::model::TokenKind;
+use taskmesh::pb::task_service_client::TaskServiceClient;
+use taskmesh::pb::workspace_service_client::WorkspaceServiceClient;
+use taskmesh::server::{self, ServerConfig};
+use taskmesh::store::Store;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Status};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+const DEFAULT_PG: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+/// Runs `body` against each backend; a macro so each backend is its own test.
+#[macro_export]
+macro_rules! both_backends {
+    ($($name:ident),+ $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::Backend::Sqlite).await
+                }
+            )+
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    if $crate::common::postgres_enabled() {
+                        super::$name($crate::common::Backend::Postgres).await
+                    }
+                }
+            )+
+        }
+    };
+}
+
+/// Whether PostgreSQL tests run: always, unless explicitly skipped outside CI.
+pub fn postgres_enabled() -> bool {
+    let skip = std::env::var("TASKMESH_TEST_DATABASE_URL").is_ok_and(|v| v == "skip");
+    if skip && std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("TASKMESH_TEST_DATABASE_URL=skip is not allowed in CI: PostgreSQL tests must run");
+    }
+    if skip {
+        eprintln!("skipping a PostgreSQL test: TASKMESH_TEST_DATABASE_URL=skip");
+    }
+    !skip
+}
+
+/// A database that exists for one test and is removed when dropped, even
+/// when the test panics.
+pub struct TestDb {
+    pub url: String,
+    cleanup: Cleanup,
+}
+
+enum Cleanup {
+    File(std::path::PathBuf),
+    Postgres { admin_url: String, name: String },
+}
+
+impl TestDb {
+    pub async fn new(backend: Backend) -> TestDb {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        match backend {
+            Backend::Sqlite => {
+                let path = std::env::temp_dir().join(format!("taskmesh-test-{id}.db"));
+                TestDb {
+                    url: format!("sqlite://{}", path.display()),
+                    cleanup: Cleanup::File(path),
+                }
+            }
+            Backend::Postgres => {
+                let admin_url = std::env::var("TASKMESH_TEST_DATABASE_URL")
+                    .unwrap_or_else(|_| DEFAULT_PG.to_string());
+                let name = format!("taskmesh_test_{id}");
+                let mut conn = admin(&admin_url).await;
+                sqlx::Executor::execute(&mut conn, format!("CREATE DATABASE {name}").as_str())
+                    .await
+                    .expect("create the test database");
+                TestDb {
+                    url: with_database(&admin_url, &name),
+                    cleanup: Cleanup::Postgres { admin_url, name },
+                }
+            }
+        }
+    }
+}
+
+async fn admin(url: &str) -> sqlx::PgConnection {
+    use sqlx::Connection;
+    sqlx::PgConnection::connect(url).await.unwrap_or_else(|e| {
+        panic!(
+            "PostgreSQL is not reachable at {url} ({e}). Start it, point \
+             TASKMESH_TEST_DATABASE_URL at one, or set it to `skip` to run SQLite only."
+        )
+    })
+}
+
+/// The same server URL with another database name.
+fn with_database(url: &str, name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, format!("?{q}")),
+        None => (url, String::new()),
+    };
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let host_part = match base[scheme_end..].find('/') {
+        Some(i) => &base[..scheme_end + i],
+        None => base,
+    };
+    format!("{host_part}/{name}{query}")
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        match &self.cleanup {
+            Cleanup::File(path) => {
+                for suffix in ["", "-wal", "-shm"] {
+                    let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+                }
+            }
+            Cleanup::Postgres { admin_url, name } => {
+                let (admin_url, name) = (admin_url.clone(), name.clone());
+                // Drop runs outside async context; use a private runtime.
+                let _ = std::thread::spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .expect("runtime");
+                    rt.block_on(async {
+                        let mut conn = admin(&admin_url).await;
+                        let sql = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+                        let _ = sqlx::Executor::execute(&mut conn, sql.as_str()).await;
+                    });
+                })
+                .join();
+            }
+        }
+    }
+}
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    /// The bootstrap admin token of workspace `default`.
+    pub token: String,
+    pub domain: Arc<Domain>,
+    pub store: Store,
+    stop: Option<oneshot::Sender<()>>,
+    handle: Option<JoinHandle<()>>,
+    // Dropped last: the database outlives the server.
+    pub db: TestDb,
+}
+
+pub async fn start_server(backend: Backend) -> TestServer {
+    start_server_on(TestDb::new(backend).await).await
+}
+
+pub async fn start_server_on(db: TestDb) -> TestServer {
+    let store = Store::connect(&db.url)
+        .await
+        .expect("open the test database");
+    let domain = Domain::new(store.clone());
+    let token = domain
+        .bootstrap()
+        .await
+        .expect("bootstrap")
+        .expect("a new database has no token yet");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (stop, stopped) = oneshot::channel();
+    let handle = tokio::spawn({
+        let domain = domain.clone();
+        async move {
+            server::run(listener, domain, ServerConfig::default(), async {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("server");
+        }
+    });
+    TestServer {
+        addr,
+        token,
+        domain,
+        store,
+        stop: Some(stop),
+        handle: Some(handle),
+        db,
+    }
+}
+
+/// Adds `authorization: Bearer <token>` to every call.
+#[derive(Clone)]
+pub struct Bearer(pub Option<String>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(t) = &self.0 {
+            let v: MetadataValue<_> = format!("Bearer {t}").parse().expect("ascii token");
+            req.metadata_mut().insert("authorization", v);
+        }
+        Ok(req)
+    }
+}
+
+pub type Tasks = TaskServiceClient<InterceptedService<Channel, Bearer>>;
+pub type Workspaces = WorkspaceServiceClient<InterceptedService<Channel, Bearer>>;
+
+impl TestServer {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Endpoint::from_shared(self.url())
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect")
+    }
+
+    pub async fn tasks(&self) -> Tasks {
+        self.tasks_as(Some(&self.token)).await
+    }
+
+    pub async fn tasks_as(&self, token: Option<&str>) -> Tasks {
+        TaskServiceClient::with_interceptor(self.channel().await, Bearer(token.map(String::from)))
+    }
+
+    pub async fn workspaces(&self) -> Workspaces {
+        self.workspaces_as(Some(&self.token)).await
+    }
+
+    pub async fn workspaces_as(&self, token: Option<&str>) -> Workspaces {
+        WorkspaceServiceClient::with_interceptor(
+            self.channel().await,
+            Bearer(token.map(String::from)),
+        )
+    }
+
+    /// A new token in another (possibly new) workspace.
+    pub async fn token_in(&self, workspace: &str, kind: TokenKind) -> String {
+        let (_, secret, _) = self
+            .domain
+            .create_token_unchecked(workspace, kind, "test", &format!("user-{workspace}"))
+            .await
+            .expect("create token");
+        secret
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(h) = self.handle.take() {
+            h.await.expect("server task");
+        }
+        self.store.close().await;
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            h.abort();
+        }
+    }
+}
+
+#[test]
+fn database_urls() {
+    assert_eq!(
+        with_database("postgres://u@h:5432/postgres?sslmode=disable", "x"),
+        "postgres://u@h:5432/x?sslmode=disable"
+    );
+    assert_eq!(with_database("postgres://u@h", "x"), "postgres://u@h/x");
+}
