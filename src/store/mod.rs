@@ -76,8 +76,14 @@ mod tests {
 
     #[test]
     fn backend_from_url() {
-        assert_eq!(Backend::from_url("postgres://h/db").unwrap(), Backend::Postgres);
-        assert_eq!(Backend::from_url("postgresql://h/db").unwrap(), Backend::Postgres);
+        assert_eq!(
+            Backend::from_url("postgres://h/db").unwrap(),
+            Backend::Postgres
+        );
+        assert_eq!(
+            Backend::from_url("postgresql://h/db").unwrap(),
+            Backend::Postgres
+        );
         assert_eq!(Backend::from_url("sqlite://x.db").unwrap(), Backend::Sqlite);
         assert_eq!(Backend::from_url("data/x.db").unwrap(), Backend::Sqlite);
         assert!(Backend::from_url("mysql://h/db").is_err());
