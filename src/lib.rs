@@ -10,6 +10,8 @@
 //! ARCHITECTURE.md tells how a request flows through them.
 
 pub mod api;
+mod convert;
+pub mod daemon;
 pub mod domain;
 pub mod model;
 pub mod server;

@@ -31,6 +31,9 @@ enum Command {
     /// Manage access tokens directly in the database.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Run the reference daemon: take tasks from a server and run each as a
+    /// child process.
+    Daemon(taskmesh::daemon::DaemonArgs),
 }
 
 #[derive(clap::Args)]
@@ -122,6 +125,9 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => serve(args).await,
             Command::Token(TokenCommand::Create(args)) => token_create(args).await,
+            Command::Daemon(args) => taskmesh::daemon::run(args, shutdown_signal())
+                .await
+                .map_err(Into::into),
         }
     });
     match result {

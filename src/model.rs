@@ -111,7 +111,10 @@ pub struct Task {
     pub queued_at: Option<Micros>,
     pub started_at: Option<Micros>,
     pub ended_at: Option<Micros>,
+    /// Highest seq such that all output up to it is stored.
     pub last_seq: i64,
+    /// When a stop was asked of the task while a daemon held it.
+    pub stop_requested_at: Option<Micros>,
 }
 
 /// One status transition, as recorded in the audit trail.

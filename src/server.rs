@@ -73,6 +73,11 @@ pub async fn run(
             .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
+    let closing = domain.clone();
+    let shutdown = async move {
+        shutdown.await;
+        closing.close_streams();
+    };
     let web = GrpcWebLayer::new();
     let routes = Routes::builder()
         .add_service(web.layer(TaskServiceServer::new(TaskApi::new(domain.clone()))))

@@ -2,7 +2,6 @@
 //! what only the wire format can tell (enum values, ids), calls one domain
 //! method and converts the result. Domain errors become a Status here, once.
 
-mod convert;
 mod daemon;
 mod task;
 mod workspace;

@@ -3,14 +3,18 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use tokio_stream::Stream;
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+use tokio_stream::wrappers::{BroadcastStream, ReceiverStream};
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
-use super::{authenticate, convert};
+use super::authenticate;
+use crate::convert;
+use crate::domain::TaskUpdate;
 use crate::domain::{
     self, Domain, ListTasks, NewTask, TaskPatch, invalid, page_size, parse_id, parse_optional_id,
 };
-use crate::pb::{self, task_service_server::TaskService};
+use crate::pb::{self, task_service_server::TaskService, watch_task_response::Event};
 
 pub struct TaskApi {
     domain: Arc<Domain>,
@@ -25,7 +29,7 @@ impl TaskApi {
 type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 fn unimplemented(what: &str) -> Status {
-    Status::unimplemented(format!("{what} needs daemon sessions, not in this build"))
+    Status::unimplemented(format!("{what} is not in this version yet"))
 }
 
 /// Splits an UpdateTask request into the fields its mask names.
@@ -173,8 +177,11 @@ impl TaskService for TaskApi {
         &self,
         req: Request<pb::SendMessageRequest>,
     ) -> Result<Response<pb::SendMessageResponse>, Status> {
-        authenticate(&self.domain, &req).await?;
-        Err(unimplemented("SendMessage"))
+        let p = authenticate(&self.domain, &req).await?;
+        let r = req.into_inner();
+        let id = parse_id("task_id", &r.task_id)?;
+        let command_id = self.domain.send_message(&p, &id, r.text).await?;
+        Ok(Response::new(pb::SendMessageResponse { command_id }))
     }
 
     async fn list_task_messages(
@@ -201,8 +208,18 @@ impl TaskService for TaskApi {
         &self,
         req: Request<pb::WatchTaskRequest>,
     ) -> Result<Response<Self::WatchTaskStream>, Status> {
-        authenticate(&self.domain, &req).await?;
-        Err(unimplemented("WatchTask"))
+        let p = authenticate(&self.domain, &req).await?;
+        let r = req.get_ref();
+        let id = parse_id("task_id", &r.task_id)?;
+        let rx = self.domain.watch_task(&p, &id, r.since_seq).await?;
+        let stream = ReceiverStream::new(rx).map(|u| {
+            let event = match u? {
+                TaskUpdate::Message(m) => Event::Message(convert::task_message(m)),
+                TaskUpdate::Task(t) => Event::Task(convert::task(*t)),
+            };
+            Ok(pb::WatchTaskResponse { event: Some(event) })
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 
     type WatchTasksStream = Stream_<pb::WatchTasksResponse>;
@@ -211,8 +228,20 @@ impl TaskService for TaskApi {
         &self,
         req: Request<pb::WatchTasksRequest>,
     ) -> Result<Response<Self::WatchTasksStream>, Status> {
-        authenticate(&self.domain, &req).await?;
-        Err(unimplemented("WatchTasks"))
+        let p = authenticate(&self.domain, &req).await?;
+        let rx = self.domain.watch_tasks(&p, &req.get_ref().workspace)?;
+        // A watcher that lags is told so; it re-lists to catch up.
+        let stream = BroadcastStream::new(rx).map(|u| match u {
+            Ok(u) => Ok(pb::WatchTasksResponse {
+                task: Some(convert::task(u.task)),
+                deleted: u.deleted,
+            }),
+            Err(BroadcastStreamRecvError::Lagged(n)) => Err(Status::resource_exhausted(format!(
+                "watcher fell {n} changes behind; list the tasks again and re-watch"
+            ))),
+        });
+        let stream = futures_util::StreamExt::take_until(stream, self.domain.closed());
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn list_task_events(

@@ -4,7 +4,8 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::{authenticate, convert};
+use super::authenticate;
+use crate::convert;
 use crate::domain::{Domain, page_size, parse_id, parse_optional_id, require_user};
 use crate::pb::{self, workspace_service_server::WorkspaceService};
 

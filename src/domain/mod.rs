@@ -2,15 +2,26 @@
 //! method here per RPC; every rule (validation, the transition table, who may
 //! see what) is enforced in this module and nowhere else.
 
+mod daemons;
+pub mod hub;
+pub mod redact;
+mod sessions;
 pub mod status;
 mod tokens;
 
 use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{broadcast, mpsc};
 
 use crate::model::*;
 use crate::store::{self, NewEvent, Store, TaskFilter};
 use status::can_transition;
 
+use crate::pb;
+pub use daemons::{Assignment, TaskEnd};
+pub use hub::{OutputHub, TaskUpdate, WorkspaceUpdate};
+pub use sessions::SessionRegistry;
 pub use tokens::hash_secret;
 
 /// Everything that can go wrong in the domain; `api` maps each variant to
@@ -176,11 +187,43 @@ pub struct ListTasks {
 
 pub struct Domain {
     store: Store,
+    hub: OutputHub,
+    sessions: SessionRegistry,
+    /// Set on shutdown: every stream the server holds open ends.
+    closing: tokio::sync::watch::Sender<bool>,
+    pub heartbeat_interval: Duration,
 }
 
 impl Domain {
     pub fn new(store: Store) -> Arc<Domain> {
-        Arc::new(Domain { store })
+        Self::with_heartbeat(store, Duration::from_secs(15))
+    }
+
+    pub fn with_heartbeat(store: Store, heartbeat_interval: Duration) -> Arc<Domain> {
+        Arc::new(Domain {
+            store,
+            hub: OutputHub::default(),
+            sessions: SessionRegistry::default(),
+            closing: tokio::sync::watch::channel(false).0,
+            heartbeat_interval,
+        })
+    }
+
+    /// Ends every open watch and session, so a graceful shutdown can finish.
+    pub fn close_streams(&self) {
+        self.closing.send_replace(true);
+    }
+
+    /// Completes once `close_streams` was called.
+    pub fn closed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.closing.subscribe();
+        async move {
+            let _ = rx.wait_for(|c| *c).await;
+        }
+    }
+
+    pub fn hub(&self) -> &OutputHub {
+        &self.hub
     }
 
     pub fn store(&self) -> &Store {
@@ -293,6 +336,7 @@ impl Domain {
             started_at: None,
             ended_at: None,
             last_seq: 0,
+            stop_requested_at: None,
         };
         let event = NewEvent {
             from: None,
@@ -301,6 +345,7 @@ impl Domain {
             reason: "created".into(),
         };
         self.store.insert_task(&task, &event).await?;
+        self.hub.task_changed(&task, false);
         Ok(task)
     }
 
@@ -363,6 +408,7 @@ impl Domain {
         next.version = task.version + 1;
         next.updated_at = now_micros();
         if self.store.save_task(&next, task.version, None).await? {
+            self.hub.task_changed(&next, false);
             return Ok(next);
         }
         // Someone changed the task between our read and our write.
@@ -370,10 +416,23 @@ impl Domain {
         Err(version_conflict(id, task.version, actual))
     }
 
+    /// Deletes a task and its subtasks; one on a daemon is interrupted first.
     pub async fn delete_task(&self, p: &Principal, id: &str) -> Result<()> {
         let task = self.load_task(p, id).await?;
+        let mut doomed = vec![task.clone()];
+        let mut i = 0;
+        while i < doomed.len() {
+            doomed.extend(self.store.subtasks(&doomed[i].id).await?);
+            i += 1;
+        }
+        for t in doomed.iter().filter(|t| status::is_active(t.status)) {
+            self.send_command(t, interrupt()).await?;
+        }
         if !self.store.delete_task(&task.id).await? {
             return Err(Error::NotFound(format!("task {id} not found")));
+        }
+        for t in &doomed {
+            self.hub.task_changed(t, true);
         }
         Ok(())
     }
@@ -387,31 +446,181 @@ impl Domain {
                 _ => return Err(Error::NotFound(format!("daemon {daemon_id} not found"))),
             }
         }
-        self.transition(&p.subject, task, TaskStatus::Queued, "started", |t| {
-            t.attempt += 1;
-            t.pinned_daemon_id = pin.clone();
-            t.daemon_id = None;
-            t.status_reason.clear();
-            t.queued_at = Some(t.updated_at);
-            t.started_at = None;
-            t.ended_at = None;
-        })
+        let task = self
+            .transition(&p.subject, task, TaskStatus::Queued, "started", |t| {
+                t.attempt += 1;
+                t.pinned_daemon_id = pin.clone();
+                t.daemon_id = None;
+                t.status_reason.clear();
+                t.queued_at = Some(t.updated_at);
+                t.started_at = None;
+                t.ended_at = None;
+                t.stop_requested_at = None;
+            })
+            .await?;
+        self.dispatch_workspace(&task.workspace_id).await?;
+        Ok(self.store.get_task(&task.id).await?.unwrap_or(task))
+    }
+
+    /// Cancels a task not yet on a daemon. A task on a daemon gets an
+    /// InterruptTask and ends cancelled when the daemon reports its end, or
+    /// at once when its daemon has no session.
+    pub async fn stop_task(&self, p: &Principal, id: &str) -> Result<Task> {
+        let task = self.load_task(p, id).await?;
+        if !status::is_active(task.status) {
+            return self
+                .transition(&p.subject, task, TaskStatus::Cancelled, "stopped", |t| {
+                    t.ended_at = Some(t.updated_at);
+                })
+                .await;
+        }
+        self.send_command(&task, interrupt()).await?;
+        let connected = task
+            .daemon_id
+            .as_deref()
+            .is_some_and(|d| self.sessions.is_connected(d));
+        if connected {
+            let now = now_micros();
+            let mut next = task.clone();
+            next.stop_requested_at = Some(now);
+            next.version += 1;
+            next.updated_at = now;
+            if self.store.save_task(&next, task.version, None).await? {
+                self.hub.task_changed(&next, false);
+                return Ok(next);
+            }
+            // It changed meanwhile (ended, most likely): judge again.
+            return Box::pin(self.stop_task(p, id)).await;
+        }
+        self.transition(
+            &p.subject,
+            task,
+            TaskStatus::Cancelled,
+            "stopped; daemon away",
+            |t| {
+                t.ended_at = Some(t.updated_at);
+            },
+        )
         .await
     }
 
-    /// Cancels a task that has not reached a daemon.
-    pub async fn stop_task(&self, p: &Principal, id: &str) -> Result<Task> {
+    /// Text for a running agent's stdin, as a durable SendInput command.
+    pub async fn send_message(&self, p: &Principal, id: &str, text: String) -> Result<String> {
+        if text.len() > MAX_PLAN_BYTES {
+            return Err(invalid("text", format!("over {MAX_PLAN_BYTES} bytes")));
+        }
         let task = self.load_task(p, id).await?;
-        if status::is_active(task.status) {
-            return Err(Error::Unavailable(format!(
-                "task {id} is {} on a daemon; interrupting it needs a daemon session",
+        if !status::is_active(task.status) {
+            return Err(Error::FailedPrecondition(format!(
+                "task {id} is {}; messages go to dispatched or running tasks",
                 task.status
             )));
         }
-        self.transition(&p.subject, task, TaskStatus::Cancelled, "stopped", |t| {
-            t.ended_at = Some(t.updated_at);
-        })
-        .await
+        self.send_command(&task, pb::command::Kind::SendInput(pb::SendInput { text }))
+            .await
+    }
+
+    /// Streams a task's output from `since_seq` on, then live, with status
+    /// changes: first the task itself, then its stored messages, then what
+    /// arrives. The hub is subscribed before the replay reads the store, so
+    /// nothing falls between them; seqs at or below the last one sent are
+    /// skipped, and a gap (a lagging watcher) is filled from the store.
+    pub async fn watch_task(
+        self: &Arc<Self>,
+        p: &Principal,
+        id: &str,
+        since_seq: i64,
+    ) -> Result<mpsc::Receiver<Result<TaskUpdate>>> {
+        if since_seq < 0 {
+            return Err(invalid("since_seq", "must not be negative"));
+        }
+        let mut live = self.hub.subscribe_task(id);
+        let task = self.load_task(p, id).await?;
+        let (tx, rx) = mpsc::channel(256);
+        let domain = self.clone();
+        let closed = self.closed();
+        tokio::spawn(async move {
+            tokio::pin!(closed);
+            let mut last = since_seq;
+            let catch_up = |last: &mut i64| {
+                let domain = domain.clone();
+                let tx = tx.clone();
+                let task_id = task.id.clone();
+                let from = *last;
+                async move {
+                    let mut last = from;
+                    loop {
+                        let batch = domain.store.list_messages(&task_id, last, 1000).await?;
+                        let n = batch.len();
+                        for m in batch {
+                            last = m.seq;
+                            if tx.send(Ok(TaskUpdate::Message(m))).await.is_err() {
+                                return Ok::<_, Error>(None);
+                            }
+                        }
+                        if n < 1000 {
+                            return Ok(Some(last));
+                        }
+                    }
+                }
+            };
+            if tx
+                .send(Ok(TaskUpdate::Task(Box::new(task.clone()))))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            macro_rules! catch_up {
+                () => {
+                    match catch_up(&mut last).await {
+                        Ok(Some(l)) => last = l,
+                        Ok(None) => return,
+                        Err(e) => {
+                            let _ = tx.send(Err(e)).await;
+                            return;
+                        }
+                    }
+                };
+            }
+            catch_up!();
+            loop {
+                let update = tokio::select! {
+                    u = live.recv() => u,
+                    _ = tx.closed() => return,
+                    _ = &mut closed => return,
+                };
+                match update {
+                    Ok(TaskUpdate::Message(m)) if m.seq <= last => {}
+                    Ok(TaskUpdate::Message(m)) if m.seq == last + 1 => {
+                        last = m.seq;
+                        if tx.send(Ok(TaskUpdate::Message(m))).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(TaskUpdate::Message(_)) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                        catch_up!();
+                    }
+                    Ok(TaskUpdate::Task(t)) => {
+                        if tx.send(Ok(TaskUpdate::Task(t))).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    /// Task changes of a workspace, live.
+    pub fn watch_tasks(
+        &self,
+        p: &Principal,
+        workspace: &str,
+    ) -> Result<broadcast::Receiver<WorkspaceUpdate>> {
+        let ws = self.resolve_workspace(p, workspace)?;
+        Ok(self.hub.subscribe_workspace(&ws.id))
     }
 
     /// Moves `task` to `to` if the transition table allows it, applying
@@ -449,6 +658,7 @@ impl Domain {
                 .save_task(&next, task.version, Some(&event))
                 .await?
             {
+                self.hub.task_changed(&next, false);
                 return Ok(next);
             }
             task = self
@@ -529,6 +739,10 @@ impl Domain {
             _ => Err(Error::NotFound(format!("daemon {id} not found"))),
         }
     }
+}
+
+fn interrupt() -> pb::command::Kind {
+    pb::command::Kind::InterruptTask(pb::InterruptTask { grace_seconds: 0 })
 }
 
 /// Trims a page fetched with one extra row, answering the next page token.

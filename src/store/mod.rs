@@ -6,7 +6,10 @@
 //! `postgres.rs`, selected by [`Backend`].
 
 mod postgres;
+mod sessions;
 mod sqlite;
+
+pub use sessions::{DaemonInfo, NewCommand, NewMessage, PendingCommand};
 
 use sqlx::AnyPool;
 use sqlx::any::{AnyArguments, AnyRow};
@@ -106,7 +109,7 @@ enum Arg {
 const TASK_COLUMNS: &str = "id, workspace_id, parent_id, depth, name, plan, status, version, \
     runtime, repository, branch, daemon_id, pinned_daemon_id, attempt, status_reason, \
     agent_session_id, working_directory, created_by, created_at, updated_at, queued_at, \
-    started_at, ended_at, last_seq";
+    started_at, ended_at, last_seq, stop_requested_at";
 
 const TOKEN_SELECT: &str = "SELECT t.id, t.kind, t.name, t.workspace_id, t.user_id, u.name AS user_name, \
     t.created_at, t.revoked_at FROM tokens t LEFT JOIN users u ON u.id = t.user_id";
@@ -312,7 +315,7 @@ impl Store {
         let mut tx = self.writer.begin().await?;
         bind_task(sqlx::query(&format!(
             "INSERT INTO tasks ({TASK_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, \
-             $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24)"
+             $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25)"
         )), task)
         .execute(&mut *tx)
         .await?;
@@ -375,7 +378,8 @@ impl Store {
         rows.iter().map(task_from_row).collect()
     }
 
-    /// Writes every mutable column of `task` if the stored version is still
+    /// Writes every mutable column of `task` (all but `last_seq`, which only
+    /// output ingestion moves) if the stored version is still
     /// `prev_version`, recording `event` in the same transaction. Answers
     /// false when someone else changed the task first (or it is gone).
     pub async fn save_task(
@@ -392,8 +396,8 @@ impl Store {
                  branch = $11, daemon_id = $12, pinned_daemon_id = $13, attempt = $14, \
                  status_reason = $15, agent_session_id = $16, working_directory = $17, \
                  created_by = $18, created_at = $19, updated_at = $20, queued_at = $21, \
-                 started_at = $22, ended_at = $23, last_seq = $24 \
-                 WHERE id = $1 AND version = $25",
+                 started_at = $22, ended_at = $23, stop_requested_at = $25 \
+                 WHERE id = $1 AND version = $26",
             ),
             task,
         )
@@ -574,7 +578,7 @@ fn bind_args(mut q: AnyQuery<'_>, args: Vec<Arg>) -> AnyQuery<'_> {
     q
 }
 
-/// Binds the task's columns as $1..$24 in TASK_COLUMNS order.
+/// Binds the task's columns as $1..$25 in TASK_COLUMNS order.
 fn bind_task<'q>(q: AnyQuery<'q>, t: &Task) -> AnyQuery<'q> {
     q.bind(t.id.clone())
         .bind(t.workspace_id.clone())
@@ -600,6 +604,7 @@ fn bind_task<'q>(q: AnyQuery<'q>, t: &Task) -> AnyQuery<'q> {
         .bind(t.started_at)
         .bind(t.ended_at)
         .bind(t.last_seq)
+        .bind(t.stop_requested_at)
 }
 
 fn parse_enum<E: StoredEnum>(s: &str) -> Result<E> {
@@ -632,6 +637,7 @@ fn task_from_row(r: &AnyRow) -> Result<Task> {
         started_at: r.try_get("started_at")?,
         ended_at: r.try_get("ended_at")?,
         last_seq: r.try_get("last_seq")?,
+        stop_requested_at: r.try_get("stop_requested_at")?,
     })
 }
 

@@ -1,0 +1,373 @@
+//! Queries behind daemon sessions: registration, the atomic claim, output
+//! ingestion and the command outbox.
+
+use sqlx::Row;
+
+use super::{Backend, Error, NewEvent, Result, Store, TASK_COLUMNS, insert_event, task_from_row};
+use crate::model::*;
+
+/// A message as a daemon reported it, after redaction.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    pub seq: i64,
+    pub kind: MessageKind,
+    pub content: String,
+    pub tool_name: String,
+    pub tool_input_json: String,
+}
+
+/// A command for the outbox; `payload` is the encoded `pb::Command`.
+#[derive(Debug, Clone)]
+pub struct NewCommand {
+    pub id: String,
+    pub daemon_id: String,
+    pub task_id: String,
+    pub payload: Vec<u8>,
+}
+
+#[derive(Debug, Clone)]
+pub struct PendingCommand {
+    pub seq: i64,
+    pub payload: Vec<u8>,
+}
+
+/// What a daemon registers.
+#[derive(Debug, Clone)]
+pub struct DaemonInfo {
+    pub workspace_id: String,
+    pub machine_id: String,
+    pub hostname: String,
+    pub version: String,
+    pub runtimes: Vec<Runtime>,
+    pub max_concurrent_tasks: i64,
+}
+
+/// Rows per INSERT of output: 7 parameters each stays far below SQLite's
+/// parameter limit and keeps statements a manageable size.
+const MESSAGE_CHUNK: usize = 500;
+
+impl Store {
+    /// Creates or refreshes the daemon keyed by (workspace, machine id) and
+    /// merges `legacy_ids` (their tasks and pending commands) into it.
+    pub async fn register_daemon(
+        &self,
+        info: &DaemonInfo,
+        legacy_ids: &[String],
+    ) -> Result<Daemon> {
+        let now = now_micros();
+        let mut tx = self.writer.begin().await?;
+        let row = sqlx::query(
+            "INSERT INTO daemons (id, workspace_id, machine_id, hostname, version, runtimes, \
+             max_concurrent_tasks, state, created_at, last_seen_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 'online', $8, $8) \
+             ON CONFLICT (workspace_id, machine_id) DO UPDATE SET hostname = $4, version = $5, \
+             runtimes = $6, max_concurrent_tasks = $7, state = 'online', last_seen_at = $8 \
+             RETURNING id",
+        )
+        .bind(uuid::Uuid::now_v7().to_string())
+        .bind(&info.workspace_id)
+        .bind(&info.machine_id)
+        .bind(&info.hostname)
+        .bind(&info.version)
+        .bind(super::runtimes_to_json(&info.runtimes))
+        .bind(info.max_concurrent_tasks)
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await?;
+        let id: String = row.try_get("id")?;
+        for legacy in legacy_ids.iter().filter(|l| **l != id) {
+            let owned = sqlx::query("SELECT id FROM daemons WHERE id = $1 AND workspace_id = $2")
+                .bind(legacy)
+                .bind(&info.workspace_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+            if owned.is_none() {
+                continue;
+            }
+            for sql in [
+                "UPDATE tasks SET daemon_id = $1 WHERE daemon_id = $2",
+                "UPDATE tasks SET pinned_daemon_id = $1 WHERE pinned_daemon_id = $2",
+                "UPDATE commands SET daemon_id = $1 WHERE daemon_id = $2",
+                "DELETE FROM daemons WHERE id = $2 AND $1 <> $2",
+            ] {
+                sqlx::query(sql)
+                    .bind(&id)
+                    .bind(legacy)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        tx.commit().await?;
+        self.get_daemon(&id)
+            .await?
+            .ok_or_else(|| Error::Corrupt(format!("daemon {id} vanished")))
+    }
+
+    pub async fn set_daemon_state(&self, id: &str, state: DaemonState) -> Result<()> {
+        sqlx::query("UPDATE daemons SET state = $2, last_seen_at = $3 WHERE id = $1")
+            .bind(id)
+            .bind(state.as_str())
+            .bind(now_micros())
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    /// Atomically moves the oldest queued task this daemon can run to
+    /// dispatched, if it has a free slot, recording the event and (for a
+    /// pushed dispatch) the SpawnTask command in the same transaction.
+    ///
+    /// PostgreSQL locks the candidate row `FOR UPDATE SKIP LOCKED`, so
+    /// concurrent claimers take different tasks; SQLite runs every write on
+    /// one connection, which makes the statement atomic by itself.
+    pub async fn claim_task(
+        &self,
+        daemon: &Daemon,
+        command: Option<&(dyn Fn(&Task) -> NewCommand + Sync)>,
+    ) -> Result<Option<Task>> {
+        if daemon.runtimes.is_empty() {
+            return Ok(None);
+        }
+        let mut tx = self.writer.begin().await?;
+        let active: i64 = sqlx::query(
+            "SELECT COUNT(*) AS n FROM tasks WHERE daemon_id = $1 \
+             AND status IN ('dispatched', 'running')",
+        )
+        .bind(&daemon.id)
+        .fetch_one(&mut *tx)
+        .await?
+        .try_get("n")?;
+        if active >= daemon.max_concurrent_tasks {
+            return Ok(None);
+        }
+        let runtimes: Vec<String> = (0..daemon.runtimes.len())
+            .map(|i| format!("${}", i + 4))
+            .collect();
+        let lock = match self.backend {
+            Backend::Postgres => "FOR UPDATE SKIP LOCKED",
+            Backend::Sqlite => "",
+        };
+        let sql = format!(
+            "UPDATE tasks SET status = 'dispatched', daemon_id = $1, version = version + 1, \
+             updated_at = $2 WHERE status = 'queued' AND id = (SELECT id FROM tasks \
+             WHERE workspace_id = $3 AND status = 'queued' AND runtime IN ({}) \
+             AND (pinned_daemon_id IS NULL OR pinned_daemon_id = $1) \
+             ORDER BY queued_at, id LIMIT 1 {lock}) RETURNING {TASK_COLUMNS}",
+            runtimes.join(", ")
+        );
+        let now = now_micros();
+        let mut q = sqlx::query(&sql)
+            .bind(&daemon.id)
+            .bind(now)
+            .bind(&daemon.workspace_id);
+        for r in &daemon.runtimes {
+            q = q.bind(r.name.clone());
+        }
+        let Some(row) = q.fetch_optional(&mut *tx).await? else {
+            return Ok(None);
+        };
+        let task = task_from_row(&row)?;
+        let event = NewEvent {
+            from: Some(TaskStatus::Queued),
+            to: TaskStatus::Dispatched,
+            actor: format!("daemon:{}", daemon.id),
+            reason: "dispatched".into(),
+        };
+        insert_event(&mut tx, &task, &event).await?;
+        if let Some(make) = command {
+            insert_command(&mut tx, &make(&task)).await?;
+        }
+        tx.commit().await?;
+        Ok(Some(task))
+    }
+
+    /// Stores output idempotently (a repeated seq is ignored) in one
+    /// statement per chunk, then advances the task's `last_seq` over every
+    /// contiguous stored seq. Answers (old last_seq, new last_seq).
+    pub async fn insert_messages(
+        &self,
+        task_id: &str,
+        attempt: i64,
+        messages: &[NewMessage],
+    ) -> Result<(i64, i64)> {
+        let now = now_micros();
+        let mut tx = self.writer.begin().await?;
+        let old: i64 = sqlx::query("SELECT last_seq FROM tasks WHERE id = $1")
+            .bind(task_id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .map(|r| r.try_get("last_seq"))
+            .transpose()?
+            .ok_or_else(|| Error::Corrupt(format!("task {task_id} vanished")))?;
+        for chunk in messages.chunks(MESSAGE_CHUNK) {
+            let values: Vec<String> = (0..chunk.len())
+                .map(|i| {
+                    let b = i * 5;
+                    format!(
+                        "($1, ${}, ${}, ${}, ${}, ${}, $2, $3)",
+                        b + 4,
+                        b + 5,
+                        b + 6,
+                        b + 7,
+                        b + 8
+                    )
+                })
+                .collect();
+            let sql = format!(
+                "INSERT INTO task_messages (task_id, seq, kind, content, tool_name, \
+                 tool_input_json, attempt, created_at) VALUES {} \
+                 ON CONFLICT (task_id, seq) DO NOTHING",
+                values.join(", ")
+            );
+            let mut q = sqlx::query(&sql).bind(task_id).bind(attempt).bind(now);
+            for m in chunk {
+                q = q
+                    .bind(m.seq)
+                    .bind(m.kind.as_str())
+                    .bind(m.content.clone())
+                    .bind(m.tool_name.clone())
+                    .bind(m.tool_input_json.clone());
+            }
+            q.execute(&mut *tx).await?;
+        }
+        // Walk forward from the old mark while seqs are contiguous.
+        let mut new = old;
+        loop {
+            let rows = sqlx::query(
+                "SELECT seq FROM task_messages WHERE task_id = $1 AND seq > $2 ORDER BY seq LIMIT 1000",
+            )
+            .bind(task_id)
+            .bind(new)
+            .fetch_all(&mut *tx)
+            .await?;
+            let before = new;
+            for r in &rows {
+                let seq: i64 = r.try_get("seq")?;
+                if seq != new + 1 {
+                    break;
+                }
+                new = seq;
+            }
+            if rows.len() < 1000 || new - before < rows.len() as i64 {
+                break;
+            }
+        }
+        if new > old {
+            sqlx::query("UPDATE tasks SET last_seq = $2 WHERE id = $1 AND last_seq < $2")
+                .bind(task_id)
+                .bind(new)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok((old, new))
+    }
+
+    /// Replaces the usage totals of each (provider, model) reported.
+    pub async fn upsert_usage(&self, task_id: &str, usage: &[Usage]) -> Result<()> {
+        let mut tx = self.writer.begin().await?;
+        for u in usage {
+            sqlx::query(
+                "INSERT INTO task_usage (task_id, provider, model, input_tokens, output_tokens, \
+                 cache_read_tokens, cache_write_tokens) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+                 ON CONFLICT (task_id, provider, model) DO UPDATE SET input_tokens = $4, \
+                 output_tokens = $5, cache_read_tokens = $6, cache_write_tokens = $7",
+            )
+            .bind(task_id)
+            .bind(&u.provider)
+            .bind(&u.model)
+            .bind(u.input_tokens)
+            .bind(u.output_tokens)
+            .bind(u.cache_read_tokens)
+            .bind(u.cache_write_tokens)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn insert_command(&self, command: &NewCommand) -> Result<()> {
+        let mut tx = self.writer.begin().await?;
+        insert_command(&mut tx, command).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Unacknowledged commands of a daemon after `after_seq`, in order.
+    pub async fn pending_commands(
+        &self,
+        daemon_id: &str,
+        after_seq: i64,
+        limit: i64,
+    ) -> Result<Vec<PendingCommand>> {
+        let rows = sqlx::query(
+            "SELECT seq, payload FROM commands WHERE daemon_id = $1 AND acked_at IS NULL \
+             AND seq > $2 ORDER BY seq LIMIT $3",
+        )
+        .bind(daemon_id)
+        .bind(after_seq)
+        .bind(limit)
+        .fetch_all(&self.writer)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(PendingCommand {
+                    seq: r.try_get("seq")?,
+                    payload: r.try_get("payload")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Records a command's result; answers false for an unknown command or
+    /// one acknowledged before (a redelivery).
+    pub async fn ack_command(
+        &self,
+        daemon_id: &str,
+        command_id: &str,
+        status: &str,
+        message: &str,
+    ) -> Result<bool> {
+        let n = sqlx::query(
+            "UPDATE commands SET acked_at = $3, result_status = $4, result_message = $5 \
+             WHERE id = $1 AND daemon_id = $2 AND acked_at IS NULL",
+        )
+        .bind(command_id)
+        .bind(daemon_id)
+        .bind(now_micros())
+        .bind(status)
+        .bind(message)
+        .execute(&self.writer)
+        .await?
+        .rows_affected();
+        Ok(n == 1)
+    }
+
+    /// Tasks a daemon holds (dispatched or running).
+    pub async fn active_tasks_of(&self, daemon_id: &str) -> Result<Vec<Task>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {TASK_COLUMNS} FROM tasks WHERE daemon_id = $1 \
+             AND status IN ('dispatched', 'running') ORDER BY id"
+        ))
+        .bind(daemon_id)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(task_from_row).collect()
+    }
+}
+
+async fn insert_command(tx: &mut sqlx::Transaction<'_, sqlx::Any>, c: &NewCommand) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO commands (id, daemon_id, task_id, payload, created_at) \
+         VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(&c.id)
+    .bind(&c.daemon_id)
+    .bind(&c.task_id)
+    .bind(c.payload.clone())
+    .bind(now_micros())
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}

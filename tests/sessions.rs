@@ -1,0 +1,666 @@
+//! Daemon sessions through real gRPC: push dispatch, durable commands,
+//! gapless output, atomic claims, tenancy and redaction; SQLite and
+//! PostgreSQL. The daemon here is scripted message by message.
+
+mod common;
+
+use std::collections::HashSet;
+
+use common::{Backend, Bearer, TestServer, start_server};
+use taskmesh::model::TokenKind;
+use taskmesh::pb::daemon_service_client::DaemonServiceClient;
+use taskmesh::pb::session_request::Message as Up;
+use taskmesh::pb::session_response::Message as Down;
+use taskmesh::pb::{self, MessageKind, TaskStatus, command::Kind};
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+type Daemons = DaemonServiceClient<InterceptedService<Channel, Bearer>>;
+
+async fn daemon_client(s: &TestServer, token: &str) -> Daemons {
+    DaemonServiceClient::with_interceptor(s.channel().await, Bearer(Some(token.into())))
+}
+
+async fn register(c: &mut Daemons, machine: &str, max: i32) -> String {
+    c.register(pb::RegisterRequest {
+        machine_id: machine.into(),
+        hostname: "test".into(),
+        version: "0".into(),
+        runtimes: vec![pb::Runtime {
+            name: "shell".into(),
+            version: "builtin".into(),
+        }],
+        max_concurrent_tasks: max,
+        legacy_ids: vec![],
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .daemon
+    .unwrap()
+    .id
+}
+
+/// A scripted daemon session.
+struct Session {
+    up: mpsc::Sender<pb::SessionRequest>,
+    down: tonic::Streaming<pb::SessionResponse>,
+}
+
+impl Session {
+    async fn open(c: &mut Daemons, daemon_id: &str, running: Vec<String>) -> Session {
+        let (up, rx) = mpsc::channel(64);
+        up.send(pb::SessionRequest {
+            message: Some(Up::Open(pb::SessionOpen {
+                daemon_id: daemon_id.into(),
+                running_task_ids: running,
+            })),
+        })
+        .await
+        .unwrap();
+        let mut down = c
+            .session(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        match down.next().await.unwrap().unwrap().message {
+            Some(Down::Ready(r)) => assert_eq!(r.daemon_id, daemon_id),
+            other => panic!("expected ready, got {other:?}"),
+        }
+        Session { up, down }
+    }
+
+    async fn send(&self, m: Up) {
+        self.up
+            .send(pb::SessionRequest { message: Some(m) })
+            .await
+            .unwrap();
+    }
+
+    async fn next(&mut self) -> Down {
+        self.down
+            .next()
+            .await
+            .expect("stream open")
+            .expect("no error")
+            .message
+            .unwrap()
+    }
+
+    async fn command(&mut self) -> pb::Command {
+        match self.next().await {
+            Down::Command(c) => c,
+            other => panic!("expected a command, got {other:?}"),
+        }
+    }
+
+    async fn ack(&self, command_id: &str) {
+        self.send(Up::CommandResult(pb::CommandResult {
+            command_id: command_id.into(),
+            status: pb::CommandResultStatus::Ok as i32,
+            ..Default::default()
+        }))
+        .await;
+    }
+
+    async fn output(
+        &mut self,
+        task_id: &str,
+        seqs: impl IntoIterator<Item = i64>,
+        text: impl Fn(i64) -> String,
+    ) -> i64 {
+        let messages = seqs
+            .into_iter()
+            .map(|seq| pb::TaskMessageInput {
+                seq,
+                kind: MessageKind::Stdout as i32,
+                content: text(seq),
+                ..Default::default()
+            })
+            .collect();
+        self.send(Up::Messages(pb::ReportTaskMessagesRequest {
+            task_id: task_id.into(),
+            messages,
+        }))
+        .await;
+        match self.next().await {
+            Down::OutputAck(a) => {
+                assert_eq!(a.task_id, task_id);
+                a.acked_seq
+            }
+            other => panic!("expected an ack, got {other:?}"),
+        }
+    }
+}
+
+fn spawn_of(c: &pb::Command) -> &pb::SpawnTask {
+    match &c.kind {
+        Some(Kind::SpawnTask(s)) => s,
+        other => panic!("expected SpawnTask, got {other:?}"),
+    }
+}
+
+async fn new_task(s: &TestServer, name: &str) -> pb::Task {
+    let mut c = s.tasks().await;
+    c.create_task(pb::CreateTaskRequest {
+        name: name.into(),
+        plan: "echo hi".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .task
+    .unwrap()
+}
+
+async fn get(s: &TestServer, id: &str) -> pb::Task {
+    s.tasks()
+        .await
+        .get_task(pb::GetTaskRequest { id: id.into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap()
+}
+
+/// StartTask reaches a connected daemon at once over its session; output
+/// with repeats and out-of-order batches is stored once, without gaps, and
+/// a watcher sees every line once, in order; the end is acknowledged.
+async fn push_dispatch_and_gapless_output(backend: Backend) {
+    let s = start_server(backend).await;
+    let token = s.token_in("default", TokenKind::Daemon).await;
+    let mut dc = daemon_client(&s, &token).await;
+    let daemon_id = register(&mut dc, "m1", 4).await;
+    let mut session = Session::open(&mut dc, &daemon_id, vec![]).await;
+
+    let task = new_task(&s, "push").await;
+    let mut tasks = s.tasks().await;
+    let mut watch = tasks
+        .watch_task(pb::WatchTaskRequest {
+            task_id: task.id.clone(),
+            since_seq: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    tasks
+        .start_task(pb::StartTaskRequest {
+            id: task.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+
+    let cmd = session.command().await;
+    let spawn = spawn_of(&cmd);
+    assert_eq!(spawn.task.as_ref().unwrap().id, task.id);
+    assert_eq!(spawn.first_seq, 1);
+    session.ack(&cmd.id).await;
+    session
+        .send(Up::Started(pb::ReportTaskStartedRequest {
+            task_id: task.id.clone(),
+            attempt: 1,
+            pid: 1,
+        }))
+        .await;
+
+    let line = |seq: i64| format!("line {seq}");
+    assert_eq!(session.output(&task.id, 1..=100, line).await, 100);
+    // A gap: 151..=200 are stored but not acknowledged past 100.
+    assert_eq!(session.output(&task.id, 151..=200, line).await, 100);
+    // A resend overlapping what is stored, filling the gap.
+    assert_eq!(session.output(&task.id, 90..=160, line).await, 200);
+    assert_eq!(session.output(&task.id, 201..=300, line).await, 300);
+
+    session
+        .send(Up::Completed(pb::CompleteTaskRequest {
+            task_id: task.id.clone(),
+            summary: "done".into(),
+            resume: Some(pb::AgentResume {
+                agent_session_id: "abc".into(),
+                working_directory: "/w".into(),
+            }),
+        }))
+        .await;
+    match session.next().await {
+        Down::OutputAck(a) => assert!(a.task_ended && a.acked_seq == 300),
+        other => panic!("{other:?}"),
+    }
+    // A repeated end report is answered the same way.
+    session
+        .send(Up::Completed(pb::CompleteTaskRequest {
+            task_id: task.id.clone(),
+            ..Default::default()
+        }))
+        .await;
+    match session.next().await {
+        Down::OutputAck(a) => assert!(a.task_ended),
+        other => panic!("{other:?}"),
+    }
+
+    let mut seqs = Vec::new();
+    let mut statuses = Vec::new();
+    while let Some(ev) = watch.next().await {
+        match ev.unwrap().event.unwrap() {
+            pb::watch_task_response::Event::Message(m) => {
+                assert_eq!(m.content, line(m.seq));
+                seqs.push(m.seq);
+            }
+            pb::watch_task_response::Event::Task(t) => {
+                statuses.push(TaskStatus::try_from(t.status).unwrap());
+                if t.status == TaskStatus::Completed as i32 {
+                    break;
+                }
+            }
+        }
+    }
+    assert_eq!(seqs, (1..=300).collect::<Vec<_>>());
+    assert_eq!(statuses.first(), Some(&TaskStatus::Pending));
+    assert!(statuses.contains(&TaskStatus::Running));
+
+    let done = get(&s, &task.id).await;
+    assert_eq!(
+        TaskStatus::try_from(done.status).unwrap(),
+        TaskStatus::Completed
+    );
+    assert_eq!(
+        (done.last_seq, done.agent_session_id.as_str()),
+        (300, "abc")
+    );
+
+    // A late watcher replays from any seq.
+    let mut late = tasks
+        .watch_task(pb::WatchTaskRequest {
+            task_id: task.id.clone(),
+            since_seq: 295,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut got = Vec::new();
+    while got.len() < 5 {
+        if let Some(pb::watch_task_response::Event::Message(m)) =
+            late.next().await.unwrap().unwrap().event
+        {
+            got.push(m.seq);
+        }
+    }
+    assert_eq!(got, vec![296, 297, 298, 299, 300]);
+    s.stop().await;
+}
+
+/// StopTask of a running task pushes InterruptTask; the daemon's failure
+/// report then ends it cancelled. SendMessage issued while the daemon is
+/// away is delivered once after it reconnects.
+async fn stop_and_durable_commands(backend: Backend) {
+    let s = start_server(backend).await;
+    let token = s.token_in("default", TokenKind::Daemon).await;
+    let mut dc = daemon_client(&s, &token).await;
+    let daemon_id = register(&mut dc, "m1", 4).await;
+    let mut session = Session::open(&mut dc, &daemon_id, vec![]).await;
+    let task = new_task(&s, "stoppable").await;
+    let mut tasks = s.tasks().await;
+    tasks
+        .start_task(pb::StartTaskRequest {
+            id: task.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let spawn = session.command().await;
+    session.ack(&spawn.id).await;
+    session
+        .send(Up::Started(pb::ReportTaskStartedRequest {
+            task_id: task.id.clone(),
+            attempt: 1,
+            pid: 1,
+        }))
+        .await;
+    // The Started report is ordered before this output on the stream.
+    assert_eq!(session.output(&task.id, [1], |_| "x".into()).await, 1);
+
+    // The daemon goes away; a message waits in the outbox.
+    drop(session);
+    let sent = tasks
+        .send_message(pb::SendMessageRequest {
+            task_id: task.id.clone(),
+            text: "hello agent".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .command_id;
+
+    let mut session = Session::open(&mut dc, &daemon_id, vec![task.id.clone()]).await;
+    let cmd = session.command().await;
+    assert_eq!(cmd.id, sent);
+    match &cmd.kind {
+        Some(Kind::SendInput(i)) => assert_eq!(i.text, "hello agent"),
+        other => panic!("{other:?}"),
+    }
+    session.ack(&cmd.id).await;
+    assert_eq!(
+        TaskStatus::try_from(get(&s, &task.id).await.status).unwrap(),
+        TaskStatus::Running
+    );
+
+    // Once acknowledged, a reconnect does not deliver it again.
+    drop(session);
+    let mut session = Session::open(&mut dc, &daemon_id, vec![task.id.clone()]).await;
+    let stopped = tasks
+        .stop_task(pb::StopTaskRequest {
+            id: task.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap();
+    assert_eq!(
+        TaskStatus::try_from(stopped.status).unwrap(),
+        TaskStatus::Running,
+        "waits for the daemon"
+    );
+    let cmd = session.command().await;
+    assert!(matches!(cmd.kind, Some(Kind::InterruptTask(_))), "{cmd:?}");
+    session.ack(&cmd.id).await;
+    session
+        .send(Up::Failed(pb::FailTaskRequest {
+            task_id: task.id.clone(),
+            reason: "interrupted".into(),
+            exit_code: 130,
+            resume: None,
+        }))
+        .await;
+    match session.next().await {
+        Down::OutputAck(a) => assert!(a.task_ended),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        TaskStatus::try_from(get(&s, &task.id).await.status).unwrap(),
+        TaskStatus::Cancelled
+    );
+
+    // With the daemon away, stopping a task cancels it at once.
+    let t2 = new_task(&s, "orphan").await;
+    tasks
+        .start_task(pb::StartTaskRequest {
+            id: t2.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let spawn = session.command().await;
+    assert_eq!(spawn_of(&spawn).task.as_ref().unwrap().id, t2.id);
+    drop(session);
+    // Wait until the server has noticed the session is gone.
+    let mut dc2 = s.workspaces().await;
+    loop {
+        let d = dc2
+            .get_daemon(pb::GetDaemonRequest {
+                id: daemon_id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .daemon
+            .unwrap();
+        if d.state == pb::DaemonState::Offline as i32 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    let t2s = tasks
+        .stop_task(pb::StopTaskRequest { id: t2.id.clone() })
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap();
+    assert_eq!(
+        TaskStatus::try_from(t2s.status).unwrap(),
+        TaskStatus::Cancelled
+    );
+    s.stop().await;
+}
+
+/// 32 claimers race over 1,000 queued tasks: every task is claimed once.
+async fn concurrent_claims(backend: Backend) {
+    let s = start_server(backend).await;
+    let token = s.token_in("default", TokenKind::Daemon).await;
+    let mut tasks = s.tasks().await;
+    let mut ids = HashSet::new();
+    for i in 0..1000 {
+        let t = tasks
+            .create_task(pb::CreateTaskRequest {
+                name: format!("t{i}"),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .task
+            .unwrap();
+        tasks
+            .start_task(pb::StartTaskRequest {
+                id: t.id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        ids.insert(t.id);
+    }
+    let mut handles = Vec::new();
+    for d in 0..32 {
+        let mut c = daemon_client(&s, &token).await;
+        let daemon_id = register(&mut c, &format!("claimer-{d}"), 1000).await;
+        handles.push(tokio::spawn(async move {
+            let mut mine = Vec::new();
+            loop {
+                let r = c
+                    .claim_task(pb::ClaimTaskRequest {
+                        daemon_id: daemon_id.clone(),
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                match r.task {
+                    Some(t) => {
+                        assert_eq!(t.status, TaskStatus::Dispatched as i32);
+                        mine.push(t.id);
+                    }
+                    None => return mine,
+                }
+            }
+        }));
+    }
+    let mut claimed = Vec::new();
+    for h in handles {
+        claimed.extend(h.await.unwrap());
+    }
+    assert_eq!(claimed.len(), 1000, "every task claimed exactly once");
+    assert_eq!(claimed.into_iter().collect::<HashSet<_>>(), ids);
+    s.stop().await;
+}
+
+/// A daemon token of another workspace gets NOT_FOUND for every task RPC.
+async fn daemon_tenancy(backend: Backend) {
+    let s = start_server(backend).await;
+    let task = new_task(&s, "private").await;
+    let id = task.id.clone();
+    let other = s.token_in("other", TokenKind::Daemon).await;
+    let mut c = daemon_client(&s, &other).await;
+    let daemon_id = register(&mut c, "intruder", 1).await;
+    fn nf<T>(r: Result<tonic::Response<T>, tonic::Status>) {
+        assert_eq!(r.map(|_| ()).unwrap_err().code(), Code::NotFound);
+    }
+    nf(c.report_task_started(pb::ReportTaskStartedRequest {
+        task_id: id.clone(),
+        ..Default::default()
+    })
+    .await);
+    nf(c.report_task_progress(pb::ReportTaskProgressRequest {
+        task_id: id.clone(),
+        ..Default::default()
+    })
+    .await);
+    nf(c.report_task_messages(pb::ReportTaskMessagesRequest {
+        task_id: id.clone(),
+        messages: vec![],
+    })
+    .await);
+    nf(c.report_task_usage(pb::ReportTaskUsageRequest {
+        task_id: id.clone(),
+        usage: vec![],
+    })
+    .await);
+    nf(c.complete_task(pb::CompleteTaskRequest {
+        task_id: id.clone(),
+        ..Default::default()
+    })
+    .await);
+    nf(c.fail_task(pb::FailTaskRequest {
+        task_id: id.clone(),
+        ..Default::default()
+    })
+    .await);
+    nf(c.get_task_status(pb::GetTaskStatusRequest {
+        task_id: id.clone(),
+    })
+    .await);
+    let mut tc = s.tasks_as(Some(&other)).await;
+    nf(tc.get_task(pb::GetTaskRequest { id: id.clone() }).await);
+    nf(tc
+        .send_message(pb::SendMessageRequest {
+            task_id: id.clone(),
+            text: "x".into(),
+        })
+        .await);
+    nf(tc
+        .watch_task(pb::WatchTaskRequest {
+            task_id: id.clone(),
+            since_seq: 0,
+        })
+        .await);
+    // Its daemon never gets the task, queued or not.
+    s.tasks()
+        .await
+        .start_task(pb::StartTaskRequest {
+            id: id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(
+        c.claim_task(pb::ClaimTaskRequest { daemon_id })
+            .await
+            .unwrap()
+            .into_inner()
+            .task
+            .is_none()
+    );
+    // And a user token cannot act as a daemon.
+    let mut as_user = daemon_client(&s, &s.token).await;
+    let e = as_user
+        .claim_task(pb::ClaimTaskRequest {
+            daemon_id: uuid::Uuid::new_v4().to_string(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    s.stop().await;
+}
+
+/// Secrets are redacted before storage and before broadcast.
+async fn secrets_are_redacted(backend: Backend) {
+    let s = start_server(backend).await;
+    let token = s.token_in("default", TokenKind::Daemon).await;
+    let mut dc = daemon_client(&s, &token).await;
+    let daemon_id = register(&mut dc, "m1", 1).await;
+    let mut session = Session::open(&mut dc, &daemon_id, vec![]).await;
+    let task = new_task(&s, "leaky").await;
+    let mut tasks = s.tasks().await;
+    let mut watch = tasks
+        .watch_task(pb::WatchTaskRequest {
+            task_id: task.id.clone(),
+            since_seq: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    tasks
+        .start_task(pb::StartTaskRequest {
+            id: task.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let spawn = session.command().await;
+    session.ack(&spawn.id).await;
+    session
+        .send(Up::Started(pb::ReportTaskStartedRequest {
+            task_id: task.id.clone(),
+            attempt: 1,
+            pid: 1,
+        }))
+        .await;
+    let secrets = [
+        "export OPENAI_API_KEY=sk-proj-abcdefghijklmnopqrstuvwxyz0123456789",
+        "git clone https://bob:hunter2hunter2@example.com/repo.git",
+        "token ghp_abcdefghijklmnopqrstuvwxyz0123456789AB",
+        "nul\0byte",
+    ];
+    let acked = session
+        .output(&task.id, 1..=4, |seq| secrets[seq as usize - 1].to_string())
+        .await;
+    assert_eq!(acked, 4);
+    let check = |content: &str| {
+        for leaked in [
+            "abcdefghijklmnopqrstuvwxyz0123456789",
+            "hunter2hunter2",
+            "\0",
+        ] {
+            assert!(!content.contains(leaked), "{content:?} leaks {leaked:?}");
+        }
+    };
+    let stored = tasks
+        .list_task_messages(pb::ListTaskMessagesRequest {
+            task_id: task.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .messages;
+    assert_eq!(stored.len(), 4);
+    for m in &stored {
+        check(&m.content);
+    }
+    assert!(stored[0].content.contains("REDACTED"));
+    assert!(stored[1].content.contains("bob:") && stored[1].content.contains("@example.com"));
+    assert_eq!(stored[3].content, "nulbyte");
+    let mut live = 0;
+    while live < 4 {
+        if let Some(pb::watch_task_response::Event::Message(m)) =
+            watch.next().await.unwrap().unwrap().event
+        {
+            check(&m.content);
+            live += 1;
+        }
+    }
+    s.stop().await;
+}
+
+both_backends!(
+    push_dispatch_and_gapless_output,
+    stop_and_durable_commands,
+    concurrent_claims,
+    daemon_tenancy,
+    secrets_are_redacted,
+);
