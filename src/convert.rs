@@ -143,6 +143,17 @@ pub fn usage(u: model::Usage) -> pb::TaskUsage {
     }
 }
 
+pub fn parse_usage(u: pb::TaskUsage) -> model::Usage {
+    model::Usage {
+        provider: u.provider,
+        model: u.model,
+        input_tokens: u.input_tokens,
+        output_tokens: u.output_tokens,
+        cache_read_tokens: u.cache_read_tokens,
+        cache_write_tokens: u.cache_write_tokens,
+    }
+}
+
 pub fn workspace(w: model::Workspace) -> pb::Workspace {
     pb::Workspace {
         id: w.id,

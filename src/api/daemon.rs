@@ -14,7 +14,7 @@ use tracing::Instrument;
 use super::authenticate;
 use crate::convert;
 use crate::domain::{self, Domain, TaskEnd, invalid, parse_id};
-use crate::model::{Principal, Runtime, Usage};
+use crate::model::{Principal, Runtime};
 use crate::pb::session_response::Message as Down;
 use crate::pb::{self, daemon_service_server::DaemonService, session_request::Message as Up};
 use crate::store::DaemonInfo;
@@ -34,17 +34,6 @@ fn duration(d: std::time::Duration) -> Option<prost_types::Duration> {
         seconds: d.as_secs() as i64,
         nanos: d.subsec_nanos() as i32,
     })
-}
-
-fn usage(u: pb::TaskUsage) -> Usage {
-    Usage {
-        provider: u.provider,
-        model: u.model,
-        input_tokens: u.input_tokens,
-        output_tokens: u.output_tokens,
-        cache_read_tokens: u.cache_read_tokens,
-        cache_write_tokens: u.cache_write_tokens,
-    }
 }
 
 fn end(success: bool, reason: String, resume: Option<pb::AgentResume>) -> TaskEnd {
@@ -180,7 +169,7 @@ impl DaemonService for DaemonApi {
         let p = authenticate(&self.domain, &req).await?;
         let r = req.into_inner();
         let id = parse_id("task_id", &r.task_id)?;
-        let u = r.usage.into_iter().map(usage).collect();
+        let u = r.usage.into_iter().map(convert::parse_usage).collect();
         self.domain.report_usage(&p, &id, u).await?;
         Ok(Response::new(pb::ReportTaskUsageResponse {}))
     }
@@ -406,7 +395,11 @@ impl SessionLoop {
                 let id = r.task_id.clone();
                 let res = match parse_id("task_id", &r.task_id) {
                     Ok(tid) => d
-                        .report_usage(p, &tid, r.usage.into_iter().map(usage).collect())
+                        .report_usage(
+                            p,
+                            &tid,
+                            r.usage.into_iter().map(convert::parse_usage).collect(),
+                        )
                         .await
                         .map_err(Status::from),
                     Err(e) => Err(e.into()),
