@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use taskmesh::domain::Domain;
+use taskmesh::domain::{Domain, Liveness};
 use taskmesh::model::TokenKind;
 use taskmesh::server::{self, ServerConfig};
 use taskmesh::store::Store;
@@ -69,6 +69,40 @@ struct ServeArgs {
     /// Seconds to let open streams finish after SIGINT/SIGTERM.
     #[arg(long, env = "TASKMESH_DRAIN_SECS", default_value_t = 10)]
     drain_secs: u64,
+    /// How often daemons send heartbeats (told to them when they register).
+    /// A daemon silent for 3 intervals is offline. Units: ms, s, m, h.
+    #[arg(long, env = "TASKMESH_HEARTBEAT", default_value = "15s", value_parser = parse_duration)]
+    heartbeat: Duration,
+    /// How long after a daemon's last sign of life its running tasks become
+    /// interrupted and its dispatched ones are queued again, unless it comes
+    /// back and reports them running.
+    #[arg(long, env = "TASKMESH_OFFLINE_GRACE", default_value = "2m", value_parser = parse_duration)]
+    offline_grace: Duration,
+    /// How long a dispatched task waits for its daemon to take the SpawnTask
+    /// before it is queued again.
+    #[arg(long, env = "TASKMESH_DISPATCH_TIMEOUT", default_value = "1m", value_parser = parse_duration)]
+    dispatch_timeout: Duration,
+}
+
+/// `500ms`, `15s`, `2m`, `1h`; a bare number is seconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 500ms, 15s, 2m or 1h"))?;
+    let d = match unit.trim() {
+        "ms" => Duration::from_millis(n),
+        "" | "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        other => return Err(format!("unknown unit {other:?}; use ms, s, m or h")),
+    };
+    if d.is_zero() {
+        return Err("must be more than zero".into());
+    }
+    Ok(d)
 }
 
 #[derive(Subcommand)]
@@ -149,7 +183,12 @@ async fn connect(url: &str) -> Result<Store, String> {
 
 async fn serve(args: ServeArgs) -> CliResult {
     let store = connect(&args.database.database_url).await?;
-    let domain = Domain::new(store.clone());
+    let liveness = Liveness {
+        heartbeat: args.heartbeat,
+        grace: args.offline_grace,
+        dispatch_timeout: args.dispatch_timeout,
+    };
+    let domain = Domain::with_liveness(store.clone(), liveness);
     if let Some(secret) = domain.bootstrap().await? {
         println!(
             "\nFirst start: created a user token for workspace \"default\". It is shown once:\n\n    {secret}\n\n\
@@ -223,4 +262,22 @@ async fn token_create(args: TokenCreateArgs) -> CliResult {
     );
     println!("{secret}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_take_units() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("15s"), Ok(Duration::from_secs(15)));
+        assert_eq!(parse_duration("15"), Ok(Duration::from_secs(15)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("s").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
 }

@@ -202,6 +202,9 @@ pub struct Principal {
     /// Recorded as the actor of what this caller causes.
     pub subject: String,
     pub workspaces: Vec<Workspace>,
+    /// The daemon a session speaks for: its reports may only touch tasks
+    /// assigned to it.
+    pub daemon_id: Option<String>,
 }
 
 impl Principal {

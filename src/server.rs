@@ -74,6 +74,7 @@ pub async fn run(
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
     let closing = domain.clone();
+    let sweeper = domain.clone();
     let shutdown = async move {
         shutdown.await;
         closing.close_streams();
@@ -91,7 +92,8 @@ pub async fn run(
         .into_axum_router()
         .fallback(page);
 
-    tonic::transport::Server::builder()
+    let liveness = sweeper.spawn_liveness();
+    let served = tonic::transport::Server::builder()
         .accept_http1(true)
         .http2_keepalive_interval(Some(config.keepalive))
         .http2_keepalive_timeout(Some(config.keepalive))
@@ -99,8 +101,9 @@ pub async fn run(
         .layer(RpcLogLayer)
         .add_routes(Routes::from(routes))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await?;
-    Ok(())
+        .await;
+    liveness.abort();
+    Ok(served?)
 }
 
 async fn page(method: Method, uri: Uri) -> axum::response::Response {

@@ -85,7 +85,7 @@ impl DaemonService for DaemonApi {
         let daemon = self.domain.register_daemon(&p, info, &legacy).await?;
         Ok(Response::new(pb::RegisterResponse {
             daemon: Some(convert::daemon(daemon)),
-            heartbeat_interval: duration(self.domain.heartbeat_interval),
+            heartbeat_interval: duration(self.domain.liveness.heartbeat),
         }))
     }
 
@@ -107,7 +107,7 @@ impl DaemonService for DaemonApi {
         let id = parse_id("daemon_id", &req.get_ref().daemon_id)?;
         self.domain.heartbeat(&p, &id).await?;
         Ok(Response::new(pb::HeartbeatResponse {
-            heartbeat_interval: duration(self.domain.heartbeat_interval),
+            heartbeat_interval: duration(self.domain.liveness.heartbeat),
         }))
     }
 
@@ -243,12 +243,14 @@ impl DaemonService for DaemonApi {
         let (tx, rx) = mpsc::channel(256);
         let ready = pb::SessionReady {
             daemon_id: daemon.id.clone(),
-            heartbeat_interval: duration(self.domain.heartbeat_interval),
+            heartbeat_interval: duration(self.domain.liveness.heartbeat),
         };
         let _ = tx.send(Ok(down(Down::Ready(ready)))).await;
+        let mut principal = p;
+        principal.daemon_id = Some(daemon.id.clone());
         let session = SessionLoop {
             domain: self.domain.clone(),
-            principal: p,
+            principal,
             daemon_id: daemon.id.clone(),
             conn,
             wake,
@@ -308,6 +310,7 @@ impl SessionLoop {
                 _ = &mut closed => break "the server is shutting down".to_string(),
                 up = self.inbound.next() => match up {
                     Some(Ok(m)) => {
+                        self.domain.session_alive(&self.principal, &self.daemon_id);
                         if let Err(why) = self.handle(m).await {
                             break why;
                         }
@@ -316,6 +319,12 @@ impl SessionLoop {
                     None => break "the daemon closed the stream".to_string(),
                 },
                 _ = self.wake.notified() => {
+                    if !self.domain.session_current(&self.daemon_id, self.conn) {
+                        let why = "session ended: replaced by a newer one, deregistered, \
+                                   or silent for 3 heartbeat intervals";
+                        let _ = self.tx.send(Err(Status::unavailable(why))).await;
+                        break why.to_string();
+                    }
                     match self.pump(&mut cursor).await {
                         Ok(()) => {}
                         Err(why) => break why,

@@ -80,12 +80,19 @@ impl Domain {
     }
 
     /// Heartbeats only touch memory; the database hears of a daemon when
-    /// its state changes.
+    /// its state changes and from the liveness sweep.
     pub async fn heartbeat(&self, p: &Principal, id: &str) -> Result<()> {
-        if !self.sessions.is_connected(id) {
-            self.load_daemon(p, id).await?;
+        let ws = self.daemon_workspace(p)?;
+        if self.sessions.touch(id, &ws.id) {
+            return Ok(());
         }
-        self.sessions.touch(id);
+        let daemon = self.load_daemon(p, id).await?;
+        if daemon.state != DaemonState::Online {
+            self.store
+                .set_daemon_state(&daemon.id, DaemonState::Online)
+                .await?;
+        }
+        self.sessions.alive(&daemon);
         Ok(())
     }
 
@@ -134,12 +141,15 @@ impl Domain {
     async fn reported_task(&self, p: &Principal, task_id: &str) -> Result<Task> {
         self.daemon_workspace(p)?;
         let task = self.load_task(p, task_id).await?;
-        if task.daemon_id.is_none() {
-            return Err(Error::FailedPrecondition(format!(
+        match (&task.daemon_id, &p.daemon_id) {
+            (None, _) => Err(Error::FailedPrecondition(format!(
                 "task {task_id} is not assigned to a daemon"
-            )));
+            ))),
+            (Some(on), Some(caller)) if on != caller => Err(Error::FailedPrecondition(format!(
+                "task {task_id} is assigned to another daemon"
+            ))),
+            _ => Ok(task),
         }
-        Ok(task)
     }
 
     pub async fn report_started(&self, p: &Principal, task_id: &str) -> Result<Task> {
@@ -284,15 +294,66 @@ impl Domain {
         Ok(id)
     }
 
-    /// A CommandResult: the command leaves the outbox.
+    /// A CommandResult: the command leaves the outbox. A SpawnTask the
+    /// daemon refused fails its task with the daemon's reason, rather than
+    /// leaving it dispatched.
     pub async fn command_result(&self, daemon_id: &str, result: &pb::CommandResult) -> Result<()> {
         let status = pb::CommandResultStatus::try_from(result.status)
-            .unwrap_or(pb::CommandResultStatus::Unspecified)
-            .as_str_name();
-        self.store
-            .ack_command(daemon_id, &result.command_id, status, &result.message)
-            .await?;
+            .unwrap_or(pb::CommandResultStatus::Unspecified);
+        let Some(acked) = self
+            .store
+            .ack_command(
+                daemon_id,
+                &result.command_id,
+                status.as_str_name(),
+                &result.message,
+            )
+            .await?
+        else {
+            return Ok(());
+        };
+        let refused = !matches!(status, pb::CommandResultStatus::Ok);
+        let is_spawn = matches!(
+            pb::Command::decode(acked.payload.as_slice()).map(|c| c.kind),
+            Ok(Some(pb::command::Kind::SpawnTask(_)))
+        );
+        if !(refused && is_spawn) {
+            return Ok(());
+        }
+        let Some(task) = self.store.get_task(&acked.task_id).await? else {
+            return Ok(());
+        };
+        let reason = format!("daemon {daemon_id} could not start it: {}", result.message);
+        let on_it = |t: &Task| {
+            t.status == TaskStatus::Dispatched && t.daemon_id.as_deref() == Some(daemon_id)
+        };
+        self.transition_when(
+            &format!("daemon:{daemon_id}"),
+            task,
+            TaskStatus::Failed,
+            "spawn refused",
+            on_it,
+            |t| {
+                t.status_reason = reason.chars().take(4096).collect();
+                t.ended_at = Some(t.updated_at);
+            },
+        )
+        .await?;
+        self.dispatch_to(daemon_id).await?;
         Ok(())
+    }
+
+    /// Notes a sign of life from a daemon's session.
+    pub fn session_alive(&self, p: &Principal, daemon_id: &str) {
+        if let [ws] = p.workspaces.as_slice() {
+            self.sessions.touch(daemon_id, &ws.id);
+        }
+    }
+
+    /// Whether `conn` is still the daemon's session: false once a newer
+    /// session replaced it, the daemon deregistered, or it fell silent.
+    pub fn session_current(&self, daemon_id: &str, conn: u64) -> bool {
+        self.sessions.is_current(daemon_id, conn)
     }
 
     /// A session opened: the daemon is online here, gets what is queued for

@@ -4,13 +4,13 @@
 
 mod daemons;
 pub mod hub;
+mod liveness;
 pub mod redact;
 mod sessions;
 pub mod status;
 mod tokens;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::sync::{broadcast, mpsc};
 
@@ -21,6 +21,7 @@ use status::can_transition;
 use crate::pb;
 pub use daemons::{Assignment, TaskEnd};
 pub use hub::{OutputHub, TaskUpdate, WorkspaceUpdate};
+pub use liveness::{Liveness, SweepReport};
 pub use sessions::SessionRegistry;
 pub use tokens::hash_secret;
 
@@ -191,21 +192,21 @@ pub struct Domain {
     sessions: SessionRegistry,
     /// Set on shutdown: every stream the server holds open ends.
     closing: tokio::sync::watch::Sender<bool>,
-    pub heartbeat_interval: Duration,
+    pub liveness: Liveness,
 }
 
 impl Domain {
     pub fn new(store: Store) -> Arc<Domain> {
-        Self::with_heartbeat(store, Duration::from_secs(15))
+        Self::with_liveness(store, Liveness::default())
     }
 
-    pub fn with_heartbeat(store: Store, heartbeat_interval: Duration) -> Arc<Domain> {
+    pub fn with_liveness(store: Store, liveness: Liveness) -> Arc<Domain> {
         Arc::new(Domain {
             store,
             hub: OutputHub::default(),
             sessions: SessionRegistry::default(),
             closing: tokio::sync::watch::channel(false).0,
-            heartbeat_interval,
+            liveness,
         })
     }
 
@@ -630,12 +631,33 @@ impl Domain {
     async fn transition(
         &self,
         actor: &str,
-        mut task: Task,
+        task: Task,
         to: TaskStatus,
         reason: &str,
         edit: impl Fn(&mut Task),
     ) -> Result<Task> {
+        let id = task.id.clone();
+        self.transition_when(actor, task, to, reason, |_| true, edit)
+            .await?
+            .ok_or_else(|| Error::Aborted(format!("task {id} changed meanwhile")))
+    }
+
+    /// [`Domain::transition`] that applies only while `when` holds: a
+    /// concurrent change is re-read and judged again. Answers `None` when
+    /// `when` no longer holds.
+    async fn transition_when(
+        &self,
+        actor: &str,
+        mut task: Task,
+        to: TaskStatus,
+        reason: &str,
+        when: impl Fn(&Task) -> bool,
+        edit: impl Fn(&mut Task),
+    ) -> Result<Option<Task>> {
         for _ in 0..CAS_RETRIES {
+            if !when(&task) {
+                return Ok(None);
+            }
             if !can_transition(task.status, to) {
                 return Err(Error::FailedPrecondition(format!(
                     "task {} is {}; it cannot become {to}",
@@ -659,7 +681,7 @@ impl Domain {
                 .await?
             {
                 self.hub.task_changed(&next, false);
-                return Ok(next);
+                return Ok(Some(next));
             }
             task = self
                 .store

@@ -60,6 +60,7 @@ impl Domain {
             user_id: token.user_id,
             subject,
             workspaces,
+            daemon_id: None,
         })
     }
 

@@ -5,11 +5,12 @@
 //! connecting, pragmas, migrations and locking, is in `sqlite.rs` and
 //! `postgres.rs`, selected by [`Backend`].
 
+mod liveness;
 mod postgres;
 mod sessions;
 mod sqlite;
 
-pub use sessions::{DaemonInfo, NewCommand, NewMessage, PendingCommand};
+pub use sessions::{AckedCommand, DaemonInfo, NewCommand, NewMessage, PendingCommand};
 
 use sqlx::AnyPool;
 use sqlx::any::{AnyArguments, AnyRow};

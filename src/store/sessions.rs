@@ -25,6 +25,13 @@ pub struct NewCommand {
     pub payload: Vec<u8>,
 }
 
+/// A command its daemon has just acknowledged.
+#[derive(Debug, Clone)]
+pub struct AckedCommand {
+    pub task_id: String,
+    pub payload: Vec<u8>,
+}
+
 #[derive(Debug, Clone)]
 pub struct PendingCommand {
     pub seq: i64,
@@ -328,20 +335,25 @@ impl Store {
         command_id: &str,
         status: &str,
         message: &str,
-    ) -> Result<bool> {
-        let n = sqlx::query(
+    ) -> Result<Option<AckedCommand>> {
+        let row = sqlx::query(
             "UPDATE commands SET acked_at = $3, result_status = $4, result_message = $5 \
-             WHERE id = $1 AND daemon_id = $2 AND acked_at IS NULL",
+             WHERE id = $1 AND daemon_id = $2 AND acked_at IS NULL RETURNING task_id, payload",
         )
         .bind(command_id)
         .bind(daemon_id)
         .bind(now_micros())
         .bind(status)
         .bind(message)
-        .execute(&self.writer)
-        .await?
-        .rows_affected();
-        Ok(n == 1)
+        .fetch_optional(&self.writer)
+        .await?;
+        row.map(|r| {
+            Ok(AckedCommand {
+                task_id: r.try_get(0)?,
+                payload: r.try_get(1)?,
+            })
+        })
+        .transpose()
     }
 
     /// Tasks a daemon holds (dispatched or running).

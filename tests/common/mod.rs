@@ -7,10 +7,12 @@
 //! skips them locally; under CI=true a skip is a failure.
 #![allow(dead_code)]
 
+pub mod daemon;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use taskmesh::domain::Domain;
+use taskmesh::domain::{Domain, Liveness};
 use taskmesh::model::TokenKind;
 use taskmesh::pb::task_service_client::TaskServiceClient;
 use taskmesh::pb::workspace_service_client::WorkspaceServiceClient;
@@ -178,10 +180,15 @@ pub async fn start_server(backend: Backend) -> TestServer {
 }
 
 pub async fn start_server_on(db: TestDb) -> TestServer {
+    start_server_with(db, Liveness::default()).await
+}
+
+/// A server with its own liveness settings (tests use milliseconds).
+pub async fn start_server_with(db: TestDb, liveness: Liveness) -> TestServer {
     let store = Store::connect(&db.url)
         .await
         .expect("open the test database");
-    let domain = Domain::new(store.clone());
+    let domain = Domain::with_liveness(store.clone(), liveness);
     let token = domain
         .bootstrap()
         .await

@@ -1,0 +1,164 @@
+//! A scripted daemon: registers, opens a session and speaks it message by
+//! message, so tests can hold the daemon's side of the protocol exactly.
+
+use taskmesh::pb::daemon_service_client::DaemonServiceClient;
+use taskmesh::pb::session_request::Message as Up;
+use taskmesh::pb::session_response::Message as Down;
+use taskmesh::pb::{self, MessageKind, command::Kind};
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+use super::{Bearer, TestServer};
+
+pub type Daemons = DaemonServiceClient<InterceptedService<Channel, Bearer>>;
+
+pub async fn daemon_client(s: &TestServer, token: &str) -> Daemons {
+    DaemonServiceClient::with_interceptor(s.channel().await, Bearer(Some(token.into())))
+}
+
+pub async fn register(c: &mut Daemons, machine: &str, max: i32) -> String {
+    c.register(pb::RegisterRequest {
+        machine_id: machine.into(),
+        hostname: "test".into(),
+        version: "0".into(),
+        runtimes: vec![pb::Runtime {
+            name: "shell".into(),
+            version: "builtin".into(),
+        }],
+        max_concurrent_tasks: max,
+        legacy_ids: vec![],
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .daemon
+    .unwrap()
+    .id
+}
+
+/// A scripted daemon session.
+pub struct Session {
+    pub up: mpsc::Sender<pb::SessionRequest>,
+    pub down: tonic::Streaming<pb::SessionResponse>,
+}
+
+impl Session {
+    pub async fn open(c: &mut Daemons, daemon_id: &str, running: Vec<String>) -> Session {
+        let (up, rx) = mpsc::channel(64);
+        up.send(pb::SessionRequest {
+            message: Some(Up::Open(pb::SessionOpen {
+                daemon_id: daemon_id.into(),
+                running_task_ids: running,
+            })),
+        })
+        .await
+        .unwrap();
+        let mut down = c
+            .session(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        match down.next().await.unwrap().unwrap().message {
+            Some(Down::Ready(r)) => assert_eq!(r.daemon_id, daemon_id),
+            other => panic!("expected ready, got {other:?}"),
+        }
+        Session { up, down }
+    }
+
+    pub async fn send(&self, m: Up) {
+        self.up
+            .send(pb::SessionRequest { message: Some(m) })
+            .await
+            .unwrap();
+    }
+
+    pub async fn next(&mut self) -> Down {
+        self.down
+            .next()
+            .await
+            .expect("stream open")
+            .expect("no error")
+            .message
+            .unwrap()
+    }
+
+    pub async fn command(&mut self) -> pb::Command {
+        match self.next().await {
+            Down::Command(c) => c,
+            other => panic!("expected a command, got {other:?}"),
+        }
+    }
+
+    pub async fn ack(&self, command_id: &str) {
+        self.send(Up::CommandResult(pb::CommandResult {
+            command_id: command_id.into(),
+            status: pb::CommandResultStatus::Ok as i32,
+            ..Default::default()
+        }))
+        .await;
+    }
+
+    pub async fn output(
+        &mut self,
+        task_id: &str,
+        seqs: impl IntoIterator<Item = i64>,
+        text: impl Fn(i64) -> String,
+    ) -> i64 {
+        let messages = seqs
+            .into_iter()
+            .map(|seq| pb::TaskMessageInput {
+                seq,
+                kind: MessageKind::Stdout as i32,
+                content: text(seq),
+                ..Default::default()
+            })
+            .collect();
+        self.send(Up::Messages(pb::ReportTaskMessagesRequest {
+            task_id: task_id.into(),
+            messages,
+        }))
+        .await;
+        match self.next().await {
+            Down::OutputAck(a) => {
+                assert_eq!(a.task_id, task_id);
+                a.acked_seq
+            }
+            other => panic!("expected an ack, got {other:?}"),
+        }
+    }
+}
+
+pub fn spawn_of(c: &pb::Command) -> &pb::SpawnTask {
+    match &c.kind {
+        Some(Kind::SpawnTask(s)) => s,
+        other => panic!("expected SpawnTask, got {other:?}"),
+    }
+}
+
+pub async fn new_task(s: &TestServer, name: &str) -> pb::Task {
+    let mut c = s.tasks().await;
+    c.create_task(pb::CreateTaskRequest {
+        name: name.into(),
+        plan: "echo hi".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .task
+    .unwrap()
+}
+
+pub async fn get(s: &TestServer, id: &str) -> pb::Task {
+    s.tasks()
+        .await
+        .get_task(pb::GetTaskRequest { id: id.into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap()
+}
