@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod daemon;
+pub mod process;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
