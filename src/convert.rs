@@ -103,6 +103,8 @@ pub fn task_with_subtasks(t: model::Task, subtasks: Vec<model::Task>) -> pb::Tas
         end_time: t.ended_at.and_then(timestamp),
         subtasks: subtasks.into_iter().map(task).collect(),
         last_seq: t.last_seq,
+        progress_summary: t.progress_summary,
+        progress_percent: t.progress_percent as i32,
     }
 }
 

@@ -115,6 +115,10 @@ pub struct Task {
     pub last_seq: i64,
     /// When a stop was asked of the task while a daemon held it.
     pub stop_requested_at: Option<Micros>,
+    /// The agent's last progress report: a one-line summary and 0..=100,
+    /// or -1 when unknown.
+    pub progress_summary: String,
+    pub progress_percent: i64,
 }
 
 /// One status transition, as recorded in the audit trail.

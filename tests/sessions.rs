@@ -503,10 +503,86 @@ async fn secrets_are_redacted(backend: Backend) {
     s.stop().await;
 }
 
+/// ReportTaskProgress shows on the task (redacted, first line only) without
+/// changing its version; bad percentages and finished tasks are refused.
+async fn progress_is_shown_on_the_task(backend: Backend) {
+    let s = start_server(backend).await;
+    let token = s.token_in("default", TokenKind::Daemon).await;
+    let mut dc = daemon_client(&s, &token).await;
+    let daemon_id = register(&mut dc, "m1", 1).await;
+    let task = new_task(&s, "progress").await;
+    s.tasks()
+        .await
+        .start_task(pb::StartTaskRequest {
+            id: task.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let claimed = dc
+        .claim_task(pb::ClaimTaskRequest {
+            daemon_id: daemon_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(claimed.task.unwrap().id, task.id);
+    dc.report_task_started(pb::ReportTaskStartedRequest {
+        task_id: task.id.clone(),
+        attempt: 1,
+        pid: 1,
+    })
+    .await
+    .unwrap();
+    let before = get(&s, &task.id).await;
+    assert_eq!(
+        (before.progress_summary.as_str(), before.progress_percent),
+        ("", -1)
+    );
+
+    let progress = |summary: &str, percent: i32| pb::ReportTaskProgressRequest {
+        task_id: task.id.clone(),
+        summary: summary.into(),
+        percent,
+    };
+    let secret = "sk-ant-api03-abcdefghijklmnopqrstuvwxyz0123456789";
+    dc.report_task_progress(progress(&format!("testing with {secret}\nsecond line"), 40))
+        .await
+        .unwrap();
+    let after = get(&s, &task.id).await;
+    assert_eq!(after.progress_percent, 40);
+    assert!(
+        after.progress_summary.starts_with("testing with "),
+        "{after:?}"
+    );
+    assert!(!after.progress_summary.contains(secret), "{after:?}");
+    assert!(!after.progress_summary.contains("second line"), "{after:?}");
+    assert_eq!(after.version, before.version, "progress is not an edit");
+
+    let err = dc
+        .report_task_progress(progress("too far", 101))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    dc.complete_task(pb::CompleteTaskRequest {
+        task_id: task.id.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let err = dc
+        .report_task_progress(progress("late", 100))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    s.stop().await;
+}
+
 both_backends!(
     push_dispatch_and_gapless_output,
     stop_and_durable_commands,
     concurrent_claims,
     daemon_tenancy,
     secrets_are_redacted,
+    progress_is_shown_on_the_task,
 );

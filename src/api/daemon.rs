@@ -148,8 +148,7 @@ impl DaemonService for DaemonApi {
         req: Request<pb::ReportTaskProgressRequest>,
     ) -> Result<Response<pb::ReportTaskProgressResponse>, Status> {
         let p = authenticate(&self.domain, &req).await?;
-        let id = parse_id("task_id", &req.get_ref().task_id)?;
-        self.domain.task_status(&p, &id).await?;
+        progress(&self.domain, &p, req.get_ref()).await?;
         Ok(Response::new(pb::ReportTaskProgressResponse {}))
     }
 
@@ -272,6 +271,18 @@ async fn started(
     Ok(domain.report_started(p, &id).await?)
 }
 
+async fn progress(
+    domain: &Domain,
+    p: &Principal,
+    r: &pb::ReportTaskProgressRequest,
+) -> Result<(), Status> {
+    let id = parse_id("task_id", &r.task_id)?;
+    domain
+        .report_progress(p, &id, &r.summary, r.percent)
+        .await?;
+    Ok(())
+}
+
 async fn messages(
     domain: &Domain,
     p: &Principal,
@@ -385,7 +396,7 @@ impl SessionLoop {
                 return Ok(());
             }
             Some(Up::Started(r)) => (r.task_id.clone(), started(d, p, &r).await.map(|_| None)),
-            Some(Up::Progress(r)) => (r.task_id, Ok(None)),
+            Some(Up::Progress(r)) => (r.task_id.clone(), progress(d, p, &r).await.map(|_| None)),
             Some(Up::Messages(r)) => {
                 let id = r.task_id.clone();
                 let acked = messages(d, p, r).await;

@@ -14,6 +14,8 @@ use crate::store::{DaemonInfo, NewCommand, NewMessage};
 pub const MAX_BATCH: usize = 5000;
 /// Largest single message content.
 pub const MAX_MESSAGE_BYTES: usize = 1 << 20;
+/// Largest progress summary.
+pub const MAX_PROGRESS_BYTES: usize = 4096;
 
 /// A task handed to a daemon, with what it needs to start.
 #[derive(Debug, Clone)]
@@ -157,11 +159,59 @@ impl Domain {
         if task.status == TaskStatus::Running {
             return Ok(task);
         }
+        let stale_progress = !task.progress_summary.is_empty() || task.progress_percent != -1;
         let actor = daemon_actor(&task);
-        self.transition(&actor, task, TaskStatus::Running, "started", |t| {
-            t.started_at.get_or_insert(t.updated_at);
-        })
-        .await
+        let task = self
+            .transition(&actor, task, TaskStatus::Running, "started", |t| {
+                t.started_at.get_or_insert(t.updated_at);
+            })
+            .await?;
+        if stale_progress {
+            // The last attempt's progress says nothing about this one.
+            return Ok(self
+                .store
+                .set_progress(&task.id, "", -1)
+                .await?
+                .unwrap_or(task));
+        }
+        Ok(task)
+    }
+
+    /// ReportTaskProgress: a one-line summary (redacted) and a percentage,
+    /// shown on the task and to its watchers. Not an edit: the version stays.
+    pub async fn report_progress(
+        &self,
+        p: &Principal,
+        task_id: &str,
+        summary: &str,
+        percent: i32,
+    ) -> Result<Task> {
+        if !(-1..=100).contains(&percent) {
+            return Err(invalid("percent", "must be in 0..=100, or -1 when unknown"));
+        }
+        if summary.len() > MAX_PROGRESS_BYTES {
+            return Err(invalid(
+                "summary",
+                format!("over {MAX_PROGRESS_BYTES} bytes"),
+            ));
+        }
+        let task = self.reported_task(p, task_id).await?;
+        let line = summary.lines().next().unwrap_or_default();
+        let summary = super::redact::redact(line).replace('\0', "");
+        match self
+            .store
+            .set_progress(&task.id, &summary, percent.into())
+            .await?
+        {
+            Some(task) => {
+                self.hub.task_changed(&task, false);
+                Ok(task)
+            }
+            None => Err(Error::FailedPrecondition(format!(
+                "task {task_id} is {}; progress is for dispatched or running tasks",
+                task.status
+            ))),
+        }
     }
 
     /// Stores a batch of output (redacted, NUL-free) and answers the highest

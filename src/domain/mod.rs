@@ -338,6 +338,8 @@ impl Domain {
             ended_at: None,
             last_seq: 0,
             stop_requested_at: None,
+            progress_summary: String::new(),
+            progress_percent: -1,
         };
         let event = NewEvent {
             from: None,

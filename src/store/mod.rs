@@ -107,10 +107,21 @@ enum Arg {
     Int(i64),
 }
 
-const TASK_COLUMNS: &str = "id, workspace_id, parent_id, depth, name, plan, status, version, \
+/// The task columns a row write sets, in `bind_task` order.
+macro_rules! task_write_columns {
+    () => {
+        "id, workspace_id, parent_id, depth, name, plan, status, version, \
     runtime, repository, branch, daemon_id, pinned_daemon_id, attempt, status_reason, \
     agent_session_id, working_directory, created_by, created_at, updated_at, queued_at, \
-    started_at, ended_at, last_seq, stop_requested_at";
+    started_at, ended_at, last_seq, stop_requested_at"
+    };
+}
+const TASK_WRITE_COLUMNS: &str = task_write_columns!();
+/// Every task column a read answers; progress is written on its own.
+const TASK_COLUMNS: &str = concat!(
+    task_write_columns!(),
+    ", progress_summary, progress_percent"
+);
 
 const TOKEN_SELECT: &str = "SELECT t.id, t.kind, t.name, t.workspace_id, t.user_id, u.name AS user_name, \
     t.created_at, t.revoked_at FROM tokens t LEFT JOIN users u ON u.id = t.user_id";
@@ -315,7 +326,7 @@ impl Store {
     pub async fn insert_task(&self, task: &Task, event: &NewEvent) -> Result<()> {
         let mut tx = self.writer.begin().await?;
         bind_task(sqlx::query(&format!(
-            "INSERT INTO tasks ({TASK_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, \
+            "INSERT INTO tasks ({TASK_WRITE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, \
              $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25)"
         )), task)
         .execute(&mut *tx)
@@ -579,7 +590,7 @@ fn bind_args(mut q: AnyQuery<'_>, args: Vec<Arg>) -> AnyQuery<'_> {
     q
 }
 
-/// Binds the task's columns as $1..$25 in TASK_COLUMNS order.
+/// Binds the task's columns as $1..$25 in TASK_WRITE_COLUMNS order.
 fn bind_task<'q>(q: AnyQuery<'q>, t: &Task) -> AnyQuery<'q> {
     q.bind(t.id.clone())
         .bind(t.workspace_id.clone())
@@ -639,6 +650,8 @@ fn task_from_row(r: &AnyRow) -> Result<Task> {
         ended_at: r.try_get("ended_at")?,
         last_seq: r.try_get("last_seq")?,
         stop_requested_at: r.try_get("stop_requested_at")?,
+        progress_summary: r.try_get("progress_summary")?,
+        progress_percent: r.try_get("progress_percent")?,
     })
 }
 

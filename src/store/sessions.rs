@@ -356,6 +356,26 @@ impl Store {
         .transpose()
     }
 
+    /// Records an active task's progress; answers the task, or `None` when
+    /// it is no longer active. The version stays: progress is not an edit.
+    pub async fn set_progress(
+        &self,
+        task_id: &str,
+        summary: &str,
+        percent: i64,
+    ) -> Result<Option<Task>> {
+        let row = sqlx::query(&format!(
+            "UPDATE tasks SET progress_summary = $2, progress_percent = $3 \
+             WHERE id = $1 AND status IN ('dispatched', 'running') RETURNING {TASK_COLUMNS}"
+        ))
+        .bind(task_id)
+        .bind(summary)
+        .bind(percent)
+        .fetch_optional(&self.writer)
+        .await?;
+        row.as_ref().map(task_from_row).transpose()
+    }
+
     /// Tasks a daemon holds (dispatched or running).
     pub async fn active_tasks_of(&self, daemon_id: &str) -> Result<Vec<Task>> {
         let rows = sqlx::query(&format!(
