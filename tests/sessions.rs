@@ -578,6 +578,84 @@ async fn progress_is_shown_on_the_task(backend: Backend) {
     s.stop().await;
 }
 
+/// Output past a gap is stored but neither listed nor watched until the gap
+/// is filled; then a live watcher gets the rest in order. When the server
+/// shuts down, open watches end UNAVAILABLE so clients know to reconnect.
+async fn gaps_hold_output_back_until_filled(backend: Backend) {
+    let s = start_server(backend).await;
+    let token = s.token_in("default", TokenKind::Daemon).await;
+    let mut dc = daemon_client(&s, &token).await;
+    let daemon_id = register(&mut dc, "m1", 1).await;
+    let task = new_task(&s, "gappy").await;
+    let mut tasks = s.tasks().await;
+    tasks
+        .start_task(pb::StartTaskRequest {
+            id: task.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    dc.claim_task(pb::ClaimTaskRequest { daemon_id })
+        .await
+        .unwrap();
+    let report = |seqs: &[i64]| pb::ReportTaskMessagesRequest {
+        task_id: task.id.clone(),
+        messages: seqs
+            .iter()
+            .map(|&seq| pb::TaskMessageInput {
+                seq,
+                kind: pb::MessageKind::Stdout as i32,
+                content: format!("line {seq}"),
+                ..Default::default()
+            })
+            .collect(),
+    };
+    let acked = dc.report_task_messages(report(&[1, 2, 4])).await.unwrap();
+    assert_eq!(acked.into_inner().acked_seq, 2);
+    let listed = tasks
+        .list_task_messages(pb::ListTaskMessagesRequest {
+            task_id: task.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let seqs: Vec<i64> = listed.messages.iter().map(|m| m.seq).collect();
+    assert_eq!((seqs, listed.last_seq), (vec![1, 2], 2));
+
+    let mut watch = tasks
+        .watch_task(pb::WatchTaskRequest {
+            task_id: task.id.clone(),
+            since_seq: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut next_seq = async || loop {
+        match watch.next().await.unwrap().unwrap().event {
+            Some(pb::watch_task_response::Event::Message(m)) => return m.seq,
+            _ => continue,
+        }
+    };
+    assert_eq!(next_seq().await, 1);
+    assert_eq!(next_seq().await, 2);
+    let acked = dc.report_task_messages(report(&[3])).await.unwrap();
+    assert_eq!(acked.into_inner().acked_seq, 4);
+    assert_eq!(next_seq().await, 3);
+    assert_eq!(next_seq().await, 4);
+
+    s.domain.close_streams();
+    let end = loop {
+        match watch.next().await {
+            Some(Ok(_)) => continue,
+            other => break other,
+        }
+    };
+    let status = end.expect("an error, not a clean end").unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    s.stop().await;
+}
+
 both_backends!(
     push_dispatch_and_gapless_output,
     stop_and_durable_commands,
@@ -585,4 +663,5 @@ both_backends!(
     daemon_tenancy,
     secrets_are_redacted,
     progress_is_shown_on_the_task,
+    gaps_hold_output_back_until_filled,
 );

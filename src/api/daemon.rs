@@ -318,7 +318,11 @@ impl SessionLoop {
         tokio::pin!(closed);
         let why = loop {
             tokio::select! {
-                _ = &mut closed => break "the server is shutting down".to_string(),
+                _ = &mut closed => {
+                    let why = "the server is shutting down; reconnect to go on";
+                    let _ = self.tx.send(Err(Status::unavailable(why))).await;
+                    break why.to_string();
+                }
                 up = self.inbound.next() => match up {
                     Some(Ok(m)) => {
                         self.domain.session_alive(&self.principal, &self.daemon_id);

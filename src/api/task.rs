@@ -240,7 +240,15 @@ impl TaskService for TaskApi {
                 "watcher fell {n} changes behind; list the tasks again and re-watch"
             ))),
         });
-        let stream = futures_util::StreamExt::take_until(stream, self.domain.closed());
+        // The feed ends only when the server shuts down: say so, so clients
+        // reconnect rather than take it for a normal end.
+        let shutdown = futures_util::stream::once(async {
+            Err(Status::unavailable(
+                "the server is shutting down; reconnect to go on",
+            ))
+        });
+        let stream =
+            futures_util::StreamExt::take_until(stream, self.domain.closed()).chain(shutdown);
         Ok(Response::new(Box::pin(stream)))
     }
 

@@ -244,23 +244,46 @@ impl Domain {
             .insert_messages(&task.id, task.attempt, &messages)
             .await?;
         if new > old {
-            // Publish what became contiguous; a watcher that misses a
-            // message (it came in an earlier batch) reloads from the store.
-            let now = now_micros();
-            for m in messages.iter().filter(|m| m.seq > old && m.seq <= new) {
-                self.hub.message(TaskMessage {
-                    task_id: task.id.clone(),
-                    seq: m.seq,
-                    kind: m.kind,
-                    content: m.content.clone(),
-                    tool_name: m.tool_name.clone(),
-                    tool_input_json: m.tool_input_json.clone(),
-                    attempt: task.attempt,
-                    created_at: now,
-                });
-            }
+            self.publish_output(&task, &messages, old, new).await?;
         }
         Ok(new)
+    }
+
+    /// Publishes the messages that became contiguous, (old, new]. Usually
+    /// they are all in this batch; when an earlier out-of-order batch filled
+    /// part of the range, the range is read back from the store instead, so
+    /// live watchers never wait on a message nobody will publish again.
+    async fn publish_output(
+        &self,
+        task: &Task,
+        batch: &[NewMessage],
+        old: i64,
+        new: i64,
+    ) -> Result<()> {
+        let fresh: Vec<&NewMessage> = batch
+            .iter()
+            .filter(|m| m.seq > old && m.seq <= new)
+            .collect();
+        if fresh.len() as i64 != new - old {
+            for m in self.store.list_messages(&task.id, old, new - old).await? {
+                self.hub.message(m);
+            }
+            return Ok(());
+        }
+        let now = now_micros();
+        for m in fresh {
+            self.hub.message(TaskMessage {
+                task_id: task.id.clone(),
+                seq: m.seq,
+                kind: m.kind,
+                content: m.content.clone(),
+                tool_name: m.tool_name.clone(),
+                tool_input_json: m.tool_input_json.clone(),
+                attempt: task.attempt,
+                created_at: now,
+            });
+        }
+        Ok(())
     }
 
     pub async fn report_usage(

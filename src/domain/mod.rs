@@ -186,6 +186,60 @@ pub struct ListTasks {
     pub page_token: Option<String>,
 }
 
+/// One WatchTask stream: the last seq it delivered, and how it catches up
+/// from the store when the live feed skipped ahead or it fell behind.
+struct Watcher {
+    domain: Arc<Domain>,
+    task_id: String,
+    last: i64,
+    tx: mpsc::Sender<Result<TaskUpdate>>,
+}
+
+/// The watcher's client has gone; nothing more to send.
+struct Gone;
+
+impl Watcher {
+    async fn send(&self, update: TaskUpdate) -> std::result::Result<(), Gone> {
+        self.tx.send(Ok(update)).await.map_err(|_| Gone)
+    }
+
+    /// Sends the stored messages after `last` up to the first gap: a
+    /// message beyond a gap is stored but not yet acknowledged, and comes
+    /// live once the gap is filled.
+    async fn catch_up(&mut self) -> std::result::Result<(), Gone> {
+        const PAGE: i64 = 1000;
+        loop {
+            let batch = match self
+                .domain
+                .store
+                .list_messages(&self.task_id, self.last, PAGE)
+                .await
+            {
+                Ok(batch) => batch,
+                Err(e) => {
+                    let _ = self.tx.send(Err(e.into())).await;
+                    return Err(Gone);
+                }
+            };
+            let full = batch.len() as i64 == PAGE;
+            for m in batch {
+                if m.seq != self.last + 1 {
+                    return Ok(());
+                }
+                self.last = m.seq;
+                self.send(TaskUpdate::Message(m)).await?;
+            }
+            if !full {
+                return Ok(());
+            }
+        }
+    }
+}
+
+fn shutting_down() -> Error {
+    Error::Unavailable("the server is shutting down; reconnect to go on".into())
+}
+
 pub struct Domain {
     store: Store,
     hub: OutputHub,
@@ -410,7 +464,7 @@ impl Domain {
         }
         next.version = task.version + 1;
         next.updated_at = now_micros();
-        if self.store.save_task(&next, task.version, None).await? {
+        if self.store.save_task(&mut next, task.version, None).await? {
             self.hub.task_changed(&next, false);
             return Ok(next);
         }
@@ -488,7 +542,7 @@ impl Domain {
             next.stop_requested_at = Some(now);
             next.version += 1;
             next.updated_at = now;
-            if self.store.save_task(&next, task.version, None).await? {
+            if self.store.save_task(&mut next, task.version, None).await? {
                 self.hub.task_changed(&next, false);
                 return Ok(next);
             }
@@ -540,76 +594,46 @@ impl Domain {
         let mut live = self.hub.subscribe_task(id);
         let task = self.load_task(p, id).await?;
         let (tx, rx) = mpsc::channel(256);
-        let domain = self.clone();
+        let mut watcher = Watcher {
+            domain: self.clone(),
+            task_id: task.id.clone(),
+            last: since_seq,
+            tx,
+        };
         let closed = self.closed();
         tokio::spawn(async move {
             tokio::pin!(closed);
-            let mut last = since_seq;
-            let catch_up = |last: &mut i64| {
-                let domain = domain.clone();
-                let tx = tx.clone();
-                let task_id = task.id.clone();
-                let from = *last;
-                async move {
-                    let mut last = from;
-                    loop {
-                        let batch = domain.store.list_messages(&task_id, last, 1000).await?;
-                        let n = batch.len();
-                        for m in batch {
-                            last = m.seq;
-                            if tx.send(Ok(TaskUpdate::Message(m))).await.is_err() {
-                                return Ok::<_, Error>(None);
-                            }
-                        }
-                        if n < 1000 {
-                            return Ok(Some(last));
-                        }
-                    }
-                }
-            };
-            if tx
-                .send(Ok(TaskUpdate::Task(Box::new(task.clone()))))
+            if watcher
+                .send(TaskUpdate::Task(Box::new(task)))
                 .await
                 .is_err()
+                || watcher.catch_up().await.is_err()
             {
                 return;
             }
-            macro_rules! catch_up {
-                () => {
-                    match catch_up(&mut last).await {
-                        Ok(Some(l)) => last = l,
-                        Ok(None) => return,
-                        Err(e) => {
-                            let _ = tx.send(Err(e)).await;
-                            return;
-                        }
-                    }
-                };
-            }
-            catch_up!();
             loop {
                 let update = tokio::select! {
                     u = live.recv() => u,
-                    _ = tx.closed() => return,
-                    _ = &mut closed => return,
+                    _ = watcher.tx.closed() => return,
+                    _ = &mut closed => {
+                        let _ = watcher.tx.send(Err(shutting_down())).await;
+                        return;
+                    }
                 };
-                match update {
-                    Ok(TaskUpdate::Message(m)) if m.seq <= last => {}
-                    Ok(TaskUpdate::Message(m)) if m.seq == last + 1 => {
-                        last = m.seq;
-                        if tx.send(Ok(TaskUpdate::Message(m))).await.is_err() {
-                            return;
-                        }
+                let sent = match update {
+                    Ok(TaskUpdate::Message(m)) if m.seq <= watcher.last => Ok(()),
+                    Ok(TaskUpdate::Message(m)) if m.seq == watcher.last + 1 => {
+                        watcher.last = m.seq;
+                        watcher.send(TaskUpdate::Message(m)).await
                     }
                     Ok(TaskUpdate::Message(_)) | Err(broadcast::error::RecvError::Lagged(_)) => {
-                        catch_up!();
+                        watcher.catch_up().await
                     }
-                    Ok(TaskUpdate::Task(t)) => {
-                        if tx.send(Ok(TaskUpdate::Task(t))).await.is_err() {
-                            return;
-                        }
-                    }
+                    Ok(update @ TaskUpdate::Task(_)) => watcher.send(update).await,
                     Err(broadcast::error::RecvError::Closed) => return,
+                };
+                if sent.is_err() {
+                    return;
                 }
             }
         });
@@ -679,7 +703,7 @@ impl Domain {
             };
             if self
                 .store
-                .save_task(&next, task.version, Some(&event))
+                .save_task(&mut next, task.version, Some(&event))
                 .await?
             {
                 self.hub.task_changed(&next, false);
@@ -730,7 +754,10 @@ impl Domain {
             return Err(invalid("since_seq", "must not be negative"));
         }
         let task = self.load_task(p, task_id).await?;
-        let messages = self.store.list_messages(&task.id, since_seq, limit).await?;
+        let mut messages = self.store.list_messages(&task.id, since_seq, limit).await?;
+        // Only the acknowledged, gapless prefix: a message past a gap would
+        // let a pager skip the gap for good.
+        messages.retain(|m| m.seq <= task.last_seq);
         Ok((messages, task.last_seq))
     }
 

@@ -396,7 +396,7 @@ impl Store {
     /// false when someone else changed the task first (or it is gone).
     pub async fn save_task(
         &self,
-        task: &Task,
+        task: &mut Task,
         prev_version: i64,
         event: Option<&NewEvent>,
     ) -> Result<bool> {
@@ -409,18 +409,22 @@ impl Store {
                  status_reason = $15, agent_session_id = $16, working_directory = $17, \
                  created_by = $18, created_at = $19, updated_at = $20, queued_at = $21, \
                  started_at = $22, ended_at = $23, stop_requested_at = $25 \
-                 WHERE id = $1 AND version = $26",
+                 WHERE id = $1 AND version = $26 \
+                 RETURNING last_seq, progress_summary, progress_percent",
             ),
             task,
         )
         .bind(prev_version)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
-            == 1;
-        if !updated {
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = updated else {
             return Ok(false);
-        }
+        };
+        // Columns other writers own (output, progress) are read back, so the
+        // task published after this write is current.
+        task.last_seq = row.try_get(0)?;
+        task.progress_summary = row.try_get(1)?;
+        task.progress_percent = row.try_get(2)?;
         if let Some(event) = event {
             insert_event(&mut tx, task, event).await?;
         }
