@@ -6,10 +6,12 @@
 //! - [`domain`]: [`domain::Domain`], tenancy, tokens and the task state machine.
 //! - [`api`]: thin gRPC handlers, one per service.
 //! - [`server`]: one port for gRPC, gRPC-web, reflection, health and the page.
+//! - [`cli`]: `taskmesh task …` and `taskmesh daemons`, clients for people.
 //!
 //! ARCHITECTURE.md tells how a request flows through them.
 
 pub mod api;
+pub mod cli;
 mod convert;
 pub mod daemon;
 pub mod domain;

@@ -34,6 +34,10 @@ enum Command {
     /// Run the reference daemon: take tasks from a server and run each as a
     /// child process.
     Daemon(taskmesh::daemon::DaemonArgs),
+    /// Create, list, start, stop and watch tasks on a running server.
+    Task(taskmesh::cli::TaskArgs),
+    /// List the daemons of a workspace on a running server.
+    Daemons(taskmesh::cli::DaemonsArgs),
 }
 
 #[derive(clap::Args)]
@@ -162,6 +166,8 @@ fn main() -> ExitCode {
             Command::Daemon(args) => taskmesh::daemon::run(args, shutdown_signal())
                 .await
                 .map_err(Into::into),
+            Command::Task(args) => taskmesh::cli::task(args).await.map_err(Into::into),
+            Command::Daemons(args) => taskmesh::cli::daemons(args).await.map_err(Into::into),
         }
     });
     match result {

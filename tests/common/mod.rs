@@ -305,3 +305,85 @@ fn database_urls() {
     );
     assert_eq!(with_database("postgres://u@h", "x"), "postgres://u@h/x");
 }
+
+impl TestDb {
+    /// Stands in for a database handed back by `stop_keeping_db`: a file
+    /// that never exists, so dropping it removes nothing.
+    fn placeholder() -> TestDb {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let path = std::env::temp_dir().join(format!("taskmesh-test-none-{id}.db"));
+        TestDb {
+            url: String::new(),
+            cleanup: Cleanup::File(path),
+        }
+    }
+}
+
+impl TestServer {
+    /// Stops the server as `stop` does but hands its database back instead
+    /// of removing it, so another server can start on it.
+    pub async fn stop_keeping_db(mut self) -> TestDb {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(h) = self.handle.take() {
+            h.await.expect("server task");
+        }
+        self.store.close().await;
+        std::mem::replace(&mut self.db, TestDb::placeholder())
+    }
+}
+
+/// Starts a server on a database that may already hold data, listening on
+/// `addr`: with the database and address of a stopped server, its clients
+/// find the same tasks where they left them. `token` is the bootstrap token
+/// on a new database, else a new user token of workspace `default`.
+pub async fn start_server_at(db: TestDb, addr: SocketAddr) -> TestServer {
+    let store = Store::connect(&db.url)
+        .await
+        .expect("open the test database");
+    let domain = Domain::new(store.clone());
+    let token = match domain.bootstrap().await.expect("bootstrap") {
+        Some(token) => token,
+        None => {
+            let (_, secret, _) = domain
+                .create_token_unchecked("default", TokenKind::User, "test", "admin")
+                .await
+                .expect("create token");
+            secret
+        }
+    };
+    // The port was just released; another socket may hold it a moment.
+    let mut tries = 0;
+    let listener = loop {
+        match TcpListener::bind(addr).await {
+            Ok(l) => break l,
+            Err(e) if tries < 50 => {
+                tries += 1;
+                eprintln!("bind {addr}: {e}; retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("bind {addr}: {e}"),
+        }
+    };
+    let (stop, stopped) = oneshot::channel();
+    let handle = tokio::spawn({
+        let domain = domain.clone();
+        async move {
+            server::run(listener, domain, ServerConfig::default(), async {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("server");
+        }
+    });
+    TestServer {
+        addr,
+        token,
+        domain,
+        store,
+        stop: Some(stop),
+        handle: Some(handle),
+        db,
+    }
+}
