@@ -197,6 +197,17 @@ pub struct Daemon {
     pub last_seen_at: Micros,
 }
 
+/// What a reassigned or continued attempt starts from; empty for a plain
+/// start.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AttemptInput {
+    /// A continuation's follow-up prompt, run instead of the plan.
+    pub prompt: String,
+    /// Earlier attempts' output, for an agent that cannot resume its own
+    /// conversation.
+    pub context: String,
+}
+
 /// Who is calling: the token and the workspaces it may see.
 #[derive(Debug, Clone)]
 pub struct Principal {

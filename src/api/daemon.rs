@@ -127,7 +127,8 @@ impl DaemonService for DaemonApi {
                     working_directory: a.task.working_directory.clone(),
                 }),
                 task: Some(convert::task(a.task)),
-                context: String::new(),
+                context: a.input.context,
+                prompt: a.input.prompt,
             },
         }))
     }

@@ -28,10 +28,6 @@ impl TaskApi {
 
 type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
-fn unimplemented(what: &str) -> Status {
-    Status::unimplemented(format!("{what} is not in this version yet"))
-}
-
 /// Splits an UpdateTask request into the fields its mask names.
 fn patch(task: pb::Task, mask: Option<prost_types::FieldMask>) -> domain::Result<TaskPatch> {
     let paths = mask.map(|m| m.paths).unwrap_or_default();
@@ -274,24 +270,41 @@ impl TaskService for TaskApi {
         &self,
         req: Request<pb::ReassignTaskRequest>,
     ) -> Result<Response<pb::ReassignTaskResponse>, Status> {
-        authenticate(&self.domain, &req).await?;
-        Err(unimplemented("ReassignTask"))
+        let p = authenticate(&self.domain, &req).await?;
+        let r = req.get_ref();
+        let id = parse_id("id", &r.id)?;
+        let pin = parse_optional_id("daemon_id", &r.daemon_id)?;
+        let task = self.domain.reassign_task(&p, &id, pin).await?;
+        Ok(Response::new(pb::ReassignTaskResponse {
+            task: Some(convert::task(task)),
+        }))
     }
 
     async fn continue_task(
         &self,
         req: Request<pb::ContinueTaskRequest>,
     ) -> Result<Response<pb::ContinueTaskResponse>, Status> {
-        authenticate(&self.domain, &req).await?;
-        Err(unimplemented("ContinueTask"))
+        let p = authenticate(&self.domain, &req).await?;
+        let r = req.into_inner();
+        let id = parse_id("id", &r.id)?;
+        let pin = parse_optional_id("daemon_id", &r.daemon_id)?;
+        let task = self.domain.continue_task(&p, &id, r.prompt, pin).await?;
+        Ok(Response::new(pb::ContinueTaskResponse {
+            task: Some(convert::task(task)),
+        }))
     }
 
     async fn retry_completion(
         &self,
         req: Request<pb::RetryCompletionRequest>,
     ) -> Result<Response<pb::RetryCompletionResponse>, Status> {
-        authenticate(&self.domain, &req).await?;
-        Err(unimplemented("RetryCompletion"))
+        let p = authenticate(&self.domain, &req).await?;
+        let id = parse_id("id", &req.get_ref().id)?;
+        let (task, command_id) = self.domain.retry_completion(&p, &id).await?;
+        Ok(Response::new(pb::RetryCompletionResponse {
+            task: Some(convert::task(task)),
+            command_id,
+        }))
     }
 
     async fn get_task_usage(

@@ -853,7 +853,12 @@ impl Session {
         let spec = TaskSpec {
             run_id,
             task_id: task_id.clone(),
-            plan: task.plan,
+            // A continued attempt runs its follow-up prompt.
+            plan: if spawn.prompt.is_empty() {
+                task.plan
+            } else {
+                spawn.prompt
+            },
             command_template: runtime.template.clone(),
             repository: task.repository,
             branch: task.branch,
@@ -1085,8 +1090,7 @@ mod tests {
                     ..Default::default()
                 }),
                 first_seq,
-                resume: None,
-                context: String::new(),
+                ..Default::default()
             })),
         }
     }

@@ -22,6 +22,7 @@ pub const MAX_PROGRESS_BYTES: usize = 4096;
 pub struct Assignment {
     pub task: Task,
     pub first_seq: i64,
+    pub input: AttemptInput,
 }
 
 /// A daemon's end-of-task report.
@@ -101,13 +102,14 @@ impl Domain {
     /// ClaimTask: the oldest queued task this daemon can run, atomically.
     pub async fn claim_task(&self, p: &Principal, daemon_id: &str) -> Result<Option<Assignment>> {
         let daemon = self.load_daemon(p, daemon_id).await?;
-        let Some(task) = self.store.claim_task(&daemon, None).await? else {
+        let Some((task, input)) = self.store.claim_task(&daemon, None).await? else {
             return Ok(None);
         };
         self.hub.task_changed(&task, false);
         Ok(Some(Assignment {
             first_seq: task.last_seq + 1,
             task,
+            input,
         }))
     }
 
@@ -118,9 +120,9 @@ impl Domain {
         let Some(daemon) = self.sessions.get(daemon_id) else {
             return Ok(0);
         };
-        let make = |task: &Task| spawn_command(&daemon.id, task);
+        let make = |task: &Task, input: &AttemptInput| spawn_command(&daemon.id, task, input);
         let mut n = 0;
-        while let Some(task) = self.store.claim_task(&daemon, Some(&make)).await? {
+        while let Some((task, _)) = self.store.claim_task(&daemon, Some(&make)).await? {
             self.hub.task_changed(&task, false);
             n += 1;
         }
@@ -253,7 +255,7 @@ impl Domain {
     /// they are all in this batch; when an earlier out-of-order batch filled
     /// part of the range, the range is read back from the store instead, so
     /// live watchers never wait on a message nobody will publish again.
-    async fn publish_output(
+    pub(super) async fn publish_output(
         &self,
         task: &Task,
         batch: &[NewMessage],
@@ -470,7 +472,7 @@ fn daemon_actor(task: &Task) -> String {
     format!("daemon:{}", task.daemon_id.as_deref().unwrap_or("?"))
 }
 
-fn spawn_command(daemon_id: &str, task: &Task) -> NewCommand {
+fn spawn_command(daemon_id: &str, task: &Task, input: &AttemptInput) -> NewCommand {
     let id = uuid::Uuid::now_v7().to_string();
     let resume = (!task.agent_session_id.is_empty()).then(|| pb::AgentResume {
         agent_session_id: task.agent_session_id.clone(),
@@ -483,7 +485,8 @@ fn spawn_command(daemon_id: &str, task: &Task) -> NewCommand {
             task: Some(convert::task(task.clone())),
             first_seq: task.last_seq + 1,
             resume,
-            context: String::new(),
+            context: input.context.clone(),
+            prompt: input.prompt.clone(),
         })),
     };
     NewCommand {

@@ -2,6 +2,7 @@
 //! method here per RPC; every rule (validation, the transition table, who may
 //! see what) is enforced in this module and nowhere else.
 
+mod attempts;
 mod daemons;
 pub mod hub;
 mod liveness;
@@ -184,6 +185,19 @@ pub struct ListTasks {
     pub daemon_id: Option<String>,
     pub page_size: i64,
     pub page_token: Option<String>,
+}
+
+/// The edit that opens a new attempt of a task: queued afresh, optionally
+/// pinned to a daemon.
+fn new_attempt(t: &mut Task, pin: &Option<String>) {
+    t.attempt += 1;
+    t.pinned_daemon_id = pin.clone();
+    t.daemon_id = None;
+    t.status_reason.clear();
+    t.queued_at = Some(t.updated_at);
+    t.started_at = None;
+    t.ended_at = None;
+    t.stop_requested_at = None;
 }
 
 /// One WatchTask stream: the last seq it delivered, and how it catches up
@@ -497,26 +511,25 @@ impl Domain {
     /// Queues the task; starting a task that ran before opens a new attempt.
     pub async fn start_task(&self, p: &Principal, id: &str, pin: Option<String>) -> Result<Task> {
         let task = self.load_task(p, id).await?;
-        if let Some(daemon_id) = &pin {
-            match self.store.get_daemon(daemon_id).await? {
-                Some(d) if d.workspace_id == task.workspace_id => {}
-                _ => return Err(Error::NotFound(format!("daemon {daemon_id} not found"))),
-            }
-        }
+        self.check_pin(&task, pin.as_deref()).await?;
         let task = self
             .transition(&p.subject, task, TaskStatus::Queued, "started", |t| {
-                t.attempt += 1;
-                t.pinned_daemon_id = pin.clone();
-                t.daemon_id = None;
-                t.status_reason.clear();
-                t.queued_at = Some(t.updated_at);
-                t.started_at = None;
-                t.ended_at = None;
-                t.stop_requested_at = None;
+                new_attempt(t, &pin)
             })
             .await?;
         self.dispatch_workspace(&task.workspace_id).await?;
         Ok(self.store.get_task(&task.id).await?.unwrap_or(task))
+    }
+
+    /// A daemon a task is pinned to must exist in the task's workspace.
+    async fn check_pin(&self, task: &Task, pin: Option<&str>) -> Result<()> {
+        let Some(daemon_id) = pin else {
+            return Ok(());
+        };
+        match self.store.get_daemon(daemon_id).await? {
+            Some(d) if d.workspace_id == task.workspace_id => Ok(()),
+            _ => Err(Error::NotFound(format!("daemon {daemon_id} not found"))),
+        }
     }
 
     /// Cancels a task not yet on a daemon. A task on a daemon gets an

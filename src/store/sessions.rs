@@ -16,6 +16,9 @@ pub struct NewMessage {
     pub tool_input_json: String,
 }
 
+/// Builds the SpawnTask written in the same transaction as a claim.
+pub type SpawnMaker<'a> = dyn Fn(&Task, &AttemptInput) -> NewCommand + Sync + 'a;
+
 /// A command for the outbox; `payload` is the encoded `pb::Command`.
 #[derive(Debug, Clone)]
 pub struct NewCommand {
@@ -130,8 +133,8 @@ impl Store {
     pub async fn claim_task(
         &self,
         daemon: &Daemon,
-        command: Option<&(dyn Fn(&Task) -> NewCommand + Sync)>,
-    ) -> Result<Option<Task>> {
+        command: Option<&SpawnMaker<'_>>,
+    ) -> Result<Option<(Task, AttemptInput)>> {
         if daemon.runtimes.is_empty() {
             return Ok(None);
         }
@@ -181,11 +184,53 @@ impl Store {
             reason: "dispatched".into(),
         };
         insert_event(&mut tx, &task, &event).await?;
+        // First attempts never have inputs: spare them the read.
+        let input = if task.attempt > 1 {
+            attempt_input(&mut tx, &task.id, task.attempt).await?
+        } else {
+            AttemptInput::default()
+        };
         if let Some(make) = command {
-            insert_command(&mut tx, &make(&task)).await?;
+            insert_command(&mut tx, &make(&task, &input)).await?;
         }
         tx.commit().await?;
-        Ok(Some(task))
+        Ok(Some((task, input)))
+    }
+
+    /// Records what an attempt starts from, before it is queued.
+    pub async fn put_attempt_input(
+        &self,
+        task_id: &str,
+        attempt: i64,
+        input: &AttemptInput,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO attempt_inputs (task_id, attempt, prompt, context) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (task_id, attempt) DO UPDATE SET prompt = excluded.prompt, context = excluded.context",
+        )
+        .bind(task_id)
+        .bind(attempt)
+        .bind(&input.prompt)
+        .bind(&input.context)
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    /// The newest `limit` messages of a task, oldest first.
+    pub async fn last_messages(&self, task_id: &str, limit: i64) -> Result<Vec<TaskMessage>> {
+        let newest = sqlx::query(
+            "SELECT seq FROM task_messages WHERE task_id = $1 ORDER BY seq DESC LIMIT 1 OFFSET $2",
+        )
+        .bind(task_id)
+        .bind(limit)
+        .fetch_optional(&self.reader)
+        .await?;
+        let since = match newest {
+            Some(row) => row.try_get::<i64, _>(0)?,
+            None => 0,
+        };
+        self.list_messages(task_id, since, limit).await
     }
 
     /// Stores output idempotently (a repeated seq is ignored) in one
@@ -387,6 +432,27 @@ impl Store {
         .await?;
         rows.iter().map(task_from_row).collect()
     }
+}
+
+async fn attempt_input(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    task_id: &str,
+    attempt: i64,
+) -> Result<AttemptInput> {
+    let row = sqlx::query(
+        "SELECT prompt, context FROM attempt_inputs WHERE task_id = $1 AND attempt = $2",
+    )
+    .bind(task_id)
+    .bind(attempt)
+    .fetch_optional(&mut **tx)
+    .await?;
+    Ok(match row {
+        Some(r) => AttemptInput {
+            prompt: r.try_get(0)?,
+            context: r.try_get(1)?,
+        },
+        None => AttemptInput::default(),
+    })
 }
 
 async fn insert_command(tx: &mut sqlx::Transaction<'_, sqlx::Any>, c: &NewCommand) -> Result<()> {
