@@ -12,6 +12,7 @@
 
 pub mod api;
 pub mod cli;
+pub mod cluster;
 mod convert;
 pub mod daemon;
 pub mod domain;

@@ -17,11 +17,13 @@ use tower::{Layer, Service};
 use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
 
 use crate::api::{DaemonApi, TaskApi, WorkspaceApi};
+use crate::cluster;
 use crate::domain::Domain;
 use crate::pb;
 use crate::pb::daemon_service_server::DaemonServiceServer;
 use crate::pb::task_service_server::TaskServiceServer;
 use crate::pb::workspace_service_server::WorkspaceServiceServer;
+use crate::store::Backend;
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -50,6 +52,8 @@ pub enum ServeError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("cluster listener: {0}")]
+    Cluster(#[from] sqlx::Error),
 }
 
 const INDEX_HTML: &str = include_str!("web/index.html");
@@ -93,6 +97,11 @@ pub async fn run(
         .fallback(page);
 
     let liveness = sweeper.spawn_liveness();
+    // With PostgreSQL, replicas may share the database: listen to them.
+    let peers = match sweeper.store().backend() {
+        Backend::Postgres => Some(cluster::start(sweeper.clone(), sweeper.store().url()).await?),
+        Backend::Sqlite => None,
+    };
     let served = tonic::transport::Server::builder()
         .accept_http1(true)
         .http2_keepalive_interval(Some(config.keepalive))
@@ -103,6 +112,9 @@ pub async fn run(
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await;
     liveness.abort();
+    if let Some(peers) = peers {
+        peers.abort();
+    }
     Ok(served?)
 }
 

@@ -105,7 +105,7 @@ impl Domain {
         let Some((task, input)) = self.store.claim_task(&daemon, None).await? else {
             return Ok(None);
         };
-        self.hub.task_changed(&task, false);
+        self.task_changed(&task, false);
         Ok(Some(Assignment {
             first_seq: task.last_seq + 1,
             task,
@@ -123,7 +123,7 @@ impl Domain {
         let make = |task: &Task, input: &AttemptInput| spawn_command(&daemon.id, task, input);
         let mut n = 0;
         while let Some((task, _)) = self.store.claim_task(&daemon, Some(&make)).await? {
-            self.hub.task_changed(&task, false);
+            self.task_changed(&task, false);
             n += 1;
         }
         if n > 0 {
@@ -206,7 +206,7 @@ impl Domain {
             .await?
         {
             Some(task) => {
-                self.hub.task_changed(&task, false);
+                self.task_changed(&task, false);
                 Ok(task)
             }
             None => Err(Error::FailedPrecondition(format!(
@@ -266,6 +266,7 @@ impl Domain {
             .iter()
             .filter(|m| m.seq > old && m.seq <= new)
             .collect();
+        self.output_grew(task, old, new);
         if fresh.len() as i64 != new - old {
             for m in self.store.list_messages(&task.id, old, new - old).await? {
                 self.hub.message(m);
@@ -365,7 +366,7 @@ impl Domain {
                 payload: command.encode_to_vec(),
             })
             .await?;
-        self.sessions.wake(&daemon_id);
+        self.wake_daemon(&daemon_id);
         Ok(id)
     }
 

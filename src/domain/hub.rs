@@ -53,6 +53,12 @@ fn publish<T: Clone>(map: &Mutex<HashMap<String, broadcast::Sender<T>>>, key: &s
     }
 }
 
+fn has<T>(map: &Mutex<HashMap<String, broadcast::Sender<T>>>, key: &str) -> bool {
+    map.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .contains_key(key)
+}
+
 impl OutputHub {
     pub fn subscribe_task(&self, task_id: &str) -> broadcast::Receiver<TaskUpdate> {
         subscribe(&self.tasks, task_id, TASK_CAPACITY)
@@ -60,6 +66,17 @@ impl OutputHub {
 
     pub fn subscribe_workspace(&self, workspace_id: &str) -> broadcast::Receiver<WorkspaceUpdate> {
         subscribe(&self.workspaces, workspace_id, WORKSPACE_CAPACITY)
+    }
+
+    /// Whether anyone here watches this task, or its workspace.
+    pub fn watched(&self, task_id: &str, workspace_id: &str) -> bool {
+        has(&self.tasks, task_id) || has(&self.workspaces, workspace_id)
+    }
+
+    /// Ids of the tasks watched here.
+    pub fn watched_tasks(&self) -> Vec<String> {
+        let map = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        map.keys().cloned().collect()
     }
 
     pub fn message(&self, message: TaskMessage) {

@@ -6,6 +6,7 @@ mod attempts;
 mod daemons;
 pub mod hub;
 mod liveness;
+mod peers;
 pub mod redact;
 mod sessions;
 pub mod status;
@@ -261,6 +262,8 @@ pub struct Domain {
     /// Set on shutdown: every stream the server holds open ends.
     closing: tokio::sync::watch::Sender<bool>,
     pub liveness: Liveness,
+    /// Other replicas on the same PostgreSQL database, once joined.
+    cluster: std::sync::OnceLock<crate::cluster::Link>,
 }
 
 impl Domain {
@@ -275,6 +278,7 @@ impl Domain {
             sessions: SessionRegistry::default(),
             closing: tokio::sync::watch::channel(false).0,
             liveness,
+            cluster: std::sync::OnceLock::new(),
         })
     }
 
@@ -416,7 +420,7 @@ impl Domain {
             reason: "created".into(),
         };
         self.store.insert_task(&task, &event).await?;
-        self.hub.task_changed(&task, false);
+        self.task_changed(&task, false);
         Ok(task)
     }
 
@@ -479,7 +483,7 @@ impl Domain {
         next.version = task.version + 1;
         next.updated_at = now_micros();
         if self.store.save_task(&mut next, task.version, None).await? {
-            self.hub.task_changed(&next, false);
+            self.task_changed(&next, false);
             return Ok(next);
         }
         // Someone changed the task between our read and our write.
@@ -503,7 +507,7 @@ impl Domain {
             return Err(Error::NotFound(format!("task {id} not found")));
         }
         for t in &doomed {
-            self.hub.task_changed(t, true);
+            self.task_changed(t, true);
         }
         Ok(())
     }
@@ -545,10 +549,10 @@ impl Domain {
                 .await;
         }
         self.send_command(&task, interrupt()).await?;
-        let connected = task
-            .daemon_id
-            .as_deref()
-            .is_some_and(|d| self.sessions.is_connected(d));
+        let connected = match task.daemon_id.as_deref() {
+            Some(d) => self.daemon_connected(d).await?,
+            None => false,
+        };
         if connected {
             let now = now_micros();
             let mut next = task.clone();
@@ -556,7 +560,7 @@ impl Domain {
             next.version += 1;
             next.updated_at = now;
             if self.store.save_task(&mut next, task.version, None).await? {
-                self.hub.task_changed(&next, false);
+                self.task_changed(&next, false);
                 return Ok(next);
             }
             // It changed meanwhile (ended, most likely): judge again.
@@ -642,7 +646,15 @@ impl Domain {
                     Ok(TaskUpdate::Message(_)) | Err(broadcast::error::RecvError::Lagged(_)) => {
                         watcher.catch_up().await
                     }
-                    Ok(update @ TaskUpdate::Task(_)) => watcher.send(update).await,
+                    Ok(TaskUpdate::Task(t)) => {
+                        // Output it has not seen yet (a peer replica's, say)
+                        // is read from the store.
+                        let behind = t.last_seq > watcher.last;
+                        match watcher.send(TaskUpdate::Task(t)).await {
+                            Ok(()) if behind => watcher.catch_up().await,
+                            sent => sent,
+                        }
+                    }
                     Err(broadcast::error::RecvError::Closed) => return,
                 };
                 if sent.is_err() {
@@ -719,7 +731,7 @@ impl Domain {
                 .save_task(&mut next, task.version, Some(&event))
                 .await?
             {
-                self.hub.task_changed(&next, false);
+                self.task_changed(&next, false);
                 return Ok(Some(next));
             }
             task = self

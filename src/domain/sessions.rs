@@ -130,10 +130,24 @@ impl SessionRegistry {
         self.lock().sessions.contains_key(daemon_id)
     }
 
-    pub fn wake(&self, daemon_id: &str) {
-        if let Some(c) = self.lock().sessions.get(daemon_id) {
-            c.wake.notify_one();
+    /// Wakes the daemon's pump; answers whether it has a session here.
+    pub fn wake(&self, daemon_id: &str) -> bool {
+        match self.lock().sessions.get(daemon_id) {
+            Some(c) => {
+                c.wake.notify_one();
+                true
+            }
+            None => false,
         }
+    }
+
+    /// Every daemon with a session here.
+    pub fn all(&self) -> Vec<Daemon> {
+        self.lock()
+            .sessions
+            .values()
+            .map(|c| c.daemon.clone())
+            .collect()
     }
 
     /// Connected daemons of a workspace.

@@ -99,6 +99,7 @@ pub struct Store {
     writer: AnyPool,
     reader: AnyPool,
     backend: Backend,
+    url: String,
 }
 
 /// A bound value for queries whose shape is built at run time.
@@ -157,6 +158,7 @@ impl Store {
             writer,
             reader,
             backend,
+            url: url.to_string(),
         };
         store.migrate().await?;
         Ok(store)
@@ -173,6 +175,22 @@ impl Store {
 
     pub fn backend(&self) -> Backend {
         self.backend
+    }
+
+    /// The URL it was opened with (the cluster listener opens its own
+    /// connection to it).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// PostgreSQL NOTIFY on `channel`.
+    pub async fn notify(&self, channel: &str, payload: &str) -> Result<()> {
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(channel)
+            .bind(payload)
+            .execute(&self.writer)
+            .await?;
+        Ok(())
     }
 
     pub async fn close(&self) {

@@ -81,7 +81,12 @@ pub struct TestDb {
 
 enum Cleanup {
     File(std::path::PathBuf),
-    Postgres { admin_url: String, name: String },
+    Postgres {
+        admin_url: String,
+        name: String,
+    },
+    /// Another server's database: its owner removes it.
+    None,
 }
 
 impl TestDb {
@@ -144,6 +149,7 @@ impl Drop for TestDb {
                     let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
                 }
             }
+            Cleanup::None => {}
             Cleanup::Postgres { admin_url, name } => {
                 let (admin_url, name) = (admin_url.clone(), name.clone());
                 // Drop runs outside async context; use a private runtime.
@@ -186,16 +192,50 @@ pub async fn start_server_on(db: TestDb) -> TestServer {
 
 /// A server with its own liveness settings (tests use milliseconds).
 pub async fn start_server_with(db: TestDb, liveness: Liveness) -> TestServer {
+    launch(db, "127.0.0.1:0".parse().unwrap(), liveness).await
+}
+
+/// A second replica on the same database as `of` (PostgreSQL), as
+/// `taskmesh serve` runs several against one database.
+pub async fn start_replica(of: &TestServer) -> TestServer {
+    let db = TestDb {
+        url: of.db.url.clone(),
+        cleanup: Cleanup::None,
+    };
+    launch(db, "127.0.0.1:0".parse().unwrap(), Liveness::default()).await
+}
+
+/// Starts a server on `db` listening on `addr` (port 0: any). The token is
+/// the bootstrap token on a new database, else a new user token of
+/// workspace `default`.
+async fn launch(db: TestDb, addr: SocketAddr, liveness: Liveness) -> TestServer {
     let store = Store::connect(&db.url)
         .await
         .expect("open the test database");
     let domain = Domain::with_liveness(store.clone(), liveness);
-    let token = domain
-        .bootstrap()
-        .await
-        .expect("bootstrap")
-        .expect("a new database has no token yet");
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let token = match domain.bootstrap().await.expect("bootstrap") {
+        Some(token) => token,
+        None => {
+            let (_, secret, _) = domain
+                .create_token_unchecked("default", TokenKind::User, "test", "admin")
+                .await
+                .expect("create token");
+            secret
+        }
+    };
+    // A port just released may be held a moment longer by another socket.
+    let mut tries = 0;
+    let listener = loop {
+        match TcpListener::bind(addr).await {
+            Ok(l) => break l,
+            Err(e) if tries < 50 && addr.port() != 0 => {
+                tries += 1;
+                eprintln!("bind {addr}: {e}; retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("bind {addr}: {e}"),
+        }
+    };
     let addr = listener.local_addr().expect("addr");
     let (stop, stopped) = oneshot::channel();
     let handle = tokio::spawn({
@@ -307,14 +347,11 @@ fn database_urls() {
 }
 
 impl TestDb {
-    /// Stands in for a database handed back by `stop_keeping_db`: a file
-    /// that never exists, so dropping it removes nothing.
+    /// Stands in for a database handed back by `stop_keeping_db`.
     fn placeholder() -> TestDb {
-        let id = uuid::Uuid::new_v4().simple().to_string();
-        let path = std::env::temp_dir().join(format!("taskmesh-test-none-{id}.db"));
         TestDb {
             url: String::new(),
-            cleanup: Cleanup::File(path),
+            cleanup: Cleanup::None,
         }
     }
 }
@@ -336,54 +373,7 @@ impl TestServer {
 
 /// Starts a server on a database that may already hold data, listening on
 /// `addr`: with the database and address of a stopped server, its clients
-/// find the same tasks where they left them. `token` is the bootstrap token
-/// on a new database, else a new user token of workspace `default`.
+/// find the same tasks where they left them.
 pub async fn start_server_at(db: TestDb, addr: SocketAddr) -> TestServer {
-    let store = Store::connect(&db.url)
-        .await
-        .expect("open the test database");
-    let domain = Domain::new(store.clone());
-    let token = match domain.bootstrap().await.expect("bootstrap") {
-        Some(token) => token,
-        None => {
-            let (_, secret, _) = domain
-                .create_token_unchecked("default", TokenKind::User, "test", "admin")
-                .await
-                .expect("create token");
-            secret
-        }
-    };
-    // The port was just released; another socket may hold it a moment.
-    let mut tries = 0;
-    let listener = loop {
-        match TcpListener::bind(addr).await {
-            Ok(l) => break l,
-            Err(e) if tries < 50 => {
-                tries += 1;
-                eprintln!("bind {addr}: {e}; retrying");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            }
-            Err(e) => panic!("bind {addr}: {e}"),
-        }
-    };
-    let (stop, stopped) = oneshot::channel();
-    let handle = tokio::spawn({
-        let domain = domain.clone();
-        async move {
-            server::run(listener, domain, ServerConfig::default(), async {
-                let _ = stopped.await;
-            })
-            .await
-            .expect("server");
-        }
-    });
-    TestServer {
-        addr,
-        token,
-        domain,
-        store,
-        stop: Some(stop),
-        handle: Some(handle),
-        db,
-    }
+    launch(db, addr, Liveness::default()).await
 }

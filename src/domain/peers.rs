@@ -1,0 +1,157 @@
+//! The domain's side of the cluster bridge (src/cluster.rs): what it tells
+//! other replicas, and what it does with what they tell it.
+
+use crate::cluster::{Event, Link};
+use crate::model::*;
+
+use super::{Domain, Result};
+
+impl Domain {
+    /// Connects this domain to its peers; until then it has none.
+    pub fn join_cluster(&self, link: Link) {
+        let _ = self.cluster.set(link);
+    }
+
+    fn tell_peers(&self, event: Event) {
+        if let Some(link) = self.cluster.get() {
+            link.send(event);
+        }
+    }
+
+    /// A task changed: watchers here and on every replica hear of it.
+    pub(super) fn task_changed(&self, task: &Task, deleted: bool) {
+        self.hub.task_changed(task, deleted);
+        self.tell_peers(Event::Task {
+            id: task.id.clone(),
+            workspace_id: task.workspace_id.clone(),
+            status: task.status.as_str().to_string(),
+            deleted,
+        });
+    }
+
+    /// A task's output grew from `from` to `to` (already published here).
+    pub(super) fn output_grew(&self, task: &Task, from: i64, to: i64) {
+        self.tell_peers(Event::Output {
+            task_id: task.id.clone(),
+            workspace_id: task.workspace_id.clone(),
+            from,
+            to,
+        });
+    }
+
+    /// A daemon has new commands: wake its session here, or wherever it is.
+    pub(super) fn wake_daemon(&self, daemon_id: &str) {
+        if !self.sessions.wake(daemon_id) {
+            self.tell_peers(Event::Command {
+                daemon_id: daemon_id.to_string(),
+            });
+        }
+    }
+
+    /// Whether a daemon holds a session here or (with peers) on any replica.
+    pub(super) async fn daemon_connected(&self, daemon_id: &str) -> Result<bool> {
+        if self.sessions.is_connected(daemon_id) {
+            return Ok(true);
+        }
+        if self.cluster.get().is_none() {
+            return Ok(false);
+        }
+        let daemon = self.store.get_daemon(daemon_id).await?;
+        Ok(daemon.is_some_and(|d| d.state == DaemonState::Online))
+    }
+
+    /// Acts on a peer's event, for the watchers and daemons held here.
+    pub async fn apply_peer_event(&self, event: Event) -> Result<()> {
+        match event {
+            Event::Task {
+                id,
+                workspace_id,
+                status,
+                deleted: true,
+            } => {
+                if self.hub.watched(&id, &workspace_id) {
+                    let status = TaskStatus::parse(&status).unwrap_or(TaskStatus::Cancelled);
+                    self.hub
+                        .task_changed(&tombstone(id, workspace_id, status), true);
+                }
+            }
+            Event::Task {
+                id,
+                workspace_id,
+                status,
+                deleted: false,
+            } => {
+                if self.hub.watched(&id, &workspace_id)
+                    && let Some(task) = self.store.get_task(&id).await?
+                {
+                    self.hub.task_changed(&task, false);
+                }
+                if status == TaskStatus::Queued.as_str() {
+                    self.dispatch_workspace(&workspace_id).await?;
+                }
+            }
+            Event::Output {
+                task_id, from, to, ..
+            } => {
+                if self.hub.watched(&task_id, "") {
+                    for m in self.store.list_messages(&task_id, from, to - from).await? {
+                        self.hub.message(m);
+                    }
+                }
+            }
+            Event::Command { daemon_id } => {
+                self.sessions.wake(&daemon_id);
+            }
+        }
+        Ok(())
+    }
+
+    /// After missing peers' events: every session here reads its outbox,
+    /// every workspace with daemons here offers its queue, and every
+    /// watched task is refreshed (its watchers catch up from its last_seq).
+    pub async fn resync(&self) -> Result<()> {
+        for daemon in self.sessions.all() {
+            self.sessions.wake(&daemon.id);
+            self.dispatch_to(&daemon.id).await?;
+        }
+        for id in self.hub.watched_tasks() {
+            if let Some(task) = self.store.get_task(&id).await? {
+                self.hub.task_changed(&task, false);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What peers learn of a deleted task: enough to tell watchers it is gone.
+fn tombstone(id: String, workspace_id: String, status: TaskStatus) -> Task {
+    Task {
+        id,
+        workspace_id,
+        parent_id: None,
+        depth: 0,
+        name: String::new(),
+        plan: String::new(),
+        status,
+        version: 0,
+        runtime: String::new(),
+        repository: String::new(),
+        branch: String::new(),
+        daemon_id: None,
+        pinned_daemon_id: None,
+        attempt: 0,
+        status_reason: String::new(),
+        agent_session_id: String::new(),
+        working_directory: String::new(),
+        created_by: String::new(),
+        created_at: 0,
+        updated_at: now_micros(),
+        queued_at: None,
+        started_at: None,
+        ended_at: None,
+        last_seq: 0,
+        stop_requested_at: None,
+        progress_summary: String::new(),
+        progress_percent: -1,
+    }
+}
