@@ -383,6 +383,16 @@ async fn create_start_stop(backend: Backend) {
         err.contains("is cancelled") && err.ends_with("(FAILED_PRECONDITION)"),
         "{err}"
     );
+    let err = fails(&s, Some(&s.token), &["task", "reassign", id]).await;
+    assert!(
+        err.contains("is cancelled") && err.ends_with("(FAILED_PRECONDITION)"),
+        "{err}"
+    );
+    // A finished task takes a follow-up prompt as a new attempt.
+    assert_eq!(
+        ok(&s, &["task", "continue", id, "once more"]).await,
+        format!("task {id} queued\n")
+    );
     let err = fails(&s, None, &["task", "list"]).await;
     assert!(
         err.contains("--token") && err.contains("TASKMESH_TOKEN"),
@@ -616,7 +626,7 @@ both_backends!(
 
 #[test]
 fn every_verb_explains_itself_with_an_example() {
-    let verbs: [&[&str]; 9] = [
+    let verbs: [&[&str]; 11] = [
         &["task"],
         &["task", "create"],
         &["task", "list"],
@@ -624,6 +634,8 @@ fn every_verb_explains_itself_with_an_example() {
         &["task", "start"],
         &["task", "stop"],
         &["task", "send"],
+        &["task", "reassign"],
+        &["task", "continue"],
         &["task", "watch"],
         &["daemons"],
     ];

@@ -92,6 +92,17 @@ pub enum TaskCommand {
     ///
     /// Example: taskmesh task send $ID 'y'
     Send(SendArgs),
+    /// Run an interrupted or failed task again on another daemon (or one
+    /// whose daemon is offline, without waiting for the grace), with the
+    /// output recorded so far passed to the agent as context.
+    ///
+    /// Example: taskmesh task reassign $ID --daemon $DAEMON_ID
+    Reassign(StartArgs),
+    /// Give a finished task a follow-up prompt: a new attempt that resumes
+    /// the agent's own conversation when it can.
+    ///
+    /// Example: taskmesh task continue $ID 'now add tests for it'
+    Continue(ContinueArgs),
     /// Print a task's output from the start (or after --since-seq) and follow
     /// it live until the task ends.
     ///
@@ -179,6 +190,17 @@ pub struct SendArgs {
     pub id: String,
     /// The text for the agent's stdin.
     pub text: String,
+}
+
+#[derive(clap::Args)]
+pub struct ContinueArgs {
+    /// The task's id.
+    pub id: String,
+    /// The follow-up prompt.
+    pub prompt: String,
+    /// Run it only on this daemon.
+    #[arg(long, value_name = "DAEMON_ID")]
+    pub daemon: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -329,6 +351,8 @@ pub async fn task(args: TaskArgs) -> Result<()> {
         TaskCommand::Start(a) => start(&server.connect().await?, a).await,
         TaskCommand::Stop(a) => stop(&server.connect().await?, a).await,
         TaskCommand::Send(a) => send(&server.connect().await?, a).await,
+        TaskCommand::Reassign(a) => reassign(&server.connect().await?, a).await,
+        TaskCommand::Continue(a) => continue_task(&server.connect().await?, a).await,
         TaskCommand::Watch(a) => watch::run(server, a).await,
     }
 }
@@ -440,6 +464,35 @@ async fn send(conn: &Connection, a: SendArgs) -> Result<()> {
         .await?
         .into_inner();
     say(&format!("{}\n", sent.command_id))
+}
+
+async fn reassign(conn: &Connection, a: StartArgs) -> Result<()> {
+    let task = conn
+        .tasks()
+        .reassign_task(pb::ReassignTaskRequest {
+            id: a.id,
+            daemon_id: a.daemon.unwrap_or_default(),
+        })
+        .await?
+        .into_inner()
+        .task
+        .ok_or(CliError::Incomplete("task"))?;
+    say(&format!("{}\n", format::status_line(&task)))
+}
+
+async fn continue_task(conn: &Connection, a: ContinueArgs) -> Result<()> {
+    let task = conn
+        .tasks()
+        .continue_task(pb::ContinueTaskRequest {
+            id: a.id,
+            prompt: a.prompt,
+            daemon_id: a.daemon.unwrap_or_default(),
+        })
+        .await?
+        .into_inner()
+        .task
+        .ok_or(CliError::Incomplete("task"))?;
+    say(&format!("{}\n", format::status_line(&task)))
 }
 
 /// Runs `taskmesh daemons`.
