@@ -13,17 +13,6 @@ use taskmesh::pb::session_request::Message as Up;
 use taskmesh::pb::{self, TaskStatus, command::Kind};
 use tonic::Code;
 
-async fn start(s: &TestServer, id: &str) {
-    s.tasks()
-        .await
-        .start_task(pb::StartTaskRequest {
-            id: id.into(),
-            daemon_id: String::new(),
-        })
-        .await
-        .unwrap();
-}
-
 /// The session takes the SpawnTask, reports the task started and prints
 /// `lines` numbered lines (seqs from the spawn's first_seq).
 async fn take_and_print(session: &mut Session, task_id: &str, lines: i64) -> pb::SpawnTask {
@@ -32,11 +21,7 @@ async fn take_and_print(session: &mut Session, task_id: &str, lines: i64) -> pb:
     assert_eq!(spawn.task.as_ref().unwrap().id, task_id);
     session.ack(&cmd.id).await;
     session
-        .send(Up::Started(pb::ReportTaskStartedRequest {
-            task_id: task_id.into(),
-            attempt: spawn.task.as_ref().unwrap().attempt,
-            pid: 1,
-        }))
+        .started(task_id, spawn.task.as_ref().unwrap().attempt)
         .await;
     let first = spawn.first_seq;
     let last = first + lines - 1;

@@ -68,13 +68,7 @@ async fn replicas_share_dispatch_output_and_commands() {
     .expect("WatchTasks on B sees the dispatch on A");
 
     session.ack(&spawn.id).await;
-    session
-        .send(Up::Started(pb::ReportTaskStartedRequest {
-            task_id: task.id.clone(),
-            attempt: 1,
-            pid: 1,
-        }))
-        .await;
+    session.started(&task.id, 1).await;
     for chunk in 0..5 {
         let first = chunk * 10 + 1;
         let acked = session

@@ -86,17 +86,6 @@ async fn until_status(s: &TestServer, id: &str, status: TaskStatus) -> pb::Task 
     .unwrap_or_else(|_| panic!("task {id} did not become {status:?}"))
 }
 
-async fn start(s: &TestServer, id: &str) {
-    s.tasks()
-        .await
-        .start_task(pb::StartTaskRequest {
-            id: id.into(),
-            daemon_id: String::new(),
-        })
-        .await
-        .unwrap();
-}
-
 /// A connected daemon takes the task and reports it started.
 async fn run_on(session: &mut Session, s: &TestServer, name: &str) -> pb::Task {
     let task = new_task(s, name).await;
@@ -104,13 +93,7 @@ async fn run_on(session: &mut Session, s: &TestServer, name: &str) -> pb::Task {
     let spawn = session.command().await;
     assert_eq!(spawn_of(&spawn).task.as_ref().unwrap().id, task.id);
     session.ack(&spawn.id).await;
-    session
-        .send(Up::Started(pb::ReportTaskStartedRequest {
-            task_id: task.id.clone(),
-            attempt: 1,
-            pid: 1,
-        }))
-        .await;
+    session.started(&task.id, 1).await;
     until_status(s, &task.id, TaskStatus::Running).await
 }
 
@@ -221,13 +204,7 @@ async fn an_untaken_dispatch_is_queued_again(backend: Backend) {
     assert!(requeue.reason.contains("never took it"), "{requeue:?}");
 
     session.ack(&second.id).await;
-    session
-        .send(Up::Started(pb::ReportTaskStartedRequest {
-            task_id: task.id.clone(),
-            attempt: 1,
-            pid: 1,
-        }))
-        .await;
+    session.started(&task.id, 1).await;
     until_status(&s, &task.id, TaskStatus::Running).await;
 }
 
@@ -256,12 +233,7 @@ async fn a_lost_daemons_dispatch_moves_to_another(backend: Backend) {
     assert_eq!(get(&s, &task.id).await.daemon_id, b_id);
 
     let mut late = Session::open(&mut a, &a_id, vec![]).await;
-    late.send(Up::Started(pb::ReportTaskStartedRequest {
-        task_id: task.id.clone(),
-        attempt: 1,
-        pid: 1,
-    }))
-    .await;
+    late.started(&task.id, 1).await;
     match late.next().await {
         Down::Error(e) => {
             assert_eq!(e.code, Code::FailedPrecondition as i32, "{e:?}");

@@ -48,13 +48,7 @@ async fn push_dispatch_and_gapless_output(backend: Backend) {
     assert_eq!(spawn.task.as_ref().unwrap().id, task.id);
     assert_eq!(spawn.first_seq, 1);
     session.ack(&cmd.id).await;
-    session
-        .send(Up::Started(pb::ReportTaskStartedRequest {
-            task_id: task.id.clone(),
-            attempt: 1,
-            pid: 1,
-        }))
-        .await;
+    session.started(&task.id, 1).await;
 
     let line = |seq: i64| format!("line {seq}");
     assert_eq!(session.output(&task.id, 1..=100, line).await, 100);
@@ -161,13 +155,7 @@ async fn stop_and_durable_commands(backend: Backend) {
         .unwrap();
     let spawn = session.command().await;
     session.ack(&spawn.id).await;
-    session
-        .send(Up::Started(pb::ReportTaskStartedRequest {
-            task_id: task.id.clone(),
-            attempt: 1,
-            pid: 1,
-        }))
-        .await;
+    session.started(&task.id, 1).await;
     // The Started report is ordered before this output on the stream.
     assert_eq!(session.output(&task.id, [1], |_| "x".into()).await, 1);
 
@@ -449,13 +437,7 @@ async fn secrets_are_redacted(backend: Backend) {
         .unwrap();
     let spawn = session.command().await;
     session.ack(&spawn.id).await;
-    session
-        .send(Up::Started(pb::ReportTaskStartedRequest {
-            task_id: task.id.clone(),
-            attempt: 1,
-            pid: 1,
-        }))
-        .await;
+    session.started(&task.id, 1).await;
     let secrets = [
         "export OPENAI_API_KEY=sk-proj-abcdefghijklmnopqrstuvwxyz0123456789",
         "git clone https://bob:hunter2hunter2@example.com/repo.git",

@@ -92,6 +92,15 @@ impl Session {
         }
     }
 
+    pub async fn started(&self, task_id: &str, attempt: i32) {
+        self.send(Up::Started(pb::ReportTaskStartedRequest {
+            task_id: task_id.into(),
+            attempt,
+            pid: 1,
+        }))
+        .await;
+    }
+
     pub async fn ack(&self, command_id: &str) {
         self.send(Up::CommandResult(pb::CommandResult {
             command_id: command_id.into(),
@@ -150,6 +159,18 @@ pub async fn new_task(s: &TestServer, name: &str) -> pb::Task {
     .into_inner()
     .task
     .unwrap()
+}
+
+/// StartTask as the admin.
+pub async fn start(s: &TestServer, id: &str) {
+    s.tasks()
+        .await
+        .start_task(pb::StartTaskRequest {
+            id: id.into(),
+            daemon_id: String::new(),
+        })
+        .await
+        .unwrap();
 }
 
 pub async fn get(s: &TestServer, id: &str) -> pb::Task {
