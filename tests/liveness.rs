@@ -265,10 +265,44 @@ async fn a_refused_spawn_fails_the_task(backend: Backend) {
     assert!(t.status_reason.contains("unknown runtime"), "{t:?}");
 }
 
+/// A SpawnTask rejected for now (the daemon is shutting down, or full) is
+/// queued again and taken by another daemon; the task does not fail.
+async fn a_rejected_spawn_goes_elsewhere(backend: Backend) {
+    let s = server(backend, 60_000, 60_000).await;
+    let token = s.token_in("default", TokenKind::Daemon).await;
+    let mut a = daemon_client(&s, &token).await;
+    let a_id = register(&mut a, "draining", 1).await;
+    let mut a_session = Session::open(&mut a, &a_id, vec![]).await;
+    let task = new_task(&s, "moves on").await;
+    start(&s, &task.id).await;
+    let spawn = a_session.command().await;
+    a_session
+        .send(Up::CommandResult(pb::CommandResult {
+            command_id: spawn.id.clone(),
+            status: pb::CommandResultStatus::Rejected as i32,
+            message: "daemon is shutting down".into(),
+            ..Default::default()
+        }))
+        .await;
+    until_status(&s, &task.id, TaskStatus::Queued).await;
+
+    let mut b = daemon_client(&s, &token).await;
+    let b_id = register(&mut b, "healthy", 1).await;
+    let mut b_session = Session::open(&mut b, &b_id, vec![]).await;
+    let spawn = b_session.command().await;
+    assert_eq!(spawn_of(&spawn).task.as_ref().unwrap().id, task.id);
+    let t = get(&s, &task.id).await;
+    assert_eq!(
+        (t.status, t.daemon_id),
+        (TaskStatus::Dispatched as i32, b_id)
+    );
+}
+
 both_backends!(
     silent_daemon_goes_offline,
     a_daemon_back_within_the_grace_keeps_its_task,
     an_untaken_dispatch_is_queued_again,
     a_lost_daemons_dispatch_moves_to_another,
     a_refused_spawn_fails_the_task,
+    a_rejected_spawn_goes_elsewhere,
 );

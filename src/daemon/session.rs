@@ -818,8 +818,10 @@ impl Session {
         } else {
             task.id.clone()
         };
+        // Rejected, not failed: the task is fine, it just has to run elsewhere.
+        let rejected = |m: String| Reply::Now(CommandResultStatus::Rejected, m);
         if self.phase != Phase::Running {
-            return failed("daemon is shutting down".into());
+            return rejected("daemon is shutting down".into());
         }
         if !valid_task_id(&task_id) {
             return failed(format!("invalid task id {task_id:?}"));
@@ -829,7 +831,7 @@ impl Session {
         }
         let live = self.tasks.values().filter(|r| r.is_live()).count();
         if live >= self.cfg.max_tasks {
-            return failed(format!(
+            return rejected(format!(
                 "daemon is at its limit of {} concurrent tasks",
                 self.cfg.max_tasks
             ));
@@ -1179,12 +1181,19 @@ mod tests {
         let r = results(&mut s);
         assert!(r[0].2.contains("already running"), "{r:?}");
         assert!(r[1].2.contains("limit of 1"), "{r:?}");
+        assert_eq!(
+            r[1].1,
+            CommandResultStatus::Rejected,
+            "full: run it elsewhere"
+        );
         assert!(r[2].2.contains("invalid task id"), "{r:?}");
+        assert_eq!(r[2].1, CommandResultStatus::Failed);
 
         s.begin_shutdown();
         s.on_command(spawn_cmd("c5", "t3", "true", 1));
         let r = results(&mut s);
         assert_eq!(r[0].2, "daemon is shutting down");
+        assert_eq!(r[0].1, CommandResultStatus::Rejected);
 
         // The server no longer knows t1: it is forgotten and its agent killed.
         s.on_session_error(SessionError {
@@ -1586,7 +1595,7 @@ mod tests {
         loop {
             match next_up(&mut mock, c1).await {
                 Up::CommandResult(r) if r.command_id == "cmd-2" => {
-                    assert_eq!(r.status, CommandResultStatus::Failed as i32);
+                    assert_eq!(r.status, CommandResultStatus::Rejected as i32);
                     assert_eq!(r.message, "daemon is shutting down");
                     refused = true;
                 }

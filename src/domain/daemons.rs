@@ -117,7 +117,7 @@ impl Domain {
     /// each claim writes its SpawnTask into the outbox in the same
     /// transaction, then the session's pump is woken.
     pub async fn dispatch_to(&self, daemon_id: &str) -> Result<usize> {
-        let Some(daemon) = self.sessions.get(daemon_id) else {
+        let Some(daemon) = self.sessions.dispatchable(daemon_id) else {
             return Ok(0);
         };
         let make = |task: &Task, input: &AttemptInput| spawn_command(&daemon.id, task, input);
@@ -371,8 +371,9 @@ impl Domain {
     }
 
     /// A CommandResult: the command leaves the outbox. A SpawnTask the
-    /// daemon refused fails its task with the daemon's reason, rather than
-    /// leaving it dispatched.
+    /// daemon could not run fails its task with the daemon's reason; one it
+    /// rejected for now (shutting down, full) is queued again for another
+    /// daemon, and this session gets no more pushed work.
     pub async fn command_result(&self, daemon_id: &str, result: &pb::CommandResult) -> Result<()> {
         let status = pb::CommandResultStatus::try_from(result.status)
             .unwrap_or(pb::CommandResultStatus::Unspecified);
@@ -399,6 +400,16 @@ impl Domain {
         let Some(task) = self.store.get_task(&acked.task_id).await? else {
             return Ok(());
         };
+        if status == pb::CommandResultStatus::Rejected {
+            self.sessions.drain(daemon_id);
+            if task.status == TaskStatus::Dispatched
+                && task.daemon_id.as_deref() == Some(daemon_id)
+                && let Some(t) = self.requeue(task, "its daemon rejected it for now").await?
+            {
+                self.dispatch_workspace(&t.workspace_id).await?;
+            }
+            return Ok(());
+        }
         let reason = format!("daemon {daemon_id} could not start it: {}", result.message);
         let on_it = |t: &Task| {
             t.status == TaskStatus::Dispatched && t.daemon_id.as_deref() == Some(daemon_id)

@@ -163,7 +163,7 @@ impl Domain {
 
     /// Queues a dispatched task again and takes its SpawnTask back out of
     /// the daemon's outbox.
-    async fn requeue(&self, task: Task, reason: &str) -> Result<Option<Task>> {
+    pub(super) async fn requeue(&self, task: Task, reason: &str) -> Result<Option<Task>> {
         let daemon_id = task.daemon_id.clone().unwrap_or_default();
         let Some(task) = self.give_up(task, TaskStatus::Queued, reason).await? else {
             return Ok(None);

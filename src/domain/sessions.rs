@@ -18,6 +18,8 @@ struct Connected {
     daemon: Daemon,
     conn: u64,
     wake: Arc<Notify>,
+    /// Rejected pushed work (shutting down, full): push no more to it.
+    draining: bool,
 }
 
 struct Seen {
@@ -59,6 +61,7 @@ impl SessionRegistry {
                 daemon,
                 conn,
                 wake: wake.clone(),
+                draining: false,
             },
         );
         if let Some(old) = old {
@@ -119,11 +122,19 @@ impl SessionRegistry {
             .is_some_and(|c| c.conn == conn)
     }
 
-    pub fn get(&self, daemon_id: &str) -> Option<Daemon> {
-        self.lock()
-            .sessions
-            .get(daemon_id)
-            .map(|c| c.daemon.clone())
+    /// The daemon, if its session here takes pushed work.
+    pub fn dispatchable(&self, daemon_id: &str) -> Option<Daemon> {
+        match self.lock().sessions.get(daemon_id) {
+            Some(c) if !c.draining => Some(c.daemon.clone()),
+            _ => None,
+        }
+    }
+
+    /// Pushes no more work to the daemon's current session.
+    pub fn drain(&self, daemon_id: &str) {
+        if let Some(c) = self.lock().sessions.get_mut(daemon_id) {
+            c.draining = true;
+        }
     }
 
     pub fn is_connected(&self, daemon_id: &str) -> bool {
@@ -150,12 +161,12 @@ impl SessionRegistry {
             .collect()
     }
 
-    /// Connected daemons of a workspace.
+    /// Connected daemons of a workspace that take pushed work.
     pub fn in_workspace(&self, workspace_id: &str) -> Vec<Daemon> {
         self.lock()
             .sessions
             .values()
-            .filter(|c| c.daemon.workspace_id == workspace_id)
+            .filter(|c| c.daemon.workspace_id == workspace_id && !c.draining)
             .map(|c| c.daemon.clone())
             .collect()
     }
