@@ -6,10 +6,12 @@
 //! - [`domain`]: [`domain::Domain`], tenancy, tokens and the task state machine.
 //! - [`api`]: thin gRPC handlers, one per service.
 //! - [`server`]: one port for gRPC, gRPC-web, reflection, health and the page.
+//! - [`bench`]: `taskmesh bench`, the benchmark beside its floors.
 //!
 //! ARCHITECTURE.md tells how a request flows through them.
 
 pub mod api;
+pub mod bench;
 mod convert;
 pub mod daemon;
 pub mod domain;

@@ -34,6 +34,8 @@ enum Command {
     /// Run the reference daemon: take tasks from a server and run each as a
     /// child process.
     Daemon(taskmesh::daemon::DaemonArgs),
+    /// Measure a real server with real clients, each figure beside its floor.
+    Bench(taskmesh::bench::BenchArgs),
 }
 
 #[derive(clap::Args)]
@@ -128,6 +130,7 @@ fn main() -> ExitCode {
             Command::Daemon(args) => taskmesh::daemon::run(args, shutdown_signal())
                 .await
                 .map_err(Into::into),
+            Command::Bench(args) => taskmesh::bench::run(args).await.map_err(|e| e as _),
         }
     });
     match result {
