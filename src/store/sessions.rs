@@ -128,16 +128,14 @@ impl Store {
         if daemon.runtimes.is_empty() {
             return Ok(None);
         }
+        // A daemon without a free slot never waits for the (SQLite: single)
+        // writer: dispatch offers each task to every connected daemon, and
+        // most of them are busy. The count inside the transaction decides.
+        if self.active_count(&self.reader, daemon).await? >= daemon.max_concurrent_tasks {
+            return Ok(None);
+        }
         let mut tx = self.writer.begin().await?;
-        let active: i64 = sqlx::query(
-            "SELECT COUNT(*) AS n FROM tasks WHERE daemon_id = $1 \
-             AND status IN ('dispatched', 'running')",
-        )
-        .bind(&daemon.id)
-        .fetch_one(&mut *tx)
-        .await?
-        .try_get("n")?;
-        if active >= daemon.max_concurrent_tasks {
+        if self.active_count(&mut *tx, daemon).await? >= daemon.max_concurrent_tasks {
             return Ok(None);
         }
         let runtimes: Vec<String> = (0..daemon.runtimes.len())
@@ -179,6 +177,21 @@ impl Store {
         }
         tx.commit().await?;
         Ok(Some(task))
+    }
+
+    async fn active_count<'e>(
+        &self,
+        db: impl sqlx::Executor<'e, Database = sqlx::Any>,
+        daemon: &Daemon,
+    ) -> Result<i64> {
+        Ok(sqlx::query(
+            "SELECT COUNT(*) AS n FROM tasks WHERE daemon_id = $1 \
+             AND status IN ('dispatched', 'running')",
+        )
+        .bind(&daemon.id)
+        .fetch_one(db)
+        .await?
+        .try_get("n")?)
     }
 
     /// Stores output idempotently (a repeated seq is ignored) in one
@@ -295,6 +308,8 @@ impl Store {
     }
 
     /// Unacknowledged commands of a daemon after `after_seq`, in order.
+    /// Read on a reader: a command is read after its insert committed, and
+    /// waiting behind queued writes would only delay its delivery.
     pub async fn pending_commands(
         &self,
         daemon_id: &str,
@@ -308,7 +323,7 @@ impl Store {
         .bind(daemon_id)
         .bind(after_seq)
         .bind(limit)
-        .fetch_all(&self.writer)
+        .fetch_all(&self.reader)
         .await?;
         rows.iter()
             .map(|r| {
