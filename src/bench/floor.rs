@@ -337,14 +337,17 @@ impl FloorDb {
         .bind(FLOOR_WS)
         .execute(&self.pool)
         .await?;
+        // Every column is a parameter, as it is for the server, and SQLite
+        // gets anonymous ones (see Store::insert_messages).
+        let ph = |n: usize| match self.backend {
+            crate::store::Backend::Sqlite => "?".to_string(),
+            crate::store::Backend::Postgres => format!("${n}"),
+        };
         let sql_for = |rows: usize| {
             let values: Vec<String> = (0..rows)
                 .map(|i| {
-                    format!(
-                        "($1, ${}, 'stdout', ${}, '', '', 1, $2)",
-                        2 * i + 3,
-                        2 * i + 4
-                    )
+                    let row: Vec<String> = (1..=8).map(|k| ph(8 * i + k)).collect();
+                    format!("({})", row.join(", "))
                 })
                 .collect();
             format!(
@@ -363,12 +366,19 @@ impl FloorDb {
             } else {
                 sql_for(rows)
             };
-            let mut q = sqlx::query(&sql)
-                .bind(&task_id)
-                .bind(crate::model::now_micros());
+            let mut q = sqlx::query(&sql);
+            let now = crate::model::now_micros();
             for _ in 0..rows {
                 seq += 1;
-                q = q.bind(seq).bind(content.to_string());
+                q = q
+                    .bind(task_id.clone())
+                    .bind(seq)
+                    .bind("stdout")
+                    .bind(content.to_string())
+                    .bind("")
+                    .bind("")
+                    .bind(1i64)
+                    .bind(now);
             }
             q.execute(&self.pool).await?;
         }
