@@ -217,13 +217,16 @@ impl Store {
     ) -> Result<(i64, i64)> {
         let now = now_micros();
         let mut tx = self.writer.begin().await?;
-        let old: i64 = sqlx::query("SELECT last_seq FROM tasks WHERE id = $1")
-            .bind(task_id)
-            .fetch_optional(&mut *tx)
-            .await?
-            .map(|r| r.try_get("last_seq"))
-            .transpose()?
-            .ok_or_else(|| Error::Corrupt(format!("task {task_id} vanished")))?;
+        let mark = sqlx::query(
+            "SELECT last_seq, (SELECT MAX(seq) FROM task_messages WHERE task_id = $1) AS max_seq \
+             FROM tasks WHERE id = $1",
+        )
+        .bind(task_id)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or_else(|| Error::Corrupt(format!("task {task_id} vanished")))?;
+        let old: i64 = mark.try_get("last_seq")?;
+        let stored_max: Option<i64> = mark.try_get("max_seq")?;
         for chunk in messages.chunks(MESSAGE_CHUNK) {
             let mut n = 0;
             let values: Vec<String> = (0..chunk.len())
@@ -257,9 +260,26 @@ impl Store {
             }
             q.execute(&mut *tx).await?;
         }
-        // Walk forward from the old mark while seqs are contiguous.
         let mut new = old;
-        loop {
+        if stored_max.is_none_or(|max| max <= old) {
+            // Nothing was stored above the mark (the usual case), so the
+            // batch alone tells how far the contiguous run goes now.
+            let mut seqs: Vec<i64> = messages
+                .iter()
+                .map(|m| m.seq)
+                .filter(|s| *s > old)
+                .collect();
+            seqs.sort_unstable();
+            seqs.dedup();
+            for seq in seqs {
+                if seq != new + 1 {
+                    break;
+                }
+                new = seq;
+            }
+        }
+        // Otherwise walk forward from the old mark while seqs are contiguous.
+        while stored_max.is_some_and(|max| max > old) {
             let rows = sqlx::query(
                 "SELECT seq FROM task_messages WHERE task_id = $1 AND seq > $2 ORDER BY seq LIMIT 1000",
             )
