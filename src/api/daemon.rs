@@ -245,7 +245,7 @@ impl DaemonService for DaemonApi {
             daemon_id: daemon.id.clone(),
             heartbeat_interval: duration(self.domain.heartbeat_interval),
         };
-        let _ = tx.send(Ok(down(Down::Ready(ready)))).await;
+        let _ = tx.send(Ok(Box::new(down(Down::Ready(ready))))).await;
         let session = SessionLoop {
             domain: self.domain.clone(),
             principal: p,
@@ -257,7 +257,8 @@ impl DaemonService for DaemonApi {
         };
         let span = tracing::info_span!("session", daemon_id = %daemon.id);
         tokio::spawn(session.run().instrument(span));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let stream = ReceiverStream::new(rx).map(|m| m.map(|m| *m));
+        Ok(Response::new(Box::pin(stream)))
     }
 }
 
@@ -294,7 +295,9 @@ struct SessionLoop {
     conn: u64,
     wake: Arc<Notify>,
     inbound: Streaming<pb::SessionRequest>,
-    tx: mpsc::Sender<Result<pb::SessionResponse, Status>>,
+    /// Boxed: the channel allocates its slots 32 at a time up front, and a
+    /// SessionResponse is ~600 bytes inline; every idle session paid ~20 KB.
+    tx: mpsc::Sender<Result<Box<pb::SessionResponse>, Status>>,
 }
 
 impl SessionLoop {
@@ -303,12 +306,15 @@ impl SessionLoop {
         let mut cursor = 0i64;
         let closed = self.domain.closed();
         tokio::pin!(closed);
+        // handle() and pump() are boxed while they run: inline, their
+        // database futures would size every idle session's task for the
+        // busiest moment of any session.
         let why = loop {
             tokio::select! {
                 _ = &mut closed => break "the server is shutting down".to_string(),
                 up = self.inbound.next() => match up {
                     Some(Ok(m)) => {
-                        if let Err(why) = self.handle(m).await {
+                        if let Err(why) = Box::pin(self.handle(m)).await {
                             break why;
                         }
                     }
@@ -316,7 +322,7 @@ impl SessionLoop {
                     None => break "the daemon closed the stream".to_string(),
                 },
                 _ = self.wake.notified() => {
-                    match self.pump(&mut cursor).await {
+                    match Box::pin(self.pump(&mut cursor)).await {
                         Ok(()) => {}
                         Err(why) => break why,
                     }
@@ -356,7 +362,7 @@ impl SessionLoop {
 
     async fn send(&self, m: Down) -> Result<(), String> {
         self.tx
-            .send(Ok(down(m)))
+            .send(Ok(Box::new(down(m))))
             .await
             .map_err(|_| "the daemon went away".to_string())
     }
