@@ -1,6 +1,7 @@
 //! Generates the gRPC code from proto/ with the pure-Rust protox compiler, so
 //! building needs no system protoc. The encoded descriptor set is written to
-//! OUT_DIR for server reflection.
+//! OUT_DIR for server reflection. The benchmark's floor service
+//! (taskmesh.bench.v1) is compiled apart, so reflection never lists it.
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -20,5 +21,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .build_server(true)
         .compile_fds(fds)?;
+    let bench = protox::compile(["proto/taskmesh/bench/v1/bench.proto"], ["proto"])?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(bench)?;
     Ok(())
 }

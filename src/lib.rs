@@ -7,10 +7,12 @@
 //! - [`api`]: thin gRPC handlers, one per service.
 //! - [`server`]: one port for gRPC, gRPC-web, reflection, health and the page.
 //! - [`cli`]: `taskmesh task …` and `taskmesh daemons`, clients for people.
+//! - [`bench`]: `taskmesh bench`, the benchmark beside its floors.
 //!
 //! ARCHITECTURE.md tells how a request flows through them.
 
 pub mod api;
+pub mod bench;
 pub mod cli;
 pub mod cluster;
 mod convert;

@@ -38,6 +38,8 @@ enum Command {
     Task(taskmesh::cli::TaskArgs),
     /// List the daemons of a workspace on a running server.
     Daemons(taskmesh::cli::DaemonsArgs),
+    /// Measure a real server with real clients, each figure beside its floor.
+    Bench(taskmesh::bench::BenchArgs),
 }
 
 #[derive(clap::Args)]
@@ -168,6 +170,7 @@ fn main() -> ExitCode {
                 .map_err(Into::into),
             Command::Task(args) => taskmesh::cli::task(args).await.map_err(Into::into),
             Command::Daemons(args) => taskmesh::cli::daemons(args).await.map_err(Into::into),
+            Command::Bench(args) => taskmesh::bench::run(args).await.map_err(|e| e as _),
         }
     });
     match result {

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use axum::response::{Html, IntoResponse};
 use http::{HeaderName, HeaderValue, Method, StatusCode, Uri};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::Routes;
+use tonic::transport::server::TcpIncoming;
 use tonic_web::GrpcWebLayer;
 use tower::{Layer, Service};
 use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
@@ -109,7 +109,13 @@ pub async fn run(
         .layer(cors(&config.cors_origins)?)
         .layer(RpcLogLayer)
         .add_routes(Routes::from(routes))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        // With a listener of our own tonic applies none of its socket
+        // defaults: without TCP_NODELAY, a small frame written while the
+        // previous one awaits a delayed ACK waits ~40 ms (Nagle).
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown,
+        )
         .await;
     liveness.abort();
     if let Some(peers) = peers {

@@ -245,7 +245,7 @@ impl DaemonService for DaemonApi {
             daemon_id: daemon.id.clone(),
             heartbeat_interval: duration(self.domain.liveness.heartbeat),
         };
-        let _ = tx.send(Ok(down(Down::Ready(ready)))).await;
+        let _ = tx.send(Ok(Box::new(down(Down::Ready(ready))))).await;
         let mut principal = p;
         principal.daemon_id = Some(daemon.id.clone());
         let session = SessionLoop {
@@ -259,7 +259,8 @@ impl DaemonService for DaemonApi {
         };
         let span = tracing::info_span!("session", daemon_id = %daemon.id);
         tokio::spawn(session.run().instrument(span));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let stream = ReceiverStream::new(rx).map(|m| m.map(|m| *m));
+        Ok(Response::new(Box::pin(stream)))
     }
 }
 
@@ -308,7 +309,9 @@ struct SessionLoop {
     conn: u64,
     wake: Arc<Notify>,
     inbound: Streaming<pb::SessionRequest>,
-    tx: mpsc::Sender<Result<pb::SessionResponse, Status>>,
+    /// Boxed: the channel allocates its slots 32 at a time up front, and a
+    /// SessionResponse is ~600 bytes inline; every idle session paid ~20 KB.
+    tx: mpsc::Sender<Result<Box<pb::SessionResponse>, Status>>,
 }
 
 impl SessionLoop {
@@ -317,6 +320,9 @@ impl SessionLoop {
         let mut cursor = 0i64;
         let closed = self.domain.closed();
         tokio::pin!(closed);
+        // handle() and pump() are boxed while they run: inline, their
+        // database futures would size every idle session's task for the
+        // busiest moment of any session.
         let why = loop {
             tokio::select! {
                 _ = &mut closed => {
@@ -327,7 +333,7 @@ impl SessionLoop {
                 up = self.inbound.next() => match up {
                     Some(Ok(m)) => {
                         self.domain.session_alive(&self.principal, &self.daemon_id);
-                        if let Err(why) = self.handle(m).await {
+                        if let Err(why) = Box::pin(self.handle(m)).await {
                             break why;
                         }
                     }
@@ -341,7 +347,7 @@ impl SessionLoop {
                         let _ = self.tx.send(Err(Status::unavailable(why))).await;
                         break why.to_string();
                     }
-                    match self.pump(&mut cursor).await {
+                    match Box::pin(self.pump(&mut cursor)).await {
                         Ok(()) => {}
                         Err(why) => break why,
                     }
@@ -381,7 +387,7 @@ impl SessionLoop {
 
     async fn send(&self, m: Down) -> Result<(), String> {
         self.tx
-            .send(Ok(down(m)))
+            .send(Ok(Box::new(down(m))))
             .await
             .map_err(|_| "the daemon went away".to_string())
     }

@@ -548,12 +548,13 @@ impl Domain {
                 })
                 .await;
         }
-        self.send_command(&task, interrupt()).await?;
         let connected = match task.daemon_id.as_deref() {
             Some(d) => self.daemon_connected(d).await?,
             None => false,
         };
         if connected {
+            // The stop is recorded before the daemon hears of it: a daemon
+            // quick to report the end must find it, or the task ends failed.
             let now = now_micros();
             let mut next = task.clone();
             next.stop_requested_at = Some(now);
@@ -561,11 +562,13 @@ impl Domain {
             next.updated_at = now;
             if self.store.save_task(&mut next, task.version, None).await? {
                 self.task_changed(&next, false);
+                self.send_command(&next, interrupt()).await?;
                 return Ok(next);
             }
             // It changed meanwhile (ended, most likely): judge again.
             return Box::pin(self.stop_task(p, id)).await;
         }
+        self.send_command(&task, interrupt()).await?;
         self.transition(
             &p.subject,
             task,

@@ -52,7 +52,7 @@ pub struct DaemonInfo {
     pub max_concurrent_tasks: i64,
 }
 
-/// Rows per INSERT of output: 7 parameters each stays far below SQLite's
+/// Rows per INSERT of output: 8 parameters each stays far below SQLite's
 /// parameter limit and keeps statements a manageable size.
 const MESSAGE_CHUNK: usize = 500;
 
@@ -138,16 +138,14 @@ impl Store {
         if daemon.runtimes.is_empty() {
             return Ok(None);
         }
+        // A daemon without a free slot never waits for the (SQLite: single)
+        // writer: dispatch offers each task to every connected daemon, and
+        // most of them are busy. The count inside the transaction decides.
+        if self.active_count(&self.reader, daemon).await? >= daemon.max_concurrent_tasks {
+            return Ok(None);
+        }
         let mut tx = self.writer.begin().await?;
-        let active: i64 = sqlx::query(
-            "SELECT COUNT(*) AS n FROM tasks WHERE daemon_id = $1 \
-             AND status IN ('dispatched', 'running')",
-        )
-        .bind(&daemon.id)
-        .fetch_one(&mut *tx)
-        .await?
-        .try_get("n")?;
-        if active >= daemon.max_concurrent_tasks {
+        if self.active_count(&mut *tx, daemon).await? >= daemon.max_concurrent_tasks {
             return Ok(None);
         }
         let runtimes: Vec<String> = (0..daemon.runtimes.len())
@@ -233,6 +231,33 @@ impl Store {
         self.list_messages(task_id, since, limit).await
     }
 
+    /// The `n`th parameter of a statement whose parameters are bound in
+    /// order. SQLite resolves a named parameter (`$n`) with a linear scan of
+    /// the statement's names, which makes binding quadratic in the number of
+    /// parameters: a 100-row batch spent most of its time there. Anonymous
+    /// `?` are bound in order without a lookup.
+    fn placeholder(&self, n: usize) -> String {
+        match self.backend {
+            Backend::Sqlite => "?".to_string(),
+            Backend::Postgres => format!("${n}"),
+        }
+    }
+
+    async fn active_count<'e>(
+        &self,
+        db: impl sqlx::Executor<'e, Database = sqlx::Any>,
+        daemon: &Daemon,
+    ) -> Result<i64> {
+        Ok(sqlx::query(
+            "SELECT COUNT(*) AS n FROM tasks WHERE daemon_id = $1 \
+             AND status IN ('dispatched', 'running')",
+        )
+        .bind(&daemon.id)
+        .fetch_one(db)
+        .await?
+        .try_get("n")?)
+    }
+
     /// Stores output idempotently (a repeated seq is ignored) in one
     /// statement per chunk, then advances the task's `last_seq` over every
     /// contiguous stored seq. Answers (old last_seq, new last_seq).
@@ -244,25 +269,27 @@ impl Store {
     ) -> Result<(i64, i64)> {
         let now = now_micros();
         let mut tx = self.writer.begin().await?;
-        let old: i64 = sqlx::query("SELECT last_seq FROM tasks WHERE id = $1")
-            .bind(task_id)
-            .fetch_optional(&mut *tx)
-            .await?
-            .map(|r| r.try_get("last_seq"))
-            .transpose()?
-            .ok_or_else(|| Error::Corrupt(format!("task {task_id} vanished")))?;
+        let mark = sqlx::query(
+            "SELECT last_seq, (SELECT MAX(seq) FROM task_messages WHERE task_id = $1) AS max_seq \
+             FROM tasks WHERE id = $1",
+        )
+        .bind(task_id)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or_else(|| Error::Corrupt(format!("task {task_id} vanished")))?;
+        let old: i64 = mark.try_get("last_seq")?;
+        let stored_max: Option<i64> = mark.try_get("max_seq")?;
         for chunk in messages.chunks(MESSAGE_CHUNK) {
+            let mut n = 0;
             let values: Vec<String> = (0..chunk.len())
-                .map(|i| {
-                    let b = i * 5;
-                    format!(
-                        "($1, ${}, ${}, ${}, ${}, ${}, $2, $3)",
-                        b + 4,
-                        b + 5,
-                        b + 6,
-                        b + 7,
-                        b + 8
-                    )
+                .map(|_| {
+                    let row: Vec<String> = (0..8)
+                        .map(|_| {
+                            n += 1;
+                            self.placeholder(n)
+                        })
+                        .collect();
+                    format!("({})", row.join(", "))
                 })
                 .collect();
             let sql = format!(
@@ -271,20 +298,40 @@ impl Store {
                  ON CONFLICT (task_id, seq) DO NOTHING",
                 values.join(", ")
             );
-            let mut q = sqlx::query(&sql).bind(task_id).bind(attempt).bind(now);
+            let mut q = sqlx::query(&sql);
             for m in chunk {
                 q = q
+                    .bind(task_id)
                     .bind(m.seq)
                     .bind(m.kind.as_str())
                     .bind(m.content.clone())
                     .bind(m.tool_name.clone())
-                    .bind(m.tool_input_json.clone());
+                    .bind(m.tool_input_json.clone())
+                    .bind(attempt)
+                    .bind(now);
             }
             q.execute(&mut *tx).await?;
         }
-        // Walk forward from the old mark while seqs are contiguous.
         let mut new = old;
-        loop {
+        if stored_max.is_none_or(|max| max <= old) {
+            // Nothing was stored above the mark (the usual case), so the
+            // batch alone tells how far the contiguous run goes now.
+            let mut seqs: Vec<i64> = messages
+                .iter()
+                .map(|m| m.seq)
+                .filter(|s| *s > old)
+                .collect();
+            seqs.sort_unstable();
+            seqs.dedup();
+            for seq in seqs {
+                if seq != new + 1 {
+                    break;
+                }
+                new = seq;
+            }
+        }
+        // Otherwise walk forward from the old mark while seqs are contiguous.
+        while stored_max.is_some_and(|max| max > old) {
             let rows = sqlx::query(
                 "SELECT seq FROM task_messages WHERE task_id = $1 AND seq > $2 ORDER BY seq LIMIT 1000",
             )
@@ -347,6 +394,8 @@ impl Store {
     }
 
     /// Unacknowledged commands of a daemon after `after_seq`, in order.
+    /// Read on a reader: a command is read after its insert committed, and
+    /// waiting behind queued writes would only delay its delivery.
     pub async fn pending_commands(
         &self,
         daemon_id: &str,
@@ -360,7 +409,7 @@ impl Store {
         .bind(daemon_id)
         .bind(after_seq)
         .bind(limit)
-        .fetch_all(&self.writer)
+        .fetch_all(&self.reader)
         .await?;
         rows.iter()
             .map(|r| {

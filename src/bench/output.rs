@@ -1,0 +1,245 @@
+//! Output: ingest rate, and fan-out latency to WatchTask watchers.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_stream::StreamExt;
+
+use super::daemon::{self, BenchDaemon, Event, Policy};
+use super::dispatch::wait_for;
+use super::floor::{FloorClient, pb as floor_pb};
+use super::harness::{Sut, Workspace};
+use super::stats::{Percentiles, Row, Target, Value};
+use super::{BenchResult, Ctx, progress, wait_until};
+use crate::pb;
+use crate::pb::task_service_client::TaskServiceClient;
+use crate::pb::watch_task_response::Event as Watched;
+
+/// A daemon in session with one task running on it.
+async fn running_task(
+    sut: &Sut,
+    ws: &Workspace,
+) -> BenchResult<(BenchDaemon, mpsc::UnboundedReceiver<Event>, String)> {
+    let mut admin = sut.daemons(ws).await?;
+    let id = daemon::register(&mut admin, &format!("{}-probe", ws.name), 1).await?;
+    let (tx, mut events) = mpsc::unbounded_channel();
+    let d = BenchDaemon::open(sut.server.channel().await?, &ws.daemon, id, Policy::Run, tx).await?;
+    let task = sut.create_task(ws, &ws.name).await?;
+    sut.start_task(&task).await?;
+    wait_for(&mut events, |e| match e {
+        Event::Spawn { task_id, .. } if *task_id == task => Some(()),
+        _ => None,
+    })
+    .await?;
+    sut.wait_running(&task).await?;
+    Ok((d, events, task))
+}
+
+/// Batches in flight at once: a daemon does not wait for each ack before
+/// sending the next batch.
+const INGEST_WINDOW: usize = 16;
+
+/// `total` messages of ~100 bytes in batches of `batch` on the session, until
+/// the last is acknowledged: messages stored and acknowledged per second.
+pub async fn ingest(ctx: &mut Ctx, batch: usize, total: usize) -> BenchResult<Row> {
+    progress(format!(
+        "output ingest, batches of {batch}, {total} messages"
+    ));
+    let ws = ctx.sut.workspace(&format!("ingest-{batch}")).await?;
+    let (d, mut events, task) = running_task(&ctx.sut, &ws).await?;
+    let t0 = Instant::now();
+    let (mut sent, mut acked) = (0usize, 0usize);
+    while acked < total {
+        while sent < total && sent - acked < INGEST_WINDOW * batch {
+            let n = batch.min(total - sent);
+            d.output(&task, daemon::messages(sent as i64 + 1, n))
+                .await?;
+            sent += n;
+        }
+        let seq = wait_for(&mut events, |e| match e {
+            Event::Ack {
+                task_id, acked_seq, ..
+            } if *task_id == task => Some(*acked_seq),
+            _ => None,
+        })
+        .await?;
+        acked = acked.max(seq as usize);
+    }
+    let rate = total as f64 / t0.elapsed().as_secs_f64();
+    d.close();
+    let content = daemon::messages(1, 1).remove(0).content;
+    let floor = ctx.floor_db.insert_rate(total, batch, &content).await?;
+    Ok(Row {
+        figure: format!("output ingest, batches of {batch}"),
+        value: Value::Rate(rate, "msg/s"),
+        floor: Value::Rate(floor, "rows/s"),
+        target: Some(Target::FloorShareAtLeast(0.5)),
+        note: format!(
+            "{total} messages of {} bytes; floor: raw INSERT of {batch} rows per commit",
+            content.len()
+        ),
+    })
+}
+
+/// Watchers share an HTTP/2 connection in groups of this many.
+const WATCHERS_PER_CONNECTION: usize = 10;
+
+fn spacing(watchers: usize) -> Duration {
+    // Room for one message to reach every watcher before the next.
+    Duration::from_millis(if watchers > 100 { 50 } else { 10 })
+}
+
+/// Latency from the daemon sending a message to each of `watchers`
+/// WatchTask streams receiving it.
+pub async fn fanout(ctx: &mut Ctx, watchers: usize) -> BenchResult<Row> {
+    let k = ctx.params.fanout_messages;
+    progress(format!("fan-out to {watchers} watchers, {k} messages"));
+    let ws = ctx.sut.workspace(&format!("fanout-{watchers}")).await?;
+    let (d, _events, task) = running_task(&ctx.sut, &ws).await?;
+    let ready = Arc::new(AtomicUsize::new(0));
+    let mut set = JoinSet::new();
+    let mut channel = None;
+    for i in 0..watchers {
+        if i % WATCHERS_PER_CONNECTION == 0 {
+            channel = Some(ctx.sut.server.channel().await?);
+        }
+        let mut client = TaskServiceClient::with_interceptor(
+            channel.clone().ok_or("no channel")?,
+            ctx.sut.user.clone(),
+        );
+        let (task, ready) = (task.clone(), ready.clone());
+        set.spawn(async move {
+            let mut stream = client
+                .watch_task(pb::WatchTaskRequest {
+                    task_id: task,
+                    since_seq: 0,
+                })
+                .await?
+                .into_inner();
+            let (mut got, mut counted) = (Vec::with_capacity(k), false);
+            while let Some(update) = stream.next().await {
+                match update?.event {
+                    Some(Watched::Task(_)) if !counted => {
+                        counted = true;
+                        ready.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Some(Watched::Message(m)) => {
+                        got.push((m.seq, Instant::now()));
+                        if m.seq as usize >= k {
+                            break;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            Ok::<_, super::BenchError>(got)
+        });
+    }
+    if !wait_until(Duration::from_secs(60), || {
+        ready.load(Ordering::Relaxed) >= watchers
+    })
+    .await
+    {
+        return Err("watchers did not all start within 60 s".into());
+    }
+    // Indexed by seq; seq 0 is never sent.
+    let mut sent_at = vec![Instant::now()];
+    for seq in 1..=k {
+        sent_at.push(Instant::now());
+        d.output(&task, daemon::messages(seq as i64, 1)).await?;
+        tokio::time::sleep(spacing(watchers)).await;
+    }
+    let mut samples = Vec::with_capacity(watchers * k);
+    let received = collect(&mut set, &sent_at, &mut samples).await?;
+    d.close();
+    let floor = fanout_floor(ctx, watchers, k).await?;
+    let target = match watchers {
+        100 => Some(Target::P99AtMost(Duration::from_millis(5))),
+        1000 => Some(Target::P99AtMost(Duration::from_millis(50))),
+        _ => None,
+    };
+    Ok(Row {
+        figure: format!("fan-out latency, {watchers} watchers"),
+        value: Value::Latency(Percentiles::new(samples)),
+        floor: Value::Latency(floor),
+        target,
+        note: format!(
+            "{k} messages, {} ms apart; {received} of {} deliveries{}",
+            spacing(watchers).as_millis(),
+            watchers * k,
+            if received == watchers * k {
+                ""
+            } else {
+                " (MISSED SOME)"
+            }
+        ),
+    })
+}
+
+/// Latencies of every delivery the watchers saw; answers how many.
+async fn collect(
+    set: &mut JoinSet<BenchResult<Vec<(i64, Instant)>>>,
+    sent_at: &[Instant],
+    samples: &mut Vec<Duration>,
+) -> BenchResult<usize> {
+    let mut received = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while let Ok(Some(done)) = tokio::time::timeout_at(deadline, set.join_next()).await {
+        for (seq, at) in done?? {
+            if let Some(sent) = sent_at.get(seq as usize) {
+                samples.push(at.saturating_duration_since(*sent));
+                received += 1;
+            }
+        }
+    }
+    set.abort_all();
+    Ok(received)
+}
+
+/// The same fan-out through a bare tokio broadcast behind a tonic server
+/// stream, with the same connections and spacing.
+async fn fanout_floor(ctx: &Ctx, watchers: usize, k: usize) -> BenchResult<Percentiles> {
+    let mut set = JoinSet::new();
+    let mut channel = None;
+    for i in 0..watchers {
+        if i % WATCHERS_PER_CONNECTION == 0 {
+            channel = Some(ctx.floor.channel().await?);
+        }
+        let mut client = FloorClient::new(channel.clone().ok_or("no channel")?);
+        let mut stream = client
+            .subscribe(floor_pb::SubscribeRequest {})
+            .await?
+            .into_inner();
+        set.spawn(async move {
+            let mut got = Vec::with_capacity(k);
+            while let Some(m) = stream.next().await {
+                let m = m?;
+                got.push((m.seq, Instant::now()));
+                if m.seq as usize >= k {
+                    break;
+                }
+            }
+            Ok::<_, super::BenchError>(got)
+        });
+    }
+    let mut publisher = FloorClient::new(ctx.floor.channel().await?);
+    let payload = daemon::messages(1, 1).remove(0).content.into_bytes();
+    // Indexed by seq; seq 0 is never sent.
+    let mut sent_at = vec![Instant::now()];
+    for seq in 1..=k {
+        sent_at.push(Instant::now());
+        publisher
+            .publish(floor_pb::PublishRequest {
+                seq: seq as i64,
+                payload: payload.clone(),
+            })
+            .await?;
+        tokio::time::sleep(spacing(watchers)).await;
+    }
+    let mut samples = Vec::new();
+    collect(&mut set, &sent_at, &mut samples).await?;
+    Ok(Percentiles::new(samples))
+}
