@@ -85,13 +85,21 @@ impl Domain {
             tool_name: String::new(),
             tool_input_json: String::new(),
         };
-        let (old, new) = self
+        let (old, new, _) = self
             .store
             .insert_messages(&task.id, task.attempt + 1, std::slice::from_ref(&said))
             .await?;
         if new > old {
-            self.publish_output(&task, std::slice::from_ref(&said), old, new)
-                .await?;
+            let said = std::slice::from_ref(&said);
+            self.publish_output(
+                &task.id,
+                &task.workspace_id,
+                task.attempt + 1,
+                said,
+                old,
+                new,
+            )
+            .await?;
         }
         let input = AttemptInput { prompt, context };
         self.queue_with(p, task, pin, "continued", input).await

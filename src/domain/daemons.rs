@@ -232,6 +232,46 @@ impl Domain {
                 input.len()
             )));
         }
+        // The usual batch continues where the last one from this session
+        // ended: two statements, no reads.
+        let known = self.marks.get(task_id).filter(|m| {
+            p.sees(&m.workspace_id) && p.daemon_id.as_deref() == Some(m.daemon_id.as_str())
+        });
+        if let Some(mark) = known {
+            let messages: Vec<NewMessage> = input
+                .iter()
+                .filter(|m| m.seq > mark.seq)
+                .cloned()
+                .map(clean_message)
+                .collect();
+            if messages.is_empty() {
+                return Ok(mark.seq);
+            }
+            let continues = messages
+                .iter()
+                .enumerate()
+                .all(|(i, m)| m.seq == mark.seq + 1 + i as i64);
+            if continues
+                && self
+                    .store
+                    .append_messages(task_id, &mark.daemon_id, mark.attempt, mark.seq, &messages)
+                    .await?
+            {
+                let new = messages.last().map_or(mark.seq, |m| m.seq);
+                self.marks.advance(task_id, new);
+                self.publish_output(
+                    task_id,
+                    &mark.workspace_id,
+                    mark.attempt,
+                    &messages,
+                    mark.seq,
+                    new,
+                )
+                .await?;
+                return Ok(new);
+            }
+            self.marks.forget(task_id);
+        }
         let task = self.reported_task(p, task_id).await?;
         let messages: Vec<NewMessage> = input
             .into_iter()
@@ -241,12 +281,23 @@ impl Domain {
         if messages.is_empty() {
             return Ok(task.last_seq);
         }
-        let (old, new) = self
+        let (old, new, clean) = self
             .store
             .insert_messages(&task.id, task.attempt, &messages)
             .await?;
+        if let (true, Some(daemon_id)) = (clean, &task.daemon_id) {
+            self.marks.remember(&task, daemon_id, new);
+        }
         if new > old {
-            self.publish_output(&task, &messages, old, new).await?;
+            self.publish_output(
+                &task.id,
+                &task.workspace_id,
+                task.attempt,
+                &messages,
+                old,
+                new,
+            )
+            .await?;
         }
         Ok(new)
     }
@@ -257,7 +308,9 @@ impl Domain {
     /// live watchers never wait on a message nobody will publish again.
     pub(super) async fn publish_output(
         &self,
-        task: &Task,
+        task_id: &str,
+        workspace_id: &str,
+        attempt: i64,
         batch: &[NewMessage],
         old: i64,
         new: i64,
@@ -266,9 +319,9 @@ impl Domain {
             .iter()
             .filter(|m| m.seq > old && m.seq <= new)
             .collect();
-        self.output_grew(task, old, new);
+        self.output_grew(task_id, workspace_id, old, new);
         if fresh.len() as i64 != new - old {
-            for m in self.store.list_messages(&task.id, old, new - old).await? {
+            for m in self.store.list_messages(task_id, old, new - old).await? {
                 self.hub.message(m);
             }
             return Ok(());
@@ -276,13 +329,13 @@ impl Domain {
         let now = now_micros();
         for m in fresh {
             self.hub.message(TaskMessage {
-                task_id: task.id.clone(),
+                task_id: task_id.to_string(),
                 seq: m.seq,
                 kind: m.kind,
                 content: m.content.clone(),
                 tool_name: m.tool_name.clone(),
                 tool_input_json: m.tool_input_json.clone(),
-                attempt: task.attempt,
+                attempt,
                 created_at: now,
             });
         }
@@ -313,6 +366,7 @@ impl Domain {
     /// asked to stop ends cancelled.
     pub async fn end_task(&self, p: &Principal, task_id: &str, end: TaskEnd) -> Result<Task> {
         let task = self.reported_task(p, task_id).await?;
+        self.marks.forget(&task.id);
         if is_finished(task.status) && task.status != TaskStatus::Interrupted {
             return Ok(task);
         }

@@ -6,6 +6,7 @@ mod attempts;
 mod daemons;
 pub mod hub;
 mod liveness;
+mod marks;
 mod peers;
 pub mod redact;
 mod sessions;
@@ -262,6 +263,8 @@ pub struct Domain {
     /// Set on shutdown: every stream the server holds open ends.
     closing: tokio::sync::watch::Sender<bool>,
     pub liveness: Liveness,
+    /// Where each task's output stands, for the ingest fast path.
+    marks: marks::Marks,
     /// Other replicas on the same PostgreSQL database, once joined.
     cluster: std::sync::OnceLock<crate::cluster::Link>,
 }
@@ -279,6 +282,7 @@ impl Domain {
             closing: tokio::sync::watch::channel(false).0,
             liveness,
             cluster: std::sync::OnceLock::new(),
+            marks: marks::Marks::default(),
         })
     }
 

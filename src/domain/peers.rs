@@ -30,10 +30,10 @@ impl Domain {
     }
 
     /// A task's output grew from `from` to `to` (already published here).
-    pub(super) fn output_grew(&self, task: &Task, from: i64, to: i64) {
+    pub(super) fn output_grew(&self, task_id: &str, workspace_id: &str, from: i64, to: i64) {
         self.tell_peers(Event::Output {
-            task_id: task.id.clone(),
-            workspace_id: task.workspace_id.clone(),
+            task_id: task_id.to_string(),
+            workspace_id: workspace_id.to_string(),
             from,
             to,
         });

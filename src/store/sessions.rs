@@ -258,27 +258,16 @@ impl Store {
         .try_get("n")?)
     }
 
-    /// Stores output idempotently (a repeated seq is ignored) in one
-    /// statement per chunk, then advances the task's `last_seq` over every
-    /// contiguous stored seq. Answers (old last_seq, new last_seq).
-    pub async fn insert_messages(
+    /// The multi-row INSERT of a batch, one statement per chunk; a repeated
+    /// seq is ignored.
+    async fn insert_rows(
         &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
         task_id: &str,
         attempt: i64,
         messages: &[NewMessage],
-    ) -> Result<(i64, i64)> {
-        let now = now_micros();
-        let mut tx = self.writer.begin().await?;
-        let mark = sqlx::query(
-            "SELECT last_seq, (SELECT MAX(seq) FROM task_messages WHERE task_id = $1) AS max_seq \
-             FROM tasks WHERE id = $1",
-        )
-        .bind(task_id)
-        .fetch_optional(&mut *tx)
-        .await?
-        .ok_or_else(|| Error::Corrupt(format!("task {task_id} vanished")))?;
-        let old: i64 = mark.try_get("last_seq")?;
-        let stored_max: Option<i64> = mark.try_get("max_seq")?;
+        now: Micros,
+    ) -> Result<()> {
         for chunk in messages.chunks(MESSAGE_CHUNK) {
             let mut n = 0;
             let values: Vec<String> = (0..chunk.len())
@@ -310,8 +299,75 @@ impl Store {
                     .bind(attempt)
                     .bind(now);
             }
-            q.execute(&mut *tx).await?;
+            q.execute(&mut **tx).await?;
         }
+        Ok(())
+    }
+
+    /// The fast path for a batch that continues a task's output exactly
+    /// (seqs `old + 1 ..`, in order, nothing stored above `old`): the rows
+    /// and the new mark in one transaction of two statements, the mark
+    /// moved only if it is still `old` and the task still active on
+    /// `daemon_id`. Answers false (and changes nothing) otherwise.
+    pub async fn append_messages(
+        &self,
+        task_id: &str,
+        daemon_id: &str,
+        attempt: i64,
+        old: i64,
+        messages: &[NewMessage],
+    ) -> Result<bool> {
+        let Some(last) = messages.last() else {
+            return Ok(true);
+        };
+        let mut tx = self.writer.begin().await?;
+        let moved = sqlx::query(
+            "UPDATE tasks SET last_seq = $3 WHERE id = $1 AND last_seq = $2 AND daemon_id = $4 \
+             AND attempt = $5 AND status IN ('dispatched', 'running')",
+        )
+        .bind(task_id)
+        .bind(old)
+        .bind(last.seq)
+        .bind(daemon_id)
+        .bind(attempt)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if !moved {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        self.insert_rows(&mut tx, task_id, attempt, messages, now_micros())
+            .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Stores output idempotently (a repeated seq is ignored), then advances
+    /// the task's `last_seq` over every contiguous stored seq. Answers the
+    /// old and new `last_seq`, and whether nothing is stored above the new
+    /// one (so the next batch may take [`Store::append_messages`]).
+    pub async fn insert_messages(
+        &self,
+        task_id: &str,
+        attempt: i64,
+        messages: &[NewMessage],
+    ) -> Result<(i64, i64, bool)> {
+        let now = now_micros();
+        let mut tx = self.writer.begin().await?;
+        let mark = sqlx::query(
+            "SELECT last_seq, (SELECT MAX(seq) FROM task_messages WHERE task_id = $1) AS max_seq \
+             FROM tasks WHERE id = $1",
+        )
+        .bind(task_id)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or_else(|| Error::Corrupt(format!("task {task_id} vanished")))?;
+        let old: i64 = mark.try_get("last_seq")?;
+        let stored_max: Option<i64> = mark.try_get("max_seq")?;
+        self.insert_rows(&mut tx, task_id, attempt, messages, now)
+            .await?;
         let mut new = old;
         if stored_max.is_none_or(|max| max <= old) {
             // Nothing was stored above the mark (the usual case), so the
@@ -359,7 +415,8 @@ impl Store {
                 .await?;
         }
         tx.commit().await?;
-        Ok((old, new))
+        let highest = messages.iter().map(|m| m.seq).chain(stored_max).max();
+        Ok((old, new, highest.is_none_or(|h| h <= new)))
     }
 
     /// Replaces the usage totals of each (provider, model) reported.
