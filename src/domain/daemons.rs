@@ -134,7 +134,13 @@ impl Domain {
 
     /// Offers a workspace's queue to each of its connected daemons.
     pub async fn dispatch_workspace(&self, workspace_id: &str) -> Result<()> {
-        for d in self.sessions.in_workspace(workspace_id) {
+        let mut daemons = self.sessions.in_workspace(workspace_id);
+        if daemons.len() > 1 {
+            // Most connected daemons are usually busy: one read finds the
+            // free ones, rather than a read per daemon.
+            daemons = self.store.with_free_slots(daemons).await?;
+        }
+        for d in daemons {
             self.dispatch_to(&d.id).await?;
         }
         Ok(())

@@ -7,10 +7,10 @@ use super::{Result, Store, TASK_COLUMNS, task_from_row};
 use crate::model::*;
 
 /// Ids per `IN (…)` list, well below every backend's parameter limit.
-const ID_CHUNK: usize = 500;
+pub(super) const ID_CHUNK: usize = 500;
 
 /// `$2, $3, …` for `n` ids after `first - 1` other parameters.
-fn placeholders(first: usize, n: usize) -> String {
+pub(super) fn placeholders(first: usize, n: usize) -> String {
     (first..first + n)
         .map(|i| format!("${i}"))
         .collect::<Vec<_>>()

@@ -3,6 +3,7 @@
 
 use sqlx::Row;
 
+use super::liveness::{ID_CHUNK, placeholders};
 use super::{Backend, Error, NewEvent, Result, Store, TASK_COLUMNS, insert_event, task_from_row};
 use crate::model::*;
 
@@ -241,6 +242,30 @@ impl Store {
             Backend::Sqlite => "?".to_string(),
             Backend::Postgres => format!("${n}"),
         }
+    }
+
+    /// The daemons among `daemons` with a free slot, in one read (a chunk
+    /// of ids per statement): dispatch offers a task only to them.
+    pub async fn with_free_slots(&self, daemons: Vec<Daemon>) -> Result<Vec<Daemon>> {
+        let mut active = std::collections::HashMap::new();
+        for chunk in daemons.chunks(ID_CHUNK) {
+            let sql = format!(
+                "SELECT daemon_id, COUNT(*) AS n FROM tasks WHERE status IN ('dispatched', 'running') \
+                 AND daemon_id IN ({}) GROUP BY daemon_id",
+                placeholders(1, chunk.len())
+            );
+            let mut q = sqlx::query(&sql);
+            for d in chunk {
+                q = q.bind(&d.id);
+            }
+            for row in q.fetch_all(&self.reader).await? {
+                active.insert(row.try_get::<String, _>(0)?, row.try_get::<i64, _>(1)?);
+            }
+        }
+        Ok(daemons
+            .into_iter()
+            .filter(|d| active.get(&d.id).copied().unwrap_or(0) < d.max_concurrent_tasks)
+            .collect())
     }
 
     async fn active_count<'e>(
