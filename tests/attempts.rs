@@ -8,7 +8,6 @@ mod common;
 
 use common::daemon::*;
 use common::{Backend, TestServer, start_server};
-use taskmesh::model::TokenKind;
 use taskmesh::pb::session_request::Message as Up;
 use taskmesh::pb::{self, TaskStatus, command::Kind};
 use tonic::Code;
@@ -49,9 +48,7 @@ async fn reassign(s: &TestServer, id: &str) -> Result<pb::Task, tonic::Status> {
 /// from the stored output. A task on an online daemon is refused.
 async fn reassign_moves_a_lost_daemons_task(backend: Backend) {
     let s = start_server(backend).await;
-    let token = s.token_in("default", TokenKind::Daemon).await;
-    let mut a = daemon_client(&s, &token).await;
-    let a_id = register(&mut a, "lost", 1).await;
+    let (mut a, a_id) = connect_daemon(&s, "lost", 1).await;
     let mut a_session = Session::open(&mut a, &a_id, vec![]).await;
     let task = new_task(&s, "moves").await;
     start(&s, &task.id).await;
@@ -62,8 +59,7 @@ async fn reassign_moves_a_lost_daemons_task(backend: Backend) {
     assert!(err.message().contains("online"), "{err:?}");
 
     drop(a_session);
-    let mut b = daemon_client(&s, &token).await;
-    let b_id = register(&mut b, "takes over", 1).await;
+    let (mut b, b_id) = connect_daemon(&s, "takes over", 1).await;
     let mut b_session = Session::open(&mut b, &b_id, vec![]).await;
     let queued = reassign(&s, &task.id).await.unwrap();
     assert_eq!(queued.attempt, 2);
@@ -85,17 +81,7 @@ async fn reassign_moves_a_lost_daemons_task(backend: Backend) {
     let t = get(&s, &task.id).await;
     assert_eq!((t.status, t.daemon_id), (TaskStatus::Running as i32, b_id));
 
-    let events = s
-        .tasks()
-        .await
-        .list_task_events(pb::ListTaskEventsRequest {
-            task_id: task.id.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .events;
+    let events = events(&s, &task.id).await;
     let path: Vec<(i32, &str)> = events
         .iter()
         .map(|e| (e.to_status, e.reason.as_str()))
@@ -111,9 +97,7 @@ async fn reassign_moves_a_lost_daemons_task(backend: Backend) {
 /// it, the agent's session to resume, and numbering after the prompt.
 async fn continue_resumes_a_finished_task(backend: Backend) {
     let s = start_server(backend).await;
-    let token = s.token_in("default", TokenKind::Daemon).await;
-    let mut d = daemon_client(&s, &token).await;
-    let id = register(&mut d, "agent host", 1).await;
+    let (mut d, id) = connect_daemon(&s, "agent host", 1).await;
     let mut session = Session::open(&mut d, &id, vec![]).await;
     let task = new_task(&s, "conversation").await;
     start(&s, &task.id).await;
@@ -179,9 +163,7 @@ async fn continue_resumes_a_finished_task(backend: Backend) {
 /// ran the task; an unfinished task is refused.
 async fn retry_completion_reaches_the_daemon(backend: Backend) {
     let s = start_server(backend).await;
-    let token = s.token_in("default", TokenKind::Daemon).await;
-    let mut d = daemon_client(&s, &token).await;
-    let id = register(&mut d, "finisher", 1).await;
+    let (mut d, id) = connect_daemon(&s, "finisher", 1).await;
     let mut session = Session::open(&mut d, &id, vec![]).await;
     let task = new_task(&s, "ships").await;
     let mut tasks = s.tasks().await;

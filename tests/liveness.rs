@@ -102,9 +102,7 @@ async fn run_on(session: &mut Session, s: &TestServer, name: &str) -> pb::Task {
 /// interrupted, with the reason recorded.
 async fn silent_daemon_goes_offline(backend: Backend) {
     let s = server(backend, 300, 60_000).await;
-    let token = s.token_in("default", TokenKind::Daemon).await;
-    let mut d = daemon_client(&s, &token).await;
-    let id = register(&mut d, "silent", 1).await;
+    let (mut d, id) = connect_daemon(&s, "silent", 1).await;
     let mut session = Session::open(&mut d, &id, vec![]).await;
     let task = run_on(&mut session, &s, "left behind").await;
 
@@ -167,9 +165,7 @@ async fn a_daemon_back_within_the_grace_keeps_its_task(backend: Backend) {
 /// dispatch timeout and the task is dispatched afresh, under a new command.
 async fn an_untaken_dispatch_is_queued_again(backend: Backend) {
     let s = server(backend, 60_000, 300).await;
-    let token = s.token_in("default", TokenKind::Daemon).await;
-    let mut d = daemon_client(&s, &token).await;
-    let id = register(&mut d, "forgetful", 1).await;
+    let (mut d, id) = connect_daemon(&s, "forgetful", 1).await;
     let mut session = Session::open(&mut d, &id, vec![]).await;
     let _beating = keep_beating(&session, &id);
     let task = new_task(&s, "retried").await;
@@ -183,17 +179,7 @@ async fn an_untaken_dispatch_is_queued_again(backend: Backend) {
     assert_eq!(spawn_of(&second).task.as_ref().unwrap().id, task.id);
     assert_ne!(second.id, first.id, "a new command, not a redelivery");
 
-    let events = s
-        .tasks()
-        .await
-        .list_task_events(pb::ListTaskEventsRequest {
-            task_id: task.id.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .events;
+    let events = events(&s, &task.id).await;
     let requeue = events
         .iter()
         .find(|e| {
@@ -246,9 +232,7 @@ async fn a_lost_daemons_dispatch_moves_to_another(backend: Backend) {
 /// A SpawnTask the daemon answers FAILED fails its task with the reason.
 async fn a_refused_spawn_fails_the_task(backend: Backend) {
     let s = server(backend, 60_000, 60_000).await;
-    let token = s.token_in("default", TokenKind::Daemon).await;
-    let mut d = daemon_client(&s, &token).await;
-    let id = register(&mut d, "picky", 1).await;
+    let (mut d, id) = connect_daemon(&s, "picky", 1).await;
     let mut session = Session::open(&mut d, &id, vec![]).await;
     let task = new_task(&s, "refused").await;
     start(&s, &task.id).await;
@@ -269,9 +253,7 @@ async fn a_refused_spawn_fails_the_task(backend: Backend) {
 /// queued again and taken by another daemon; the task does not fail.
 async fn a_rejected_spawn_goes_elsewhere(backend: Backend) {
     let s = server(backend, 60_000, 60_000).await;
-    let token = s.token_in("default", TokenKind::Daemon).await;
-    let mut a = daemon_client(&s, &token).await;
-    let a_id = register(&mut a, "draining", 1).await;
+    let (mut a, a_id) = connect_daemon(&s, "draining", 1).await;
     let mut a_session = Session::open(&mut a, &a_id, vec![]).await;
     let task = new_task(&s, "moves on").await;
     start(&s, &task.id).await;
@@ -286,8 +268,7 @@ async fn a_rejected_spawn_goes_elsewhere(backend: Backend) {
         .await;
     until_status(&s, &task.id, TaskStatus::Queued).await;
 
-    let mut b = daemon_client(&s, &token).await;
-    let b_id = register(&mut b, "healthy", 1).await;
+    let (mut b, b_id) = connect_daemon(&s, "healthy", 1).await;
     let mut b_session = Session::open(&mut b, &b_id, vec![]).await;
     let spawn = b_session.command().await;
     assert_eq!(spawn_of(&spawn).task.as_ref().unwrap().id, task.id);

@@ -20,9 +20,7 @@ use tonic::Code;
 /// a watcher sees every line once, in order; the end is acknowledged.
 async fn push_dispatch_and_gapless_output(backend: Backend) {
     let s = start_server(backend).await;
-    let token = s.token_in("default", TokenKind::Daemon).await;
-    let mut dc = daemon_client(&s, &token).await;
-    let daemon_id = register(&mut dc, "m1", 4).await;
+    let (mut dc, daemon_id) = connect_daemon(&s, "m1", 4).await;
     let mut session = Session::open(&mut dc, &daemon_id, vec![]).await;
 
     let task = new_task(&s, "push").await;
@@ -140,9 +138,7 @@ async fn push_dispatch_and_gapless_output(backend: Backend) {
 /// away is delivered once after it reconnects.
 async fn stop_and_durable_commands(backend: Backend) {
     let s = start_server(backend).await;
-    let token = s.token_in("default", TokenKind::Daemon).await;
-    let mut dc = daemon_client(&s, &token).await;
-    let daemon_id = register(&mut dc, "m1", 4).await;
+    let (mut dc, daemon_id) = connect_daemon(&s, "m1", 4).await;
     let mut session = Session::open(&mut dc, &daemon_id, vec![]).await;
     let task = new_task(&s, "stoppable").await;
     let mut tasks = s.tasks().await;
@@ -414,9 +410,7 @@ async fn daemon_tenancy(backend: Backend) {
 /// Secrets are redacted before storage and before broadcast.
 async fn secrets_are_redacted(backend: Backend) {
     let s = start_server(backend).await;
-    let token = s.token_in("default", TokenKind::Daemon).await;
-    let mut dc = daemon_client(&s, &token).await;
-    let daemon_id = register(&mut dc, "m1", 1).await;
+    let (mut dc, daemon_id) = connect_daemon(&s, "m1", 1).await;
     let mut session = Session::open(&mut dc, &daemon_id, vec![]).await;
     let task = new_task(&s, "leaky").await;
     let mut tasks = s.tasks().await;
@@ -489,9 +483,7 @@ async fn secrets_are_redacted(backend: Backend) {
 /// changing its version; bad percentages and finished tasks are refused.
 async fn progress_is_shown_on_the_task(backend: Backend) {
     let s = start_server(backend).await;
-    let token = s.token_in("default", TokenKind::Daemon).await;
-    let mut dc = daemon_client(&s, &token).await;
-    let daemon_id = register(&mut dc, "m1", 1).await;
+    let (mut dc, daemon_id) = connect_daemon(&s, "m1", 1).await;
     let task = new_task(&s, "progress").await;
     s.tasks()
         .await
@@ -565,9 +557,7 @@ async fn progress_is_shown_on_the_task(backend: Backend) {
 /// shuts down, open watches end UNAVAILABLE so clients know to reconnect.
 async fn gaps_hold_output_back_until_filled(backend: Backend) {
     let s = start_server(backend).await;
-    let token = s.token_in("default", TokenKind::Daemon).await;
-    let mut dc = daemon_client(&s, &token).await;
-    let daemon_id = register(&mut dc, "m1", 1).await;
+    let (mut dc, daemon_id) = connect_daemon(&s, "m1", 1).await;
     let task = new_task(&s, "gappy").await;
     let mut tasks = s.tasks().await;
     tasks

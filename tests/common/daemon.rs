@@ -11,6 +11,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
+use taskmesh::model::TokenKind;
+
 use super::{Bearer, TestServer};
 
 pub type Daemons = DaemonServiceClient<InterceptedService<Channel, Bearer>>;
@@ -159,6 +161,28 @@ pub async fn new_task(s: &TestServer, name: &str) -> pb::Task {
     .into_inner()
     .task
     .unwrap()
+}
+
+/// A daemon registered in workspace `default` with a token of its own.
+pub async fn connect_daemon(s: &TestServer, machine: &str, max: i32) -> (Daemons, String) {
+    let token = s.token_in("default", TokenKind::Daemon).await;
+    let mut client = daemon_client(s, &token).await;
+    let id = register(&mut client, machine, max).await;
+    (client, id)
+}
+
+/// A task's audit trail.
+pub async fn events(s: &TestServer, task_id: &str) -> Vec<pb::TaskEvent> {
+    s.tasks()
+        .await
+        .list_task_events(pb::ListTaskEventsRequest {
+            task_id: task_id.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events
 }
 
 /// StartTask as the admin.
