@@ -102,6 +102,14 @@ impl Domain {
     /// ClaimTask: the oldest queued task this daemon can run, atomically.
     pub async fn claim_task(&self, p: &Principal, daemon_id: &str) -> Result<Option<Assignment>> {
         let daemon = self.load_daemon(p, daemon_id).await?;
+        if self
+            .store
+            .with_free_slots(vec![daemon.clone()])
+            .await?
+            .is_empty()
+        {
+            return Ok(None);
+        }
         let Some((task, input)) = self.store.claim_task(&daemon, None).await? else {
             return Ok(None);
         };
@@ -120,28 +128,38 @@ impl Domain {
         let Some(daemon) = self.sessions.dispatchable(daemon_id) else {
             return Ok(0);
         };
+        let mut n = 0;
+        for (daemon, free) in self.store.with_free_slots(vec![daemon]).await? {
+            n += self.fill(&daemon, free).await?;
+        }
+        Ok(n)
+    }
+
+    /// Claims up to `free` queued tasks for a connected daemon, each with
+    /// its SpawnTask, then wakes the daemon's session.
+    async fn fill(&self, daemon: &Daemon, free: i64) -> Result<usize> {
         let make = |task: &Task, input: &AttemptInput| spawn_command(&daemon.id, task, input);
         let mut n = 0;
-        while let Some((task, _)) = self.store.claim_task(&daemon, Some(&make)).await? {
+        while (n as i64) < free {
+            let Some((task, _)) = self.store.claim_task(daemon, Some(&make)).await? else {
+                break;
+            };
             self.task_changed(&task, false);
             n += 1;
         }
         if n > 0 {
-            self.sessions.wake(daemon_id);
+            self.sessions.wake(&daemon.id);
         }
         Ok(n)
     }
 
     /// Offers a workspace's queue to each of its connected daemons.
     pub async fn dispatch_workspace(&self, workspace_id: &str) -> Result<()> {
-        let mut daemons = self.sessions.in_workspace(workspace_id);
-        if daemons.len() > 1 {
-            // Most connected daemons are usually busy: one read finds the
-            // free ones, rather than a read per daemon.
-            daemons = self.store.with_free_slots(daemons).await?;
-        }
-        for d in daemons {
-            self.dispatch_to(&d.id).await?;
+        // Most connected daemons are usually busy: one read finds the free
+        // ones, rather than a read per daemon.
+        let daemons = self.sessions.in_workspace(workspace_id);
+        for (daemon, free) in self.store.with_free_slots(daemons).await? {
+            self.fill(&daemon, free).await?;
         }
         Ok(())
     }

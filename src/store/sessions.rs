@@ -139,12 +139,6 @@ impl Store {
         if daemon.runtimes.is_empty() {
             return Ok(None);
         }
-        // A daemon without a free slot never waits for the (SQLite: single)
-        // writer: dispatch offers each task to every connected daemon, and
-        // most of them are busy. The count inside the transaction decides.
-        if self.active_count(&self.reader, daemon).await? >= daemon.max_concurrent_tasks {
-            return Ok(None);
-        }
         let mut tx = self.writer.begin().await?;
         if self.active_count(&mut *tx, daemon).await? >= daemon.max_concurrent_tasks {
             return Ok(None);
@@ -244,9 +238,11 @@ impl Store {
         }
     }
 
-    /// The daemons among `daemons` with a free slot, in one read (a chunk
-    /// of ids per statement): dispatch offers a task only to them.
-    pub async fn with_free_slots(&self, daemons: Vec<Daemon>) -> Result<Vec<Daemon>> {
+    /// The daemons among `daemons` with a free slot, and how many, in one
+    /// read (a chunk of ids per statement). Dispatch claims only for them,
+    /// so a full daemon never waits for the (SQLite: single) writer; the
+    /// count inside the claim's transaction still decides.
+    pub async fn with_free_slots(&self, daemons: Vec<Daemon>) -> Result<Vec<(Daemon, i64)>> {
         let mut active = std::collections::HashMap::new();
         for chunk in daemons.chunks(ID_CHUNK) {
             let sql = format!(
@@ -264,7 +260,10 @@ impl Store {
         }
         Ok(daemons
             .into_iter()
-            .filter(|d| active.get(&d.id).copied().unwrap_or(0) < d.max_concurrent_tasks)
+            .filter_map(|d| {
+                let free = d.max_concurrent_tasks - active.get(&d.id).copied().unwrap_or(0);
+                (free > 0).then_some((d, free))
+            })
             .collect())
     }
 
