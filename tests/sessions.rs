@@ -33,13 +33,7 @@ async fn push_dispatch_and_gapless_output(backend: Backend) {
         .await
         .unwrap()
         .into_inner();
-    tasks
-        .start_task(pb::StartTaskRequest {
-            id: task.id.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    start(&s, &task.id).await;
 
     let cmd = session.command().await;
     let spawn = spawn_of(&cmd);
@@ -142,13 +136,7 @@ async fn stop_and_durable_commands(backend: Backend) {
     let mut session = Session::open(&mut dc, &daemon_id, vec![]).await;
     let task = new_task(&s, "stoppable").await;
     let mut tasks = s.tasks().await;
-    tasks
-        .start_task(pb::StartTaskRequest {
-            id: task.id.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    start(&s, &task.id).await;
     let spawn = session.command().await;
     session.ack(&spawn.id).await;
     session.started(&task.id, 1).await;
@@ -422,13 +410,7 @@ async fn secrets_are_redacted(backend: Backend) {
         .await
         .unwrap()
         .into_inner();
-    tasks
-        .start_task(pb::StartTaskRequest {
-            id: task.id.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    start(&s, &task.id).await;
     let spawn = session.command().await;
     session.ack(&spawn.id).await;
     session.started(&task.id, 1).await;
@@ -485,14 +467,7 @@ async fn progress_is_shown_on_the_task(backend: Backend) {
     let s = start_server(backend).await;
     let (mut dc, daemon_id) = connect_daemon(&s, "m1", 1).await;
     let task = new_task(&s, "progress").await;
-    s.tasks()
-        .await
-        .start_task(pb::StartTaskRequest {
-            id: task.id.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    start(&s, &task.id).await;
     let claimed = dc
         .claim_task(pb::ClaimTaskRequest {
             daemon_id: daemon_id.clone(),
@@ -560,13 +535,7 @@ async fn gaps_hold_output_back_until_filled(backend: Backend) {
     let (mut dc, daemon_id) = connect_daemon(&s, "m1", 1).await;
     let task = new_task(&s, "gappy").await;
     let mut tasks = s.tasks().await;
-    tasks
-        .start_task(pb::StartTaskRequest {
-            id: task.id.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    start(&s, &task.id).await;
     dc.claim_task(pb::ClaimTaskRequest { daemon_id })
         .await
         .unwrap();

@@ -142,21 +142,9 @@ impl Domain {
         }
         let id = task.id.clone();
         let reason = format!("reassigned away from offline daemon {daemon_id}");
-        let from = task.status;
-        let still = |t: &Task| t.status == from && t.daemon_id.as_deref() == Some(&daemon_id);
-        self.transition_when(
-            &p.subject,
-            task,
-            TaskStatus::Interrupted,
-            &reason,
-            still,
-            |t| {
-                t.status_reason = reason.clone();
-                t.ended_at = Some(t.updated_at);
-            },
-        )
-        .await?
-        .ok_or_else(|| Error::Aborted(format!("task {id} changed meanwhile; look again")))
+        self.give_up(&p.subject, task, TaskStatus::Interrupted, &reason)
+            .await?
+            .ok_or_else(|| Error::Aborted(format!("task {id} changed meanwhile; look again")))
     }
 
     /// Records the new attempt's input, queues the attempt and dispatches.

@@ -73,6 +73,11 @@ impl OutputHub {
         has(&self.tasks, task_id) || has(&self.workspaces, workspace_id)
     }
 
+    /// Whether anyone here watches this task.
+    pub fn watched_task(&self, task_id: &str) -> bool {
+        has(&self.tasks, task_id)
+    }
+
     /// Ids of the tasks watched here.
     pub fn watched_tasks(&self) -> Vec<String> {
         let map = self.tasks.lock().unwrap_or_else(|e| e.into_inner());

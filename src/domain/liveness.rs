@@ -115,7 +115,7 @@ impl Domain {
             if task.status == TaskStatus::Running {
                 let reason = format!("daemon {daemon_id} was lost");
                 if self
-                    .give_up(task, TaskStatus::Interrupted, &reason)
+                    .give_up("system", task, TaskStatus::Interrupted, &reason)
                     .await?
                     .is_some()
                 {
@@ -147,10 +147,16 @@ impl Domain {
 
     /// Moves a task off its daemon, unless it changed meanwhile (another
     /// replica swept it, or it moved on).
-    async fn give_up(&self, task: Task, to: TaskStatus, reason: &str) -> Result<Option<Task>> {
+    pub(super) async fn give_up(
+        &self,
+        actor: &str,
+        task: Task,
+        to: TaskStatus,
+        reason: &str,
+    ) -> Result<Option<Task>> {
         let (from, daemon_id) = (task.status, task.daemon_id.clone());
         let still = |t: &Task| t.status == from && t.daemon_id == daemon_id;
-        self.transition_when("system", task, to, reason, still, |t| {
+        self.transition_when(actor, task, to, reason, still, |t| {
             t.status_reason = reason.to_string();
             if to == TaskStatus::Queued {
                 t.daemon_id = None;
@@ -165,7 +171,10 @@ impl Domain {
     /// the daemon's outbox.
     pub(super) async fn requeue(&self, task: Task, reason: &str) -> Result<Option<Task>> {
         let daemon_id = task.daemon_id.clone().unwrap_or_default();
-        let Some(task) = self.give_up(task, TaskStatus::Queued, reason).await? else {
+        let Some(task) = self
+            .give_up("system", task, TaskStatus::Queued, reason)
+            .await?
+        else {
             return Ok(None);
         };
         self.store

@@ -93,7 +93,7 @@ impl Domain {
             Event::Output {
                 task_id, from, to, ..
             } => {
-                if self.hub.watched(&task_id, "") {
+                if self.hub.watched_task(&task_id) {
                     for m in self.store.list_messages(&task_id, from, to - from).await? {
                         self.hub.message(m);
                     }
