@@ -96,12 +96,13 @@ pub async fn run(
         .into_axum_router()
         .fallback(page);
 
-    let liveness = sweeper.spawn_liveness();
     // With PostgreSQL, replicas may share the database: listen to them.
+    // Started first: it is the step that can fail.
     let peers = match sweeper.store().backend() {
         Backend::Postgres => Some(cluster::start(sweeper.clone(), sweeper.store().url()).await?),
         Backend::Sqlite => None,
     };
+    let liveness = sweeper.spawn_liveness();
     let served = tonic::transport::Server::builder()
         .accept_http1(true)
         .http2_keepalive_interval(Some(config.keepalive))

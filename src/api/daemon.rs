@@ -13,7 +13,7 @@ use tracing::Instrument;
 
 use super::authenticate;
 use crate::convert;
-use crate::domain::{self, Domain, TaskEnd, invalid, parse_id};
+use crate::domain::{self, Domain, SHUTTING_DOWN, TaskEnd, invalid, parse_id};
 use crate::model::{Principal, Runtime};
 use crate::pb::session_response::Message as Down;
 use crate::pb::{self, daemon_service_server::DaemonService, session_request::Message as Up};
@@ -326,9 +326,8 @@ impl SessionLoop {
         let why = loop {
             tokio::select! {
                 _ = &mut closed => {
-                    let why = "the server is shutting down; reconnect to go on";
-                    let _ = self.tx.send(Err(Status::unavailable(why))).await;
-                    break why.to_string();
+                    let _ = self.tx.send(Err(Status::unavailable(SHUTTING_DOWN))).await;
+                    break SHUTTING_DOWN.to_string();
                 }
                 up = self.inbound.next() => match up {
                     Some(Ok(m)) => {

@@ -238,11 +238,8 @@ impl TaskService for TaskApi {
         });
         // The feed ends only when the server shuts down: say so, so clients
         // reconnect rather than take it for a normal end.
-        let shutdown = futures_util::stream::once(async {
-            Err(Status::unavailable(
-                "the server is shutting down; reconnect to go on",
-            ))
-        });
+        let shutdown =
+            futures_util::stream::once(async { Err(Status::unavailable(domain::SHUTTING_DOWN)) });
         let stream =
             futures_util::StreamExt::take_until(stream, self.domain.closed()).chain(shutdown);
         Ok(Response::new(Box::pin(stream)))

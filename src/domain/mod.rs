@@ -252,8 +252,12 @@ impl Watcher {
     }
 }
 
+/// How every stream the server holds ends when it shuts down (UNAVAILABLE),
+/// so clients reconnect rather than take it for a normal end.
+pub const SHUTTING_DOWN: &str = "the server is shutting down; reconnect to go on";
+
 fn shutting_down() -> Error {
-    Error::Unavailable("the server is shutting down; reconnect to go on".into())
+    Error::Unavailable(SHUTTING_DOWN.into())
 }
 
 pub struct Domain {
