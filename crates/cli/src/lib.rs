@@ -1,0 +1,502 @@
+//! The verbs for people: `taskmesh task …` and `taskmesh daemons`, clients
+//! of a running server over gRPC.
+//!
+//! - this file: the clap types, connecting with the token, one thin
+//!   function per verb, and [`CliError`], the one line a failure prints.
+//! - [`format`]: every table and line the verbs print.
+//! - [`watch`]: `task watch`, which follows a task's output across dropped
+//!   connections.
+
+mod format;
+mod watch;
+
+use std::io::Write as _;
+use std::time::Duration;
+
+use taskmesh_proto::{Bearer, pb};
+use tonic::Status;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::pb::TaskStatus;
+use crate::pb::task_service_client::TaskServiceClient;
+use crate::pb::workspace_service_client::WorkspaceServiceClient;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest message accepted from the server (a plan is up to 1 MiB).
+const MAX_DECODING_MESSAGE: usize = 16 * 1024 * 1024;
+/// The most rows one ListTasks page may carry.
+const MAX_PAGE: u32 = 1000;
+
+/// Where the server is and who is asking; every verb takes these.
+#[derive(clap::Args, Clone)]
+pub struct ServerArgs {
+    /// URL of the taskmesh server.
+    #[arg(
+        long,
+        env = "TASKMESH_SERVER",
+        default_value = "http://127.0.0.1:7070",
+        global = true,
+        help_heading = "Server"
+    )]
+    pub server: String,
+
+    /// User token (`tmu_…`), sent as `authorization: Bearer <token>`; the one
+    /// `taskmesh serve` printed on first start, or from `taskmesh token create`.
+    #[arg(
+        long,
+        env = "TASKMESH_TOKEN",
+        hide_env_values = true,
+        global = true,
+        help_heading = "Server"
+    )]
+    pub token: Option<String>,
+}
+
+/// Options of `taskmesh task`.
+#[derive(clap::Args)]
+#[command(after_help = "Example:\n  \
+    ID=$(taskmesh task create --name hello --plan 'echo hello' --start)\n  \
+    taskmesh task watch $ID")]
+pub struct TaskArgs {
+    #[command(flatten)]
+    pub server: ServerArgs,
+    #[command(subcommand)]
+    pub command: TaskCommand,
+}
+
+#[derive(clap::Subcommand)]
+pub enum TaskCommand {
+    /// Create a task and print its id alone on stdout.
+    ///
+    /// Example: ID=$(taskmesh task create --name count --plan 'seq 3' --start)
+    Create(CreateArgs),
+    /// List tasks, newest first, as a table.
+    ///
+    /// Example: taskmesh task list --status running,queued --limit 20
+    List(ListArgs),
+    /// Show one task: its fields, token usage and subtasks.
+    ///
+    /// Example: taskmesh task get $ID
+    Get(IdArg),
+    /// Queue a task to run (a new attempt when it ran before).
+    ///
+    /// Example: taskmesh task start $ID --daemon $DAEMON_ID
+    Start(StartArgs),
+    /// Cancel a queued task, or interrupt a running one.
+    ///
+    /// Example: taskmesh task stop $ID
+    Stop(IdArg),
+    /// Send text to a running agent's stdin; prints the command id.
+    ///
+    /// Example: taskmesh task send $ID 'y'
+    Send(SendArgs),
+    /// Run an interrupted or failed task again on another daemon (or one
+    /// whose daemon is offline, without waiting for the grace), with the
+    /// output recorded so far passed to the agent as context.
+    ///
+    /// Example: taskmesh task reassign $ID --daemon $DAEMON_ID
+    Reassign(StartArgs),
+    /// Give a finished task a follow-up prompt: a new attempt that resumes
+    /// the agent's own conversation when it can.
+    ///
+    /// Example: taskmesh task continue $ID 'now add tests for it'
+    Continue(ContinueArgs),
+    /// Print a task's output from the start (or after --since-seq) and follow
+    /// it live until the task ends.
+    ///
+    /// Output and assistant text go to stdout as they are, other messages
+    /// with a short prefix such as `[tool_use Bash]`; the agent's stderr
+    /// and status changes go to stderr. A dropped connection is resumed
+    /// where it broke, without repeating or skipping a line. Exits 0 when
+    /// the task completes, 1 when it fails, is cancelled or interrupted,
+    /// 130 on Ctrl-C.
+    ///
+    /// Example: taskmesh task watch $ID
+    Watch(WatchArgs),
+}
+
+#[derive(clap::Args)]
+pub struct CreateArgs {
+    /// Workspace id or name; needed when the token sees several.
+    #[arg(long)]
+    pub workspace: Option<String>,
+    /// A short name for the task.
+    #[arg(long)]
+    pub name: String,
+    /// The prompt or plan for the agent (for the `shell` runtime: the script).
+    #[arg(long)]
+    pub plan: Option<String>,
+    /// The agent runtime to run it with, such as `claude`, `codex` or `shell`.
+    #[arg(long, default_value = "shell")]
+    pub runtime: String,
+    /// A git repository URL to clone for the task.
+    #[arg(long)]
+    pub repository: Option<String>,
+    /// The branch of --repository.
+    #[arg(long)]
+    pub branch: Option<String>,
+    /// Make the new task a subtask of this task.
+    #[arg(long, value_name = "TASK_ID")]
+    pub parent: Option<String>,
+    /// Queue the task at once.
+    #[arg(long)]
+    pub start: bool,
+    /// With --start: run it only on this daemon.
+    #[arg(long, value_name = "DAEMON_ID", requires = "start")]
+    pub daemon: Option<String>,
+}
+
+#[derive(clap::Args)]
+pub struct ListArgs {
+    /// Workspace id or name; needed when the token sees several.
+    #[arg(long)]
+    pub workspace: Option<String>,
+    /// Only tasks in this state (repeat or comma-separate): pending, queued,
+    /// dispatched, running, completed, failed, cancelled, interrupted.
+    #[arg(long, value_delimiter = ',', value_parser = parse_status)]
+    pub status: Vec<TaskStatus>,
+    /// Only tasks on this daemon.
+    #[arg(long, value_name = "DAEMON_ID")]
+    pub daemon: Option<String>,
+    /// Only subtasks of this task.
+    #[arg(long, value_name = "TASK_ID")]
+    pub parent: Option<String>,
+    /// The most tasks to show.
+    #[arg(long, default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub limit: u32,
+}
+
+#[derive(clap::Args)]
+pub struct IdArg {
+    /// The task's id.
+    pub id: String,
+}
+
+#[derive(clap::Args)]
+pub struct StartArgs {
+    /// The task's id.
+    pub id: String,
+    /// Run it only on this daemon.
+    #[arg(long, value_name = "DAEMON_ID")]
+    pub daemon: Option<String>,
+}
+
+#[derive(clap::Args)]
+pub struct SendArgs {
+    /// The task's id.
+    pub id: String,
+    /// The text for the agent's stdin.
+    pub text: String,
+}
+
+#[derive(clap::Args)]
+pub struct ContinueArgs {
+    /// The task's id.
+    pub id: String,
+    /// The follow-up prompt.
+    pub prompt: String,
+    /// Run it only on this daemon.
+    #[arg(long, value_name = "DAEMON_ID")]
+    pub daemon: Option<String>,
+}
+
+#[derive(clap::Args)]
+pub struct WatchArgs {
+    /// The task's id.
+    pub id: String,
+    /// Print only output after this seq (0: from the start).
+    #[arg(long, default_value_t = 0,
+          value_parser = clap::value_parser!(i64).range(0..))]
+    pub since_seq: i64,
+}
+
+/// Options of `taskmesh daemons`.
+#[derive(clap::Args)]
+#[command(after_help = "Example:\n  taskmesh daemons --workspace lab")]
+pub struct DaemonsArgs {
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// Workspace id or name; needed when the token sees several.
+    #[arg(long)]
+    pub workspace: Option<String>,
+}
+
+fn parse_status(s: &str) -> Result<TaskStatus, String> {
+    match TaskStatus::from_str_name(&format!("TASK_STATUS_{}", s.to_ascii_uppercase())) {
+        Some(status) if status != TaskStatus::Unspecified => Ok(status),
+        _ => Err(
+            "expected one of pending, queued, dispatched, running, completed, \
+                  failed, cancelled, interrupted"
+                .into(),
+        ),
+    }
+}
+
+/// Why a verb failed, as the one line `taskmesh: …` it prints before
+/// exiting with 1.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(
+        "no token: pass --token or export TASKMESH_TOKEN (the user token \
+         `taskmesh serve` printed on first start, or one from `taskmesh token create`)"
+    )]
+    MissingToken,
+    #[error("invalid token: it must be printable ASCII")]
+    InvalidToken,
+    #[error("invalid --server URL {0:?}: expected something like http://127.0.0.1:7070")]
+    InvalidServer(String),
+    #[error("cannot reach the server at {url}: {cause}")]
+    Unreachable { url: String, cause: String },
+    #[error("{}", format::status(.0))]
+    Rpc(#[from] Status),
+    #[error("the server answered without the {0}")]
+    Incomplete(&'static str),
+    #[error("cannot write the output: {0}")]
+    Write(#[from] std::io::Error),
+    #[error("task {id} ended {}", format::ending(*.status, .reason))]
+    TaskEnded {
+        id: String,
+        status: TaskStatus,
+        reason: String,
+    },
+}
+
+pub type Result<T, E = CliError> = std::result::Result<T, E>;
+
+/// Writes to stdout; unlike `print!`, a closed pipe (`| head`) is an error
+/// rather than a panic.
+fn say(text: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    out.flush()?;
+    Ok(())
+}
+
+/// A line for the person at the terminal, on stderr.
+fn note(line: &str) {
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+type Tasks = TaskServiceClient<InterceptedService<Channel, Bearer>>;
+type Workspaces = WorkspaceServiceClient<InterceptedService<Channel, Bearer>>;
+
+/// A connection to the server, authenticated.
+struct Connection {
+    channel: Channel,
+    auth: Bearer,
+}
+
+impl ServerArgs {
+    /// Checks the token, then connects; a refused connection is reported
+    /// here rather than as the first call's UNAVAILABLE.
+    async fn connect(&self) -> Result<Connection> {
+        let token = self.token.as_deref().map(str::trim).unwrap_or_default();
+        if token.is_empty() {
+            return Err(CliError::MissingToken);
+        }
+        let auth = Bearer::new(token).map_err(|_| CliError::InvalidToken)?;
+        let endpoint = Endpoint::from_shared(self.server.clone())
+            .map_err(|_| CliError::InvalidServer(self.server.clone()))?
+            .connect_timeout(CONNECT_TIMEOUT);
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| CliError::Unreachable {
+                url: self.server.clone(),
+                // The outermost layer only says "transport error".
+                cause: std::error::Error::source(&e).map_or_else(|| e.to_string(), format::causes),
+            })?;
+        Ok(Connection { channel, auth })
+    }
+}
+
+impl Connection {
+    fn tasks(&self) -> Tasks {
+        TaskServiceClient::with_interceptor(self.channel.clone(), self.auth.clone())
+            .max_decoding_message_size(MAX_DECODING_MESSAGE)
+    }
+
+    fn workspaces(&self) -> Workspaces {
+        WorkspaceServiceClient::with_interceptor(self.channel.clone(), self.auth.clone())
+    }
+}
+
+/// Runs `taskmesh task <verb>`.
+pub async fn task(args: TaskArgs) -> Result<()> {
+    let server = &args.server;
+    match args.command {
+        TaskCommand::Create(a) => create(&server.connect().await?, a).await,
+        TaskCommand::List(a) => list(&server.connect().await?, a).await,
+        TaskCommand::Get(a) => get(&server.connect().await?, a).await,
+        TaskCommand::Start(a) => start(&server.connect().await?, a).await,
+        TaskCommand::Stop(a) => stop(&server.connect().await?, a).await,
+        TaskCommand::Send(a) => send(&server.connect().await?, a).await,
+        TaskCommand::Reassign(a) => reassign(&server.connect().await?, a).await,
+        TaskCommand::Continue(a) => continue_task(&server.connect().await?, a).await,
+        TaskCommand::Watch(a) => watch::run(server, a).await,
+    }
+}
+
+async fn create(conn: &Connection, a: CreateArgs) -> Result<()> {
+    let task = conn
+        .tasks()
+        .create_task(pb::CreateTaskRequest {
+            workspace: a.workspace.unwrap_or_default(),
+            name: a.name,
+            plan: a.plan.unwrap_or_default(),
+            parent_task_id: a.parent.unwrap_or_default(),
+            runtime: a.runtime,
+            repository: a.repository.unwrap_or_default(),
+            branch: a.branch.unwrap_or_default(),
+        })
+        .await?
+        .into_inner()
+        .task
+        .ok_or(CliError::Incomplete("task"))?;
+    // The id goes out first, so a script has it even if starting fails.
+    say(&format!("{}\n", task.id))?;
+    if a.start {
+        let started = start_task(conn, task.id, a.daemon).await?;
+        note(&format::status_line(&started));
+    }
+    Ok(())
+}
+
+async fn list(conn: &Connection, a: ListArgs) -> Result<()> {
+    let mut tasks = Vec::new();
+    let mut page_token = String::new();
+    let limit = a.limit as usize;
+    while tasks.len() < limit {
+        let page_size = (limit - tasks.len()).min(MAX_PAGE as usize) as i32;
+        let page = conn
+            .tasks()
+            .list_tasks(pb::ListTasksRequest {
+                workspace: a.workspace.clone().unwrap_or_default(),
+                statuses: a.status.iter().map(|&s| s as i32).collect(),
+                parent_task_id: a.parent.clone().unwrap_or_default(),
+                daemon_id: a.daemon.clone().unwrap_or_default(),
+                page_size,
+                page_token,
+            })
+            .await?
+            .into_inner();
+        tasks.extend(page.tasks);
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    tasks.truncate(limit);
+    say(&format::task_table(&tasks, format::now()))
+}
+
+async fn get(conn: &Connection, a: IdArg) -> Result<()> {
+    let mut client = conn.tasks();
+    let task = client
+        .get_task(pb::GetTaskRequest { id: a.id.clone() })
+        .await?
+        .into_inner()
+        .task
+        .ok_or(CliError::Incomplete("task"))?;
+    let usage = client
+        .get_task_usage(pb::GetTaskUsageRequest { task_id: a.id })
+        .await?
+        .into_inner()
+        .total;
+    say(&format::task_details(&task, usage.as_ref(), format::now()))
+}
+
+async fn start_task(conn: &Connection, id: String, daemon: Option<String>) -> Result<pb::Task> {
+    conn.tasks()
+        .start_task(pb::StartTaskRequest {
+            id,
+            daemon_id: daemon.unwrap_or_default(),
+        })
+        .await?
+        .into_inner()
+        .task
+        .ok_or(CliError::Incomplete("task"))
+}
+
+async fn start(conn: &Connection, a: StartArgs) -> Result<()> {
+    let task = start_task(conn, a.id, a.daemon).await?;
+    say(&format!("{}\n", format::status_line(&task)))
+}
+
+async fn stop(conn: &Connection, a: IdArg) -> Result<()> {
+    let task = conn
+        .tasks()
+        .stop_task(pb::StopTaskRequest { id: a.id })
+        .await?
+        .into_inner()
+        .task
+        .ok_or(CliError::Incomplete("task"))?;
+    say(&format!("{}\n", format::stop_line(&task)))
+}
+
+async fn send(conn: &Connection, a: SendArgs) -> Result<()> {
+    let sent = conn
+        .tasks()
+        .send_message(pb::SendMessageRequest {
+            task_id: a.id,
+            text: a.text,
+        })
+        .await?
+        .into_inner();
+    say(&format!("{}\n", sent.command_id))
+}
+
+async fn reassign(conn: &Connection, a: StartArgs) -> Result<()> {
+    let task = conn
+        .tasks()
+        .reassign_task(pb::ReassignTaskRequest {
+            id: a.id,
+            daemon_id: a.daemon.unwrap_or_default(),
+        })
+        .await?
+        .into_inner()
+        .task
+        .ok_or(CliError::Incomplete("task"))?;
+    say(&format!("{}\n", format::status_line(&task)))
+}
+
+async fn continue_task(conn: &Connection, a: ContinueArgs) -> Result<()> {
+    let task = conn
+        .tasks()
+        .continue_task(pb::ContinueTaskRequest {
+            id: a.id,
+            prompt: a.prompt,
+            daemon_id: a.daemon.unwrap_or_default(),
+        })
+        .await?
+        .into_inner()
+        .task
+        .ok_or(CliError::Incomplete("task"))?;
+    say(&format!("{}\n", format::status_line(&task)))
+}
+
+/// Runs `taskmesh daemons`.
+pub async fn daemons(args: DaemonsArgs) -> Result<()> {
+    let conn = args.server.connect().await?;
+    let mut client = conn.workspaces();
+    let mut daemons = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = client
+            .list_daemons(pb::ListDaemonsRequest {
+                workspace: args.workspace.clone().unwrap_or_default(),
+                page_size: 0,
+                page_token,
+            })
+            .await?
+            .into_inner();
+        daemons.extend(page.daemons);
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    say(&format::daemon_table(&daemons, format::now()))
+}

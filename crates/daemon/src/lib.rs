@@ -1,0 +1,461 @@
+//! The reference daemon: registers with the server, holds one `Session`
+//! stream, and runs each task as a child process group.
+//!
+//! - [`output`]: splitting pipes into lines, typing Claude Code stream-json,
+//!   and the per-task buffer of unacknowledged output.
+//! - [`runner`]: one task's child process, from clone to exit.
+//! - [`session`]: the session loop (commands down; output, end reports,
+//!   heartbeats up; reconnects; graceful stop).
+
+mod output;
+mod runner;
+mod session;
+
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tonic::transport::Endpoint;
+use tracing::info;
+
+use pb::daemon_service_client::DaemonServiceClient;
+use session::Session;
+use taskmesh_proto::Bearer;
+use taskmesh_proto::pb;
+
+/// Largest message accepted from the server (a plan is up to 1 MiB, plus
+/// the rebuilt context).
+const MAX_DECODING_MESSAGE: usize = 16 * 1024 * 1024;
+const VERSION_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Options of `taskmesh daemon`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DaemonArgs {
+    /// URL of the taskmesh server.
+    #[arg(long, env = "TASKMESH_SERVER", default_value = "http://127.0.0.1:7070")]
+    pub server: String,
+
+    /// Daemon token (`tmd_…`), sent as `authorization: Bearer <token>`.
+    #[arg(long, env = "TASKMESH_TOKEN", hide_env_values = true)]
+    pub token: DaemonToken,
+
+    /// Directory for the daemon's state (its machine id); defaults to
+    /// `$HOME/.local/state/taskmesh-daemon`, or `./.taskmesh-daemon`
+    /// without a home.
+    #[arg(long, env = "TASKMESH_DAEMON_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+
+    /// Directory holding one directory per task (a clone of its repository
+    /// when it names one); defaults to `<state-dir>/tasks`.
+    #[arg(long, env = "TASKMESH_DAEMON_WORK_DIR", value_name = "DIR")]
+    pub work_dir: Option<PathBuf>,
+
+    /// An agent runtime: a command run with `sh -c`, with the task's plan in
+    /// `$TASKMESH_PLAN` and appended as a last quoted argument. Repeatable;
+    /// the environment variable takes a comma-separated list. Example:
+    /// `claude='claude -p --output-format stream-json --verbose'`. The
+    /// `shell` runtime (the plan is the script) always exists.
+    #[arg(
+        long = "runtime",
+        env = "TASKMESH_DAEMON_RUNTIMES",
+        value_name = "NAME=COMMAND"
+    )]
+    pub runtimes: Vec<String>,
+
+    /// Most tasks run at once.
+    #[arg(long, env = "TASKMESH_DAEMON_MAX_TASKS", default_value_t = 4,
+          value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub max_tasks: u32,
+
+    /// Seconds between SIGINT and SIGKILL when a task is interrupted.
+    #[arg(
+        long,
+        env = "TASKMESH_DAEMON_INTERRUPT_GRACE_SECS",
+        default_value_t = 10
+    )]
+    pub interrupt_grace_secs: u64,
+
+    /// On shutdown, seconds running tasks may take to finish before they
+    /// are interrupted.
+    #[arg(long, env = "TASKMESH_DAEMON_SHUTDOWN_SECS", default_value_t = 30)]
+    pub shutdown_secs: u64,
+}
+
+/// A daemon token; its `Debug` form does not show the secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DaemonToken(String);
+
+impl DaemonToken {
+    pub fn new(token: impl Into<String>) -> Self {
+        Self(token.into())
+    }
+
+    /// The secret itself.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for DaemonToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("DaemonToken(<redacted>)")
+    }
+}
+
+impl FromStr for DaemonToken {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_owned()))
+    }
+}
+
+impl From<String> for DaemonToken {
+    fn from(s: String) -> Self {
+        Self(s)
+    }
+}
+
+impl From<&str> for DaemonToken {
+    fn from(s: &str) -> Self {
+        Self(s.to_owned())
+    }
+}
+
+/// Why the daemon could not start. Once running it only stops on shutdown:
+/// server trouble is retried.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("invalid --server URL {url:?}: {source}")]
+    InvalidServer {
+        url: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("invalid --token: it must be non-empty printable ASCII")]
+    InvalidToken,
+    #[error("invalid --runtime {spec:?}: {reason}")]
+    InvalidRuntime { spec: String, reason: String },
+    #[error("{path}: {source}")]
+    State {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path} does not hold a machine id (a UUID); remove it to make a new one")]
+    BadMachineId { path: PathBuf },
+}
+
+/// A runtime the daemon advertises and runs.
+#[derive(Debug, Clone)]
+pub(crate) struct RuntimeDef {
+    pub name: String,
+    /// `None` for the built-in `shell` runtime.
+    pub template: Option<String>,
+    pub version: String,
+}
+
+/// The daemon's resolved settings.
+#[derive(Debug)]
+pub(crate) struct Config {
+    pub machine_id: String,
+    pub hostname: String,
+    pub work_dir: PathBuf,
+    pub runtimes: Vec<RuntimeDef>,
+    pub max_tasks: usize,
+    pub interrupt_grace: Duration,
+    pub shutdown_grace: Duration,
+}
+
+/// Runs the daemon until `shutdown` completes and the graceful stop is
+/// done: running tasks get `--shutdown-secs` to finish, are then
+/// interrupted, their end reports are flushed, and the daemon deregisters.
+pub async fn run(
+    args: DaemonArgs,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), DaemonError> {
+    let bearer = Bearer::new(args.token.expose()).map_err(|_| DaemonError::InvalidToken)?;
+    let endpoint = Endpoint::from_shared(args.server.clone())
+        .map_err(|source| DaemonError::InvalidServer {
+            url: args.server.clone(),
+            source,
+        })?
+        .http2_keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .keep_alive_while_idle(true)
+        .connect_timeout(Duration::from_secs(5));
+    let config = resolve_config(&args).await?;
+    info!(
+        server = %args.server,
+        machine_id = %config.machine_id,
+        hostname = %config.hostname,
+        work_dir = %config.work_dir.display(),
+        runtimes = ?config.runtimes.iter().map(|r| format!("{}@{}", r.name, r.version)).collect::<Vec<_>>(),
+        max_tasks = config.max_tasks,
+        "daemon starting"
+    );
+    // The channel reconnects by itself on the next call after a failure.
+    let channel = endpoint.connect_lazy();
+    let client = DaemonServiceClient::with_interceptor(channel, bearer)
+        .max_decoding_message_size(MAX_DECODING_MESSAGE);
+    Session::new(Arc::new(config), client, Box::pin(shutdown))
+        .run()
+        .await;
+    Ok(())
+}
+
+async fn resolve_config(args: &DaemonArgs) -> Result<Config, DaemonError> {
+    let state_dir = args.state_dir.clone().unwrap_or_else(default_state_dir);
+    let work_dir = args
+        .work_dir
+        .clone()
+        .unwrap_or_else(|| state_dir.join("tasks"));
+    let machine_id = load_machine_id(&state_dir).await?;
+    tokio::fs::create_dir_all(&work_dir)
+        .await
+        .map_err(|source| DaemonError::State {
+            path: work_dir.clone(),
+            source,
+        })?;
+    // Task directories are joined to it; keep them absolute for the agent.
+    let work_dir = std::path::absolute(&work_dir).unwrap_or(work_dir);
+
+    let mut runtimes = vec![RuntimeDef {
+        name: "shell".into(),
+        template: None,
+        version: "builtin".into(),
+    }];
+    let defined = parse_runtimes(&args.runtimes)?;
+    let versions =
+        futures_util::future::join_all(defined.iter().map(|(_, cmd)| probe_version(cmd))).await;
+    for ((name, template), version) in defined.into_iter().zip(versions) {
+        runtimes.push(RuntimeDef {
+            name,
+            template: Some(template),
+            version,
+        });
+    }
+    Ok(Config {
+        machine_id,
+        hostname: hostname(),
+        work_dir,
+        runtimes,
+        max_tasks: usize::try_from(args.max_tasks).unwrap_or(1).max(1),
+        interrupt_grace: Duration::from_secs(args.interrupt_grace_secs),
+        shutdown_grace: Duration::from_secs(args.shutdown_secs),
+    })
+}
+
+fn default_state_dir() -> PathBuf {
+    match std::env::var_os("HOME") {
+        Some(home) if !home.is_empty() => PathBuf::from(home).join(".local/state/taskmesh-daemon"),
+        _ => PathBuf::from(".taskmesh-daemon"),
+    }
+}
+
+/// The machine id in `<state_dir>/machine_id`, created on first run. It
+/// keys the daemon on the server, so it is never silently replaced.
+async fn load_machine_id(state_dir: &Path) -> Result<String, DaemonError> {
+    let state_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| DaemonError::State { path, source }
+    };
+    tokio::fs::create_dir_all(state_dir)
+        .await
+        .map_err(state_err(state_dir))?;
+    let path = state_dir.join("machine_id");
+    match tokio::fs::read_to_string(&path).await {
+        Ok(text) => {
+            let id = text.trim();
+            return match uuid::Uuid::parse_str(id) {
+                Ok(_) => Ok(id.to_owned()),
+                Err(_) => Err(DaemonError::BadMachineId { path }),
+            };
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(DaemonError::State { path, source: e }),
+    }
+    let id = uuid::Uuid::new_v4().to_string();
+    // Write then rename, so a crash never leaves a half-written id.
+    let tmp = state_dir.join(format!("machine_id.{}.tmp", std::process::id()));
+    tokio::fs::write(&tmp, format!("{id}\n"))
+        .await
+        .map_err(state_err(&tmp))?;
+    tokio::fs::rename(&tmp, &path)
+        .await
+        .map_err(state_err(&path))?;
+    info!(path = %path.display(), %id, "created machine id");
+    Ok(id)
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok().filter(|s| !s.is_empty()))
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// Does `piece` start a `NAME=COMMAND` entry?
+fn starts_entry(piece: &str) -> bool {
+    let Some((name, _)) = piece.trim_start().split_once('=') else {
+        return false;
+    };
+    valid_runtime_name(name)
+}
+
+fn valid_runtime_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// `NAME=COMMAND` entries from the flags. A value may hold several entries
+/// separated by commas (the environment variable form); a comma not
+/// followed by `NAME=` belongs to the command (`--allowedTools Read,Edit`).
+fn parse_runtimes(values: &[String]) -> Result<Vec<(String, String)>, DaemonError> {
+    let mut entries: Vec<String> = Vec::new();
+    for value in values {
+        let mut first = true;
+        for piece in value.split(',') {
+            match entries.last_mut() {
+                Some(last) if !first && !starts_entry(piece) => {
+                    last.push(',');
+                    last.push_str(piece);
+                }
+                _ => entries.push(piece.to_owned()),
+            }
+            first = false;
+        }
+    }
+    let mut runtimes: Vec<(String, String)> = Vec::new();
+    for entry in entries {
+        if entry.trim().is_empty() {
+            continue;
+        }
+        let invalid = |reason: &str| DaemonError::InvalidRuntime {
+            spec: entry.clone(),
+            reason: reason.into(),
+        };
+        let Some((name, command)) = entry.split_once('=') else {
+            return Err(invalid("expected NAME=COMMAND"));
+        };
+        let (name, command) = (name.trim(), command.trim());
+        if !valid_runtime_name(name) {
+            return Err(invalid(
+                "the name must start with a letter and hold only letters, digits, '-', '_' or '.'",
+            ));
+        }
+        if name == "shell" {
+            return Err(invalid("`shell` is built in"));
+        }
+        if command.is_empty() {
+            return Err(invalid("the command is empty"));
+        }
+        match runtimes.iter_mut().find(|(n, _)| n == name) {
+            Some(existing) => existing.1 = command.to_owned(),
+            None => runtimes.push((name.to_owned(), command.to_owned())),
+        }
+    }
+    Ok(runtimes)
+}
+
+/// The first line of `<first word of the command> --version`, or "unknown".
+async fn probe_version(template: &str) -> String {
+    let Some(program) = template.split_whitespace().next() else {
+        return "unknown".into();
+    };
+    let output = tokio::process::Command::new(program)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    match tokio::time::timeout(VERSION_PROBE_TIMEOUT, output).await {
+        Ok(Ok(out)) if out.status.success() => String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::trim)
+            .find(|l| !l.is_empty())
+            .map(|l| runner::truncate_chars(l, 100))
+            .unwrap_or_else(|| "unknown".into()),
+        _ => "unknown".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: DaemonArgs,
+    }
+
+    #[test]
+    fn runtime_lists_split_on_commas_that_start_an_entry() {
+        let values = vec![
+            "claude=claude -p --allowedTools Read,Edit --output-format stream-json".to_owned(),
+            "codex=codex exec, echo=echo hi".to_owned(),
+        ];
+        let rts = parse_runtimes(&values).expect("valid");
+        assert_eq!(
+            rts,
+            [
+                (
+                    "claude".to_owned(),
+                    "claude -p --allowedTools Read,Edit --output-format stream-json".to_owned()
+                ),
+                ("codex".to_owned(), "codex exec".to_owned()),
+                ("echo".to_owned(), "echo hi".to_owned()),
+            ]
+        );
+        assert!(parse_runtimes(&["shell=bash".to_owned()]).is_err());
+        assert!(parse_runtimes(&["nocommand".to_owned()]).is_err());
+        assert!(parse_runtimes(&["x=".to_owned()]).is_err());
+        assert!(parse_runtimes(&[]).expect("none").is_empty());
+    }
+
+    #[test]
+    fn args_parse_with_defaults_and_hide_the_token() {
+        let cli = Cli::try_parse_from(["daemon", "--token", "tmd_secret", "--runtime", "a=b"])
+            .expect("parses");
+        assert_eq!(cli.args.server, "http://127.0.0.1:7070");
+        assert_eq!(cli.args.max_tasks, 4);
+        assert_eq!(cli.args.interrupt_grace_secs, 10);
+        assert_eq!(cli.args.shutdown_secs, 30);
+        assert_eq!(cli.args.token.expose(), "tmd_secret");
+        assert!(!format!("{:?}", cli.args).contains("tmd_secret"));
+        assert!(Cli::try_parse_from(["daemon", "--token", "t", "--max-tasks", "0"]).is_err());
+    }
+
+    #[tokio::test]
+    async fn machine_id_is_created_once_and_reused() {
+        let dir = std::env::temp_dir().join(format!("taskmesh-state-{}", uuid::Uuid::new_v4()));
+        let first = load_machine_id(&dir).await.expect("created");
+        assert!(uuid::Uuid::parse_str(&first).is_ok());
+        let again = load_machine_id(&dir).await.expect("read");
+        assert_eq!(first, again);
+        std::fs::write(dir.join("machine_id"), "garbage").expect("write");
+        assert!(matches!(
+            load_machine_id(&dir).await,
+            Err(DaemonError::BadMachineId { .. })
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn version_probe_takes_the_first_line_or_unknown() {
+        assert_eq!(probe_version("no-such-program-xyz --flag").await, "unknown");
+        let v = probe_version("git clone").await;
+        assert!(v.starts_with("git version"), "{v}");
+    }
+}

@@ -1,0 +1,216 @@
+//! The server's commands: `taskmesh serve` and `taskmesh token create`,
+//! their flags (with env fallbacks) and their startup checklist.
+
+use std::future::Future;
+use std::time::Duration;
+
+use clap::{Subcommand, ValueEnum};
+use tokio::net::TcpListener;
+
+use crate::domain::{Domain, Liveness};
+use crate::model::TokenKind;
+use crate::server::{self, ServerConfig};
+use crate::store::Store;
+
+#[derive(clap::Args)]
+pub struct DatabaseArg {
+    /// Database URL: a SQLite file (`sqlite://taskmesh.db`, or a bare path)
+    /// or `postgres://user@host/db` to share one database between replicas.
+    #[arg(
+        long,
+        env = "TASKMESH_DATABASE_URL",
+        default_value = "sqlite://taskmesh.db"
+    )]
+    pub database_url: String,
+}
+
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "TASKMESH_LISTEN", default_value = "127.0.0.1:7070")]
+    pub listen: String,
+    #[command(flatten)]
+    pub database: DatabaseArg,
+    /// Origins browsers may call from, comma-separated; any origin when unset.
+    #[arg(
+        long = "cors-origin",
+        env = "TASKMESH_CORS_ORIGINS",
+        value_delimiter = ','
+    )]
+    pub cors_origins: Vec<String>,
+    /// Seconds between HTTP/2 keepalive pings (and to wait for their answer).
+    #[arg(long, env = "TASKMESH_KEEPALIVE_SECS", default_value_t = 20,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub keepalive_secs: u64,
+    /// Seconds to let open streams finish after SIGINT/SIGTERM.
+    #[arg(long, env = "TASKMESH_DRAIN_SECS", default_value_t = 10)]
+    pub drain_secs: u64,
+    /// How often daemons send heartbeats (told to them when they register).
+    /// A daemon silent for 3 intervals is offline. Units: ms, s, m, h.
+    #[arg(long, env = "TASKMESH_HEARTBEAT", default_value = "15s", value_parser = parse_duration)]
+    pub heartbeat: Duration,
+    /// How long after a daemon's last sign of life its running tasks become
+    /// interrupted and its dispatched ones are queued again, unless it comes
+    /// back and reports them running.
+    #[arg(long, env = "TASKMESH_OFFLINE_GRACE", default_value = "2m", value_parser = parse_duration)]
+    pub offline_grace: Duration,
+    /// How long a dispatched task waits for its daemon to take the SpawnTask
+    /// before it is queued again.
+    #[arg(long, env = "TASKMESH_DISPATCH_TIMEOUT", default_value = "1m", value_parser = parse_duration)]
+    pub dispatch_timeout: Duration,
+}
+
+/// `500ms`, `15s`, `2m`, `1h`; a bare number is seconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 500ms, 15s, 2m or 1h"))?;
+    let d = match unit.trim() {
+        "ms" => Duration::from_millis(n),
+        "" | "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        other => return Err(format!("unknown unit {other:?}; use ms, s, m or h")),
+    };
+    if d.is_zero() {
+        return Err("must be more than zero".into());
+    }
+    Ok(d)
+}
+
+#[derive(Subcommand)]
+pub enum TokenCommand {
+    /// Create a token and print its secret alone on stdout (shown once).
+    ///
+    /// Example: export TASKMESH_TOKEN=$(taskmesh token create --kind daemon)
+    Create(TokenCreateArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum KindArg {
+    /// For people and scripts: TaskService and WorkspaceService.
+    User,
+    /// For `taskmesh daemon`: DaemonService in one workspace.
+    Daemon,
+}
+
+#[derive(clap::Args)]
+pub struct TokenCreateArgs {
+    #[command(flatten)]
+    pub database: DatabaseArg,
+    /// Workspace the token is for (created if missing).
+    #[arg(long, default_value = "default")]
+    pub workspace: String,
+    /// What the token may do.
+    #[arg(long, value_enum, default_value = "user")]
+    pub kind: KindArg,
+    /// A label to tell tokens apart in ListTokens.
+    #[arg(long, default_value = "cli")]
+    pub name: String,
+    /// For user tokens: the user it acts as (created and added to the
+    /// workspace if missing).
+    #[arg(long, default_value = "admin")]
+    pub user: String,
+}
+
+pub type CliResult = Result<(), Box<dyn std::error::Error>>;
+
+async fn connect(url: &str) -> Result<Store, String> {
+    Store::connect(url)
+        .await
+        .map_err(|e| format!("cannot open the database {url}: {e}"))
+}
+
+/// `taskmesh serve`: opens the database, prints the first-start token and
+/// the URL, serves until `shutdown`, then drains for `--drain-secs`.
+pub async fn serve(
+    args: ServeArgs,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> CliResult {
+    let store = connect(&args.database.database_url).await?;
+    let liveness = Liveness {
+        heartbeat: args.heartbeat,
+        grace: args.offline_grace,
+        dispatch_timeout: args.dispatch_timeout,
+    };
+    let domain = Domain::with_liveness(store.clone(), liveness);
+    if let Some(secret) = domain.bootstrap().await? {
+        println!(
+            "\nFirst start: created a user token for workspace \"default\". It is shown once:\n\n    {secret}\n\n\
+             Use it as:  export TASKMESH_TOKEN={secret}\n\
+             and send it as `authorization: Bearer $TASKMESH_TOKEN`. More tokens: `taskmesh token create`.\n"
+        );
+    }
+    let listener = TcpListener::bind(&args.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(backend = ?store.backend(), "database ready");
+    println!("taskmesh listening on http://{addr}  (gRPC, gRPC-web and the dashboard)");
+
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        tracing::info!("shutting down: no new connections; draining open ones");
+        let _ = stop_tx.send(true);
+    });
+    let mut stopped = stop_rx.clone();
+    let config = ServerConfig {
+        cors_origins: args.cors_origins,
+        keepalive: Duration::from_secs(args.keepalive_secs),
+    };
+    let server = server::run(listener, domain, config, async move {
+        let _ = stopped.wait_for(|s| *s).await;
+    });
+    let drain = Duration::from_secs(args.drain_secs);
+    tokio::select! {
+        r = server => r?,
+        _ = async { let _ = stop_rx.wait_for(|s| *s).await; tokio::time::sleep(drain).await } => {
+            tracing::warn!("drain deadline passed; closing the remaining streams");
+        }
+    }
+    store.close().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// `taskmesh token create`: a token minted straight in the database.
+pub async fn token_create(args: TokenCreateArgs) -> CliResult {
+    let store = connect(&args.database.database_url).await?;
+    let domain = Domain::new(store.clone());
+    let kind = match args.kind {
+        KindArg::User => TokenKind::User,
+        KindArg::Daemon => TokenKind::Daemon,
+    };
+    let (_, secret, ws) = domain
+        .create_token_unchecked(&args.workspace, kind, &args.name, &args.user)
+        .await?;
+    store.close().await;
+    eprintln!(
+        "created a {kind} token for workspace {} (shown once)",
+        ws.name
+    );
+    println!("{secret}");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_take_units() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("15s"), Ok(Duration::from_secs(15)));
+        assert_eq!(parse_duration("15"), Ok(Duration::from_secs(15)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("s").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+}

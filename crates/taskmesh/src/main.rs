@@ -1,0 +1,94 @@
+//! The `taskmesh` command. Each subcommand hands its parsed flags to one
+//! crate: `serve` and `token` to taskmesh-server, `daemon` to
+//! taskmesh-daemon, `task` and `daemons` to taskmesh-cli, `bench` to
+//! taskmesh-bench.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use taskmesh_server::cmd::{ServeArgs, TokenCommand};
+use tracing_subscriber::EnvFilter;
+
+/// taskmesh: a control plane for coding-agent daemons.
+///
+/// Run `taskmesh serve`, take the token it prints on first start, and talk to
+/// it with buf curl, grpcurl, a browser or a daemon on the same port.
+#[derive(Parser)]
+#[command(version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the control plane: gRPC, gRPC-web, reflection, health and the
+    /// dashboard on one port.
+    Serve(ServeArgs),
+    /// Manage access tokens directly in the database.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Run the reference daemon: take tasks from a server and run each as a
+    /// child process.
+    Daemon(taskmesh_daemon::DaemonArgs),
+    /// Create, list, start, stop and watch tasks on a running server.
+    Task(taskmesh_cli::TaskArgs),
+    /// List the daemons of a workspace on a running server.
+    Daemons(taskmesh_cli::DaemonsArgs),
+    /// Measure a real server with real clients, each figure beside its floor.
+    Bench(taskmesh_bench::BenchArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("taskmesh: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Serve(args) => taskmesh_server::cmd::serve(args, shutdown_signal()).await,
+            Command::Token(TokenCommand::Create(args)) => {
+                taskmesh_server::cmd::token_create(args).await
+            }
+            Command::Daemon(args) => taskmesh_daemon::run(args, shutdown_signal())
+                .await
+                .map_err(Into::into),
+            Command::Task(args) => taskmesh_cli::task(args).await.map_err(Into::into),
+            Command::Daemons(args) => taskmesh_cli::daemons(args).await.map_err(Into::into),
+            Command::Bench(args) => taskmesh_bench::run(args).await.map_err(|e| e as _),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("taskmesh: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} },
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

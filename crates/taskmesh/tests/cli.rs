@@ -1,0 +1,171 @@
+//! The binary as an operator runs it: `taskmesh serve` prints a token on
+//! first start and stops cleanly on SIGTERM; `taskmesh token create` prints
+//! a working token alone on stdout.
+
+use taskmesh_testkit as common;
+use taskmesh_testkit::both_backends;
+
+use std::process::Stdio;
+
+use common::{Backend, TestDb};
+use taskmesh_server::pb;
+use taskmesh_server::pb::task_service_client::TaskServiceClient;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_taskmesh");
+
+async fn serve_and_use(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--database-url",
+            &db.url,
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let (mut token, mut url) = (None, None);
+    while let Some(line) = lines.next_line().await.unwrap() {
+        if let Some(t) = line.trim().strip_prefix("tmu_") {
+            token.get_or_insert(format!("tmu_{t}"));
+        }
+        if let Some(rest) = line.strip_prefix("taskmesh listening on ") {
+            url = Some(rest.split_whitespace().next().unwrap().to_string());
+            break;
+        }
+    }
+    let (token, url) = (
+        token.expect("first start prints a token"),
+        url.expect("listening line"),
+    );
+
+    let channel = tonic::transport::Endpoint::from_shared(url)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut c = TaskServiceClient::with_interceptor(channel.clone(), common::bearer(Some(&token)));
+    let t = c
+        .create_task(pb::CreateTaskRequest {
+            name: "cli".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap();
+
+    // `token create` against the same database, while the server runs.
+    let out = std::process::Command::new(BIN)
+        .args([
+            "token",
+            "create",
+            "--database-url",
+            &db.url,
+            "--name",
+            "script",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let secret = stdout.trim_end_matches('\n');
+    assert!(
+        secret.starts_with("tmu_") && !secret.contains(char::is_whitespace),
+        "{stdout:?}"
+    );
+    let mut c2 = TaskServiceClient::with_interceptor(channel, common::bearer(Some(secret)));
+    c2.get_task(pb::GetTaskRequest { id: t.id }).await.unwrap();
+
+    // SIGTERM: a clean exit.
+    let pid = child.id().unwrap().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = child.wait().await.unwrap();
+    assert!(status.success(), "{status:?}");
+
+    // A second start on the same database prints no new token.
+    let out = std::process::Command::new(BIN)
+        .args([
+            "token",
+            "create",
+            "--database-url",
+            &db.url,
+            "--kind",
+            "daemon",
+            "--workspace",
+            "lab",
+        ])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8(out.stdout).unwrap().starts_with("tmd_"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("workspace lab"));
+}
+
+#[test]
+fn help_explains_every_flag_and_env() {
+    let out = std::process::Command::new(BIN)
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8(out.stdout).unwrap();
+    for needle in [
+        "--listen",
+        "TASKMESH_LISTEN",
+        "--database-url",
+        "TASKMESH_DATABASE_URL",
+        "--cors-origin",
+        "127.0.0.1:7070",
+    ] {
+        assert!(
+            help.contains(needle),
+            "serve --help lacks {needle}:\n{help}"
+        );
+    }
+    let out = std::process::Command::new(BIN)
+        .args(["token", "create", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8(out.stdout).unwrap();
+    for needle in ["--workspace", "--kind", "daemon", "TASKMESH_DATABASE_URL"] {
+        assert!(
+            help.contains(needle),
+            "token create --help lacks {needle}:\n{help}"
+        );
+    }
+}
+
+#[test]
+fn a_bad_database_url_is_a_clear_error() {
+    let out = std::process::Command::new(BIN)
+        .args([
+            "token",
+            "create",
+            "--database-url",
+            "postgres://nobody@127.0.0.1:1/none",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot open the database"));
+}
+
+both_backends!(serve_and_use);

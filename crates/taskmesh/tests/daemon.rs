@@ -1,0 +1,336 @@
+//! The reference daemon end to end, as a real `taskmesh daemon` process
+//! running shell tasks against a real server, on SQLite and PostgreSQL:
+//! 10,000 lines reach a watcher once and in order; the server is SIGKILLed
+//! mid-task and restarted, and nothing is lost or doubled; an interrupt
+//! kills the task's whole process group; SendMessage reaches stdin.
+
+use taskmesh_testkit as common;
+use taskmesh_testkit::both_backends;
+
+use std::time::Duration;
+
+use common::process::{DaemonProcess, ServeProcess, create_token, is_dead};
+use common::{Backend, Tasks, TestDb, start_server};
+use taskmesh_server::model::TokenKind;
+use taskmesh_server::pb::task_service_client::TaskServiceClient;
+use taskmesh_server::pb::{self, TaskStatus, watch_task_response::Event};
+use tokio_stream::StreamExt;
+use tonic::transport::Endpoint;
+
+const PATIENCE: Duration = Duration::from_secs(60);
+
+/// A WatchTask stream and every message it delivered so far.
+struct Watch {
+    stream: tonic::Streaming<pb::WatchTaskResponse>,
+    messages: Vec<pb::TaskMessage>,
+}
+
+impl Watch {
+    async fn open(tasks: &mut Tasks, task_id: &str, since_seq: i64) -> Watch {
+        let stream = tasks
+            .watch_task(pb::WatchTaskRequest {
+                task_id: task_id.into(),
+                since_seq,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        Watch {
+            stream,
+            messages: Vec::new(),
+        }
+    }
+
+    /// Reads until a task event satisfies `done`; answers that task.
+    async fn until(
+        &mut self,
+        what: &str,
+        done: impl Fn(&pb::Task, &[pb::TaskMessage]) -> bool,
+    ) -> pb::Task {
+        let read = async {
+            while let Some(ev) = self.stream.next().await {
+                match ev.expect("watch event").event {
+                    Some(Event::Message(m)) => self.messages.push(m),
+                    Some(Event::Task(t)) if done(&t, &self.messages) => return t,
+                    _ => {}
+                }
+            }
+            panic!("the watch ended before {what}");
+        };
+        tokio::time::timeout(PATIENCE, read)
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+    }
+
+    async fn until_status(&mut self, status: TaskStatus) -> pb::Task {
+        self.until(&format!("{status:?}"), |t, _| t.status == status as i32)
+            .await
+    }
+
+    /// Reads until a message with this exact content arrived.
+    async fn until_line(&mut self, line: &str) {
+        let read = async {
+            if self.messages.iter().any(|m| m.content == line) {
+                return;
+            }
+            while let Some(ev) = self.stream.next().await {
+                if let Some(Event::Message(m)) = ev.expect("watch event").event {
+                    let found = m.content == line;
+                    self.messages.push(m);
+                    if found {
+                        return;
+                    }
+                }
+            }
+            panic!("the watch ended before {line:?}");
+        };
+        tokio::time::timeout(PATIENCE, read)
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting for {line:?}"))
+    }
+}
+
+async fn create_and_start(tasks: &mut Tasks, name: &str, plan: &str) -> pb::Task {
+    let task = tasks
+        .create_task(pb::CreateTaskRequest {
+            name: name.into(),
+            plan: plan.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap();
+    tasks
+        .start_task(pb::StartTaskRequest {
+            id: task.id.clone(),
+            daemon_id: String::new(),
+        })
+        .await
+        .unwrap();
+    task
+}
+
+/// Every stored message of a task, paging through ListTaskMessages.
+async fn stored(tasks: &mut Tasks, task_id: &str) -> Vec<pb::TaskMessage> {
+    let mut all: Vec<pb::TaskMessage> = Vec::new();
+    loop {
+        let since_seq = all.last().map_or(0, |m| m.seq);
+        let page = tasks
+            .list_task_messages(pb::ListTaskMessagesRequest {
+                task_id: task_id.into(),
+                since_seq,
+                limit: 5000,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if page.messages.is_empty() {
+            return all;
+        }
+        all.extend(page.messages);
+    }
+}
+
+/// Messages 1..=n are exactly `line 1` … `line n`, numbered 1..=n.
+fn assert_numbered_lines(messages: &[pb::TaskMessage], n: usize) {
+    let lines: Vec<&pb::TaskMessage> = messages
+        .iter()
+        .filter(|m| m.kind == pb::MessageKind::Stdout as i32)
+        .collect();
+    assert_eq!(lines.len(), n, "stdout messages");
+    for (i, m) in lines.iter().enumerate() {
+        assert_eq!(m.content, format!("line {}", i + 1), "message {i}");
+    }
+    for (i, m) in messages.iter().enumerate() {
+        assert_eq!(m.seq, i as i64 + 1, "seqs are contiguous from 1");
+    }
+}
+
+/// A task printing 10,000 numbered lines: a watcher opened before it
+/// starts receives every line once, in order, then the completion.
+async fn ten_thousand_lines_reach_a_watcher(backend: Backend) {
+    let s = start_server(backend).await;
+    let token = s.token_in("default", TokenKind::Daemon).await;
+    let daemon = DaemonProcess::start(&s.url(), &token, &[]);
+    let mut tasks = s.tasks().await;
+    let task = tasks
+        .create_task(pb::CreateTaskRequest {
+            name: "ten thousand".into(),
+            plan: "seq 1 10000 | sed 's/^/line /'".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap();
+    let mut watch = Watch::open(&mut tasks, &task.id, 0).await;
+    tasks
+        .start_task(pb::StartTaskRequest {
+            id: task.id.clone(),
+            daemon_id: String::new(),
+        })
+        .await
+        .unwrap();
+    let done = watch
+        .until("completion", |t, _| {
+            t.status != TaskStatus::Pending as i32
+                && t.status != TaskStatus::Queued as i32
+                && t.status != TaskStatus::Dispatched as i32
+                && t.status != TaskStatus::Running as i32
+        })
+        .await;
+    assert_eq!(done.status, TaskStatus::Completed as i32, "{done:?}");
+    assert_numbered_lines(&watch.messages, 10_000);
+    assert_numbered_lines(&stored(&mut tasks, &task.id).await, 10_000);
+    daemon.stop().await;
+}
+
+/// The server is SIGKILLed while the task is printing and restarted on the
+/// same database and address: the daemon reconnects, resends what was not
+/// acknowledged, the task completes, and the stored output has every line
+/// once, with no gap.
+async fn server_killed_mid_task(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let flags = ["--heartbeat", "200ms"];
+    let server = ServeProcess::start(&db.url, "127.0.0.1:0", &flags).await;
+    let user = server.token.clone().expect("first start prints a token");
+    let daemon_token = create_token(&db.url, "daemon").await;
+    let daemon = DaemonProcess::start(&server.url(), &daemon_token, &[]);
+    let client = |url: String, token: String| async move {
+        let channel = Endpoint::from_shared(url).unwrap().connect().await.unwrap();
+        TaskServiceClient::with_interceptor(channel, common::bearer(Some(&token)))
+    };
+    let mut tasks = client(server.url(), user.clone()).await;
+    // 3,000 lines, a pause for input, then 7,000 more in slow chunks, so the
+    // server dies while output is still flowing.
+    let plan = "seq 1 3000 | sed 's/^/line /'\n\
+                read go\n\
+                for start in $(seq 3001 500 9501); do\n\
+                  seq $start $((start + 499)) | sed 's/^/line /'\n\
+                  sleep 0.2\n\
+                done";
+    let task = create_and_start(&mut tasks, "survives a crash", plan).await;
+    let mut watch = Watch::open(&mut tasks, &task.id, 0).await;
+    watch.until_line("line 3000").await;
+    tasks
+        .send_message(pb::SendMessageRequest {
+            task_id: task.id.clone(),
+            text: "go".into(),
+        })
+        .await
+        .unwrap();
+    watch.until_line("line 3600").await;
+    let addr = server.addr.clone();
+    server.kill().await;
+
+    let server = ServeProcess::start(&db.url, &addr, &flags).await;
+    let mut tasks = client(server.url(), user).await;
+    let mut watch = Watch::open(&mut tasks, &task.id, i64::MAX).await;
+    let done = watch
+        .until("the end", |t, _| {
+            t.status == TaskStatus::Completed as i32 || t.status == TaskStatus::Failed as i32
+        })
+        .await;
+    assert_eq!(done.status, TaskStatus::Completed as i32, "{done:?}");
+    assert_numbered_lines(&stored(&mut tasks, &task.id).await, 10_000);
+    daemon.stop().await;
+    drop(server);
+}
+
+/// Stopping a running task interrupts its whole process group: the shell,
+/// its child and its grandchild all die, and the task ends cancelled.
+async fn interrupt_kills_the_process_group(backend: Backend) {
+    let s = start_server(backend).await;
+    let token = s.token_in("default", TokenKind::Daemon).await;
+    let daemon = DaemonProcess::start(&s.url(), &token, &["--interrupt-grace-secs", "1"]);
+    let mut tasks = s.tasks().await;
+    let plan = "sleep 300 &\n\
+                echo \"child $!\"\n\
+                sh -c 'sleep 300 & echo \"grandchild $!\"; wait' &\n\
+                wait";
+    let task = create_and_start(&mut tasks, "a family", plan).await;
+    let mut watch = Watch::open(&mut tasks, &task.id, 0).await;
+    let pid_of = |watch: &Watch, who: &str| -> Option<i32> {
+        watch.messages.iter().find_map(|m| {
+            m.content
+                .strip_prefix(&format!("{who} "))
+                .and_then(|p| p.parse().ok())
+        })
+    };
+    let pids = tokio::time::timeout(PATIENCE, async {
+        loop {
+            if let (Some(c), Some(g)) = (pid_of(&watch, "child"), pid_of(&watch, "grandchild")) {
+                return [c, g];
+            }
+            match watch
+                .stream
+                .next()
+                .await
+                .expect("watch open")
+                .unwrap()
+                .event
+            {
+                Some(Event::Message(m)) => watch.messages.push(m),
+                _ => continue,
+            }
+        }
+    })
+    .await
+    .expect("the task prints its children's pids");
+    assert!(
+        pids.iter().all(|p| !is_dead(*p)),
+        "both run before the stop"
+    );
+
+    tasks
+        .stop_task(pb::StopTaskRequest {
+            id: task.id.clone(),
+        })
+        .await
+        .unwrap();
+    watch.until_status(TaskStatus::Cancelled).await;
+    // The group was signalled before the task ended; the kernel may still be
+    // tearing the processes down, so allow it a moment.
+    let gone = async {
+        while !pids.iter().all(|p| is_dead(*p)) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), gone)
+        .await
+        .unwrap_or_else(|_| panic!("processes {pids:?} survived the interrupt"));
+    daemon.stop().await;
+}
+
+/// SendMessage text arrives on the agent's stdin.
+async fn send_message_reaches_stdin(backend: Backend) {
+    let s = start_server(backend).await;
+    let token = s.token_in("default", TokenKind::Daemon).await;
+    let daemon = DaemonProcess::start(&s.url(), &token, &[]);
+    let mut tasks = s.tasks().await;
+    let task = create_and_start(&mut tasks, "listens", "read line\necho \"got: $line\"").await;
+    let mut watch = Watch::open(&mut tasks, &task.id, 0).await;
+    watch.until_status(TaskStatus::Running).await;
+    tasks
+        .send_message(pb::SendMessageRequest {
+            task_id: task.id.clone(),
+            text: "hello agent".into(),
+        })
+        .await
+        .unwrap();
+    let done = watch.until_status(TaskStatus::Completed).await;
+    assert_eq!(done.status, TaskStatus::Completed as i32);
+    let contents: Vec<&str> = watch.messages.iter().map(|m| m.content.as_str()).collect();
+    assert_eq!(contents, ["got: hello agent"]);
+    daemon.stop().await;
+}
+
+both_backends!(
+    ten_thousand_lines_reach_a_watcher,
+    server_killed_mid_task,
+    interrupt_kills_the_process_group,
+    send_message_reaches_stdin,
+);

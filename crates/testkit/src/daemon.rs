@@ -1,0 +1,209 @@
+//! A scripted daemon: registers, opens a session and speaks it message by
+//! message, so tests can hold the daemon's side of the protocol exactly.
+
+use taskmesh_server::pb::daemon_service_client::DaemonServiceClient;
+use taskmesh_server::pb::session_request::Message as Up;
+use taskmesh_server::pb::session_response::Message as Down;
+use taskmesh_server::pb::{self, MessageKind, command::Kind};
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+use taskmesh_server::model::TokenKind;
+
+use super::{Bearer, TestServer};
+
+pub type Daemons = DaemonServiceClient<InterceptedService<Channel, Bearer>>;
+
+pub async fn daemon_client(s: &TestServer, token: &str) -> Daemons {
+    DaemonServiceClient::with_interceptor(s.channel().await, super::bearer(Some(token)))
+}
+
+pub async fn register(c: &mut Daemons, machine: &str, max: i32) -> String {
+    c.register(pb::RegisterRequest {
+        machine_id: machine.into(),
+        hostname: "test".into(),
+        version: "0".into(),
+        runtimes: vec![pb::Runtime {
+            name: "shell".into(),
+            version: "builtin".into(),
+        }],
+        max_concurrent_tasks: max,
+        legacy_ids: vec![],
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .daemon
+    .unwrap()
+    .id
+}
+
+/// A scripted daemon session.
+pub struct Session {
+    pub up: mpsc::Sender<pb::SessionRequest>,
+    pub down: tonic::Streaming<pb::SessionResponse>,
+}
+
+impl Session {
+    pub async fn open(c: &mut Daemons, daemon_id: &str, running: Vec<String>) -> Session {
+        let (up, rx) = mpsc::channel(64);
+        up.send(pb::SessionRequest {
+            message: Some(Up::Open(pb::SessionOpen {
+                daemon_id: daemon_id.into(),
+                running_task_ids: running,
+            })),
+        })
+        .await
+        .unwrap();
+        let mut down = c
+            .session(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        match down.next().await.unwrap().unwrap().message {
+            Some(Down::Ready(r)) => assert_eq!(r.daemon_id, daemon_id),
+            other => panic!("expected ready, got {other:?}"),
+        }
+        Session { up, down }
+    }
+
+    pub async fn send(&self, m: Up) {
+        self.up
+            .send(pb::SessionRequest { message: Some(m) })
+            .await
+            .unwrap();
+    }
+
+    pub async fn next(&mut self) -> Down {
+        self.down
+            .next()
+            .await
+            .expect("stream open")
+            .expect("no error")
+            .message
+            .unwrap()
+    }
+
+    pub async fn command(&mut self) -> pb::Command {
+        match self.next().await {
+            Down::Command(c) => c,
+            other => panic!("expected a command, got {other:?}"),
+        }
+    }
+
+    pub async fn started(&self, task_id: &str, attempt: i32) {
+        self.send(Up::Started(pb::ReportTaskStartedRequest {
+            task_id: task_id.into(),
+            attempt,
+            pid: 1,
+        }))
+        .await;
+    }
+
+    pub async fn ack(&self, command_id: &str) {
+        self.send(Up::CommandResult(pb::CommandResult {
+            command_id: command_id.into(),
+            status: pb::CommandResultStatus::Ok as i32,
+            ..Default::default()
+        }))
+        .await;
+    }
+
+    pub async fn output(
+        &mut self,
+        task_id: &str,
+        seqs: impl IntoIterator<Item = i64>,
+        text: impl Fn(i64) -> String,
+    ) -> i64 {
+        let messages = seqs
+            .into_iter()
+            .map(|seq| pb::TaskMessageInput {
+                seq,
+                kind: MessageKind::Stdout as i32,
+                content: text(seq),
+                ..Default::default()
+            })
+            .collect();
+        self.send(Up::Messages(pb::ReportTaskMessagesRequest {
+            task_id: task_id.into(),
+            messages,
+        }))
+        .await;
+        match self.next().await {
+            Down::OutputAck(a) => {
+                assert_eq!(a.task_id, task_id);
+                a.acked_seq
+            }
+            other => panic!("expected an ack, got {other:?}"),
+        }
+    }
+}
+
+pub fn spawn_of(c: &pb::Command) -> &pb::SpawnTask {
+    match &c.kind {
+        Some(Kind::SpawnTask(s)) => s,
+        other => panic!("expected SpawnTask, got {other:?}"),
+    }
+}
+
+pub async fn new_task(s: &TestServer, name: &str) -> pb::Task {
+    let mut c = s.tasks().await;
+    c.create_task(pb::CreateTaskRequest {
+        name: name.into(),
+        plan: "echo hi".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .task
+    .unwrap()
+}
+
+/// A daemon registered in workspace `default` with a token of its own.
+pub async fn connect_daemon(s: &TestServer, machine: &str, max: i32) -> (Daemons, String) {
+    let token = s.token_in("default", TokenKind::Daemon).await;
+    let mut client = daemon_client(s, &token).await;
+    let id = register(&mut client, machine, max).await;
+    (client, id)
+}
+
+/// A task's audit trail.
+pub async fn events(s: &TestServer, task_id: &str) -> Vec<pb::TaskEvent> {
+    s.tasks()
+        .await
+        .list_task_events(pb::ListTaskEventsRequest {
+            task_id: task_id.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events
+}
+
+/// StartTask as the admin.
+pub async fn start(s: &TestServer, id: &str) {
+    s.tasks()
+        .await
+        .start_task(pb::StartTaskRequest {
+            id: id.into(),
+            daemon_id: String::new(),
+        })
+        .await
+        .unwrap();
+}
+
+pub async fn get(s: &TestServer, id: &str) -> pb::Task {
+    s.tasks()
+        .await
+        .get_task(pb::GetTaskRequest { id: id.into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap()
+}
