@@ -1,5 +1,6 @@
 //! Plain types shared by every layer. Enums carry the one pair of string
-//! conversions used for storage; the gRPC conversions live in `api::convert`.
+//! conversions used for storage; the gRPC conversions live in `wire` (out)
+//! and `api::parse` (in).
 
 use std::fmt;
 
@@ -43,6 +44,24 @@ stored_enum! {
         Failed => "failed",
         Cancelled => "cancelled",
         Interrupted => "interrupted",
+    }
+}
+
+impl TaskStatus {
+    /// A task a daemon holds or is about to hold.
+    pub fn is_active(self) -> bool {
+        matches!(self, TaskStatus::Dispatched | TaskStatus::Running)
+    }
+
+    /// Finished: a new start is a new attempt.
+    pub fn is_finished(self) -> bool {
+        matches!(
+            self,
+            TaskStatus::Completed
+                | TaskStatus::Failed
+                | TaskStatus::Cancelled
+                | TaskStatus::Interrupted
+        )
     }
 }
 

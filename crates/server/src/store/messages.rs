@@ -1,0 +1,241 @@
+//! Task output: stored idempotently on (task, seq), with the task's mark
+//! (`last_seq`, the highest contiguous seq) moved in the same transaction.
+
+use std::sync::LazyLock;
+
+use sqlx::Row;
+
+use super::*;
+use crate::model::*;
+
+/// A message as a daemon reported it, after redaction.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    pub seq: i64,
+    pub kind: MessageKind,
+    pub content: String,
+    pub tool_name: String,
+    pub tool_input_json: String,
+}
+
+/// Rows per INSERT of output: 8 parameters each stays far below SQLite's
+/// parameter limit and keeps statements a manageable size.
+/// Moves a mark only from the value the caller saw, for the same daemon
+/// and attempt, while the task is on that daemon.
+static APPEND_MARK: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "UPDATE tasks SET last_seq = $3 WHERE id = $1 AND last_seq = $2 AND daemon_id = $4 \
+         AND attempt = $5 AND status IN {}",
+        *ACTIVE
+    )
+});
+
+const MESSAGE_CHUNK: usize = 500;
+
+impl Store {
+    /// Output with seq greater than `since_seq`, in order.
+    pub async fn list_messages(
+        &self,
+        task_id: &str,
+        since_seq: i64,
+        limit: i64,
+    ) -> Result<Vec<TaskMessage>> {
+        let rows = sqlx::query(
+            "SELECT task_id, seq, kind, content, tool_name, tool_input_json, attempt, created_at \
+             FROM task_messages WHERE task_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+        )
+        .bind(task_id)
+        .bind(since_seq)
+        .bind(limit)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(TaskMessage {
+                    task_id: r.try_get("task_id")?,
+                    seq: r.try_get("seq")?,
+                    kind: parse_enum(&r.try_get::<String, _>("kind")?)?,
+                    content: r.try_get("content")?,
+                    tool_name: r.try_get("tool_name")?,
+                    tool_input_json: r.try_get("tool_input_json")?,
+                    attempt: r.try_get("attempt")?,
+                    created_at: r.try_get("created_at")?,
+                })
+            })
+            .collect()
+    }
+
+    /// The newest `limit` messages of a task, oldest first.
+    pub async fn last_messages(&self, task_id: &str, limit: i64) -> Result<Vec<TaskMessage>> {
+        let newest = sqlx::query(
+            "SELECT seq FROM task_messages WHERE task_id = $1 ORDER BY seq DESC LIMIT 1 OFFSET $2",
+        )
+        .bind(task_id)
+        .bind(limit)
+        .fetch_optional(&self.reader)
+        .await?;
+        let since = match newest {
+            Some(row) => row.try_get::<i64, _>(0)?,
+            None => 0,
+        };
+        self.list_messages(task_id, since, limit).await
+    }
+
+    /// The multi-row INSERT of a batch, one statement per chunk; a repeated
+    /// seq is ignored.
+    async fn insert_rows(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+        task_id: &str,
+        attempt: i64,
+        messages: &[NewMessage],
+        now: Micros,
+    ) -> Result<()> {
+        for chunk in messages.chunks(MESSAGE_CHUNK) {
+            let mut n = 0;
+            let values: Vec<String> = (0..chunk.len())
+                .map(|_| {
+                    let row: Vec<String> = (0..8)
+                        .map(|_| {
+                            n += 1;
+                            self.placeholder(n)
+                        })
+                        .collect();
+                    format!("({})", row.join(", "))
+                })
+                .collect();
+            let sql = format!(
+                "INSERT INTO task_messages (task_id, seq, kind, content, tool_name, \
+                 tool_input_json, attempt, created_at) VALUES {} \
+                 ON CONFLICT (task_id, seq) DO NOTHING",
+                values.join(", ")
+            );
+            let mut q = sqlx::query(&sql);
+            for m in chunk {
+                q = q
+                    .bind(task_id)
+                    .bind(m.seq)
+                    .bind(m.kind.as_str())
+                    .bind(m.content.clone())
+                    .bind(m.tool_name.clone())
+                    .bind(m.tool_input_json.clone())
+                    .bind(attempt)
+                    .bind(now);
+            }
+            q.execute(&mut **tx).await?;
+        }
+        Ok(())
+    }
+
+    /// The fast path for a batch that continues a task's output exactly
+    /// (seqs `old + 1 ..`, in order, nothing stored above `old`): the rows
+    /// and the new mark in one transaction of two statements, the mark
+    /// moved only if it is still `old` and the task still active on
+    /// `daemon_id`. Answers false (and changes nothing) otherwise.
+    pub async fn append_messages(
+        &self,
+        task_id: &str,
+        daemon_id: &str,
+        attempt: i64,
+        old: i64,
+        messages: &[NewMessage],
+    ) -> Result<bool> {
+        let Some(last) = messages.last() else {
+            return Ok(true);
+        };
+        let mut tx = self.writer.begin().await?;
+        let moved = sqlx::query(&APPEND_MARK)
+            .bind(task_id)
+            .bind(old)
+            .bind(last.seq)
+            .bind(daemon_id)
+            .bind(attempt)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+            == 1;
+        if !moved {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        self.insert_rows(&mut tx, task_id, attempt, messages, now_micros())
+            .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Stores output idempotently (a repeated seq is ignored), then advances
+    /// the task's `last_seq` over every contiguous stored seq. Answers the
+    /// old and new `last_seq`, and whether nothing is stored above the new
+    /// one (so the next batch may take [`Store::append_messages`]).
+    pub async fn insert_messages(
+        &self,
+        task_id: &str,
+        attempt: i64,
+        messages: &[NewMessage],
+    ) -> Result<(i64, i64, bool)> {
+        let now = now_micros();
+        let mut tx = self.writer.begin().await?;
+        let mark = sqlx::query(
+            "SELECT last_seq, (SELECT MAX(seq) FROM task_messages WHERE task_id = $1) AS max_seq \
+             FROM tasks WHERE id = $1",
+        )
+        .bind(task_id)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or_else(|| Error::Corrupt(format!("task {task_id} vanished")))?;
+        let old: i64 = mark.try_get("last_seq")?;
+        let stored_max: Option<i64> = mark.try_get("max_seq")?;
+        self.insert_rows(&mut tx, task_id, attempt, messages, now)
+            .await?;
+        let mut new = old;
+        if stored_max.is_none_or(|max| max <= old) {
+            // Nothing was stored above the mark (the usual case), so the
+            // batch alone tells how far the contiguous run goes now.
+            let mut seqs: Vec<i64> = messages
+                .iter()
+                .map(|m| m.seq)
+                .filter(|s| *s > old)
+                .collect();
+            seqs.sort_unstable();
+            seqs.dedup();
+            for seq in seqs {
+                if seq != new + 1 {
+                    break;
+                }
+                new = seq;
+            }
+        }
+        // Otherwise walk forward from the old mark while seqs are contiguous.
+        while stored_max.is_some_and(|max| max > old) {
+            let rows = sqlx::query(
+                "SELECT seq FROM task_messages WHERE task_id = $1 AND seq > $2 ORDER BY seq LIMIT 1000",
+            )
+            .bind(task_id)
+            .bind(new)
+            .fetch_all(&mut *tx)
+            .await?;
+            let before = new;
+            for r in &rows {
+                let seq: i64 = r.try_get("seq")?;
+                if seq != new + 1 {
+                    break;
+                }
+                new = seq;
+            }
+            if rows.len() < 1000 || new - before < rows.len() as i64 {
+                break;
+            }
+        }
+        if new > old {
+            sqlx::query("UPDATE tasks SET last_seq = $2 WHERE id = $1 AND last_seq < $2")
+                .bind(task_id)
+                .bind(new)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        let highest = messages.iter().map(|m| m.seq).chain(stored_max).max();
+        Ok((old, new, highest.is_none_or(|h| h <= new)))
+    }
+}
