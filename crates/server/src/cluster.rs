@@ -23,7 +23,8 @@ use serde_json::{Value, json};
 use sqlx::postgres::PgListener;
 use tokio::sync::mpsc;
 
-use crate::domain::Domain;
+use crate::domain::{Domain, PeerEvent};
+use crate::model::{StoredEnum, TaskStatus};
 
 const CHANNEL: &str = "taskmesh";
 /// Stay well under PostgreSQL's 8000-byte NOTIFY payload limit.
@@ -32,64 +33,48 @@ const MAX_PAYLOAD: usize = 7000;
 /// logged): peers then catch up at their next event or resync.
 const QUEUE: usize = 16_384;
 
-/// What a replica tells the others.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Event {
-    Task {
-        id: String,
-        workspace_id: String,
-        /// The stored name of its status.
-        status: String,
-        deleted: bool,
-    },
-    Output {
-        task_id: String,
-        workspace_id: String,
-        from: i64,
-        to: i64,
-    },
-    Command {
-        daemon_id: String,
-    },
-}
+/// One event as JSON, status by its stored name.
+struct Wire;
 
-impl Event {
-    fn to_json(&self) -> Value {
-        match self {
-            Event::Task {
+impl Wire {
+    fn to_json(event: &PeerEvent) -> Value {
+        match event {
+            PeerEvent::Task {
                 id,
                 workspace_id,
                 status,
                 deleted,
-            } => json!({"k": "task", "id": id, "ws": workspace_id, "s": status, "d": deleted}),
-            Event::Output {
+            } => {
+                json!({"k": "task", "id": id, "ws": workspace_id, "s": status.as_str(), "d": deleted})
+            }
+            PeerEvent::Output {
                 task_id,
                 workspace_id,
                 from,
                 to,
             } => json!({"k": "output", "id": task_id, "ws": workspace_id, "from": from, "to": to}),
-            Event::Command { daemon_id } => json!({"k": "command", "id": daemon_id}),
+            PeerEvent::Command { daemon_id } => json!({"k": "command", "id": daemon_id}),
         }
     }
 
-    fn from_json(v: &Value) -> Option<Event> {
+    fn from_json(v: &Value) -> Option<PeerEvent> {
         let s = |k: &str| v.get(k).and_then(Value::as_str).map(String::from);
         let b = |k: &str| v.get(k).and_then(Value::as_bool).unwrap_or(false);
         let n = |k: &str| v.get(k).and_then(Value::as_i64);
         Some(match v.get("k")?.as_str()? {
-            "task" => Event::Task {
+            "task" => PeerEvent::Task {
                 id: s("id")?,
                 workspace_id: s("ws")?,
-                status: s("s")?,
+                status: TaskStatus::parse(&s("s")?)?,
                 deleted: b("d"),
             },
-            "output" => Event::Output {
+            "output" => PeerEvent::Output {
                 task_id: s("id")?,
                 workspace_id: s("ws")?,
                 from: n("from")?,
                 to: n("to")?,
             },
-            "command" => Event::Command {
+            "command" => PeerEvent::Command {
                 daemon_id: s("id")?,
             },
             _ => return None,
@@ -97,27 +82,14 @@ impl Event {
     }
 }
 
-/// This replica's side of the bridge: where the domain drops its events.
-pub struct Link {
-    tx: mpsc::Sender<Event>,
-}
-
-impl Link {
-    pub fn send(&self, event: Event) {
-        if self.tx.try_send(event).is_err() {
-            tracing::warn!("cluster event queue full; peers will catch up later");
-        }
-    }
-}
-
 /// Packs events into payloads under the size limit, each tagged with the
 /// sending replica.
-fn payloads(replica: &str, events: &[Event]) -> Vec<String> {
+fn payloads(replica: &str, events: &[PeerEvent]) -> Vec<String> {
     let mut out = Vec::new();
     let mut batch: Vec<Value> = Vec::new();
     let mut size = 0;
     for e in events {
-        let v = e.to_json();
+        let v = Wire::to_json(e);
         let len = v.to_string().len() + 1;
         if !batch.is_empty() && size + len > MAX_PAYLOAD {
             out.push(json!({"r": replica, "e": std::mem::take(&mut batch)}).to_string());
@@ -133,7 +105,7 @@ fn payloads(replica: &str, events: &[Event]) -> Vec<String> {
 }
 
 /// Decodes a payload; `None` when it is this replica's own or malformed.
-fn decode(replica: &str, payload: &str) -> Option<Vec<Event>> {
+fn decode(replica: &str, payload: &str) -> Option<Vec<PeerEvent>> {
     let v: Value = serde_json::from_str(payload).ok()?;
     if v.get("r")?.as_str()? == replica {
         return None;
@@ -142,7 +114,7 @@ fn decode(replica: &str, payload: &str) -> Option<Vec<Event>> {
         v.get("e")?
             .as_array()?
             .iter()
-            .filter_map(Event::from_json)
+            .filter_map(Wire::from_json)
             .collect(),
     )
 }
@@ -158,7 +130,7 @@ pub async fn start(
     listener.listen(CHANNEL).await?;
     let replica = uuid::Uuid::new_v4().to_string();
     let (tx, rx) = mpsc::channel(QUEUE);
-    domain.join_cluster(Link { tx });
+    domain.join_cluster(tx);
     tracing::info!(replica = %replica, "cluster: listening for peers on PostgreSQL");
     let publisher = tokio::spawn(publish(domain.clone(), replica.clone(), rx));
     Ok(tokio::spawn(async move {
@@ -167,14 +139,14 @@ pub async fn start(
     }))
 }
 
-async fn publish(domain: Arc<Domain>, replica: String, mut rx: mpsc::Receiver<Event>) {
+async fn publish(domain: Arc<Domain>, replica: String, mut rx: mpsc::Receiver<PeerEvent>) {
     let mut events = Vec::new();
     loop {
         if rx.recv_many(&mut events, 256).await == 0 {
             return;
         }
         for payload in payloads(&replica, &events) {
-            if let Err(e) = domain.store().notify(CHANNEL, &payload).await {
+            if let Err(e) = domain.notify_peers(CHANNEL, &payload).await {
                 tracing::warn!(error = %e, "cluster: could not notify peers");
             }
         }
@@ -215,11 +187,11 @@ async fn listen(domain: Arc<Domain>, replica: String, mut listener: PgListener) 
 mod tests {
     use super::*;
 
-    fn task(i: usize) -> Event {
-        Event::Task {
+    fn task(i: usize) -> PeerEvent {
+        PeerEvent::Task {
             id: format!("{i:036}"),
             workspace_id: "w".repeat(36),
-            status: "queued".into(),
+            status: TaskStatus::Queued,
             deleted: i.is_multiple_of(2),
         }
     }
@@ -228,13 +200,13 @@ mod tests {
     fn events_round_trip_and_own_payloads_are_ignored() {
         let events = vec![
             task(1),
-            Event::Output {
+            PeerEvent::Output {
                 task_id: "t".into(),
                 workspace_id: "w".into(),
                 from: 3,
                 to: 9,
             },
-            Event::Command {
+            PeerEvent::Command {
                 daemon_id: "d".into(),
             },
         ];
@@ -247,11 +219,11 @@ mod tests {
 
     #[test]
     fn payloads_stay_under_the_limit() {
-        let events: Vec<Event> = (0..500).map(task).collect();
+        let events: Vec<PeerEvent> = (0..500).map(task).collect();
         let p = payloads("a", &events);
         assert!(p.len() > 1);
         assert!(p.iter().all(|p| p.len() < 8000));
-        let back: Vec<Event> = p.iter().flat_map(|p| decode("b", p).unwrap()).collect();
+        let back: Vec<PeerEvent> = p.iter().flat_map(|p| decode("b", p).unwrap()).collect();
         assert_eq!(back, events);
     }
 }

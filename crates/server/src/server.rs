@@ -98,8 +98,11 @@ pub async fn run(
 
     // With PostgreSQL, replicas may share the database: listen to them.
     // Started first: it is the step that can fail.
-    let peers = match sweeper.store().backend() {
-        Backend::Postgres => Some(cluster::start(sweeper.clone(), sweeper.store().url()).await?),
+    let peers = match sweeper.backend() {
+        Backend::Postgres => {
+            let url = sweeper.database_url().to_string();
+            Some(cluster::start(sweeper.clone(), &url).await?)
+        }
         Backend::Sqlite => None,
     };
     let liveness = sweeper.spawn_liveness();

@@ -4,10 +4,12 @@
 
 mod daemon;
 mod parse;
+mod session;
 mod task;
 mod workspace;
 
 pub use daemon::DaemonApi;
+pub use session::SessionEnd;
 pub use task::TaskApi;
 pub use workspace::WorkspaceApi;
 

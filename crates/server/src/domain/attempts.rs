@@ -5,8 +5,8 @@
 
 use std::fmt::Write;
 
-use super::status::is_finished;
-use super::{Domain, Error, MAX_PLAN_BYTES, Result, invalid, new_attempt};
+use super::transition::new_attempt;
+use super::{Domain, Error, MAX_PLAN_BYTES, Result, invalid};
 use crate::model::*;
 use crate::pb;
 use crate::store::NewMessage;
@@ -68,7 +68,7 @@ impl Domain {
         }
         let task = self.load_task(p, id).await?;
         self.check_pin(&task, pin.as_deref()).await?;
-        if !is_finished(task.status) {
+        if !task.status.is_finished() {
             return Err(Error::FailedPrecondition(format!(
                 "task {id} is {}; only a finished task can be continued (send it a message instead)",
                 task.status

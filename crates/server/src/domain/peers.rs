@@ -1,37 +1,75 @@
-//! The domain's side of the cluster bridge (src/cluster.rs): what it tells
-//! other replicas, and what it does with what they tell it.
+//! What this replica tells the others on the same PostgreSQL database, and
+//! what it does with what they tell it. The events say only *where to
+//! look*: the database is the truth. `crate::cluster` carries them.
 
-use crate::cluster::{Event, Link};
+use tokio::sync::mpsc;
+
 use crate::model::*;
 
 use super::{Domain, Result};
 
+/// What a replica tells the others.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PeerEvent {
+    /// A task changed (or was deleted).
+    Task {
+        id: String,
+        workspace_id: String,
+        status: TaskStatus,
+        deleted: bool,
+    },
+    /// A task's output grew over (from, to].
+    Output {
+        task_id: String,
+        workspace_id: String,
+        from: i64,
+        to: i64,
+    },
+    /// A daemon has new commands in the outbox.
+    Command { daemon_id: String },
+}
+
+/// Where the domain drops its events for the bridge to publish.
+pub(super) struct Peers(mpsc::Sender<PeerEvent>);
+
 impl Domain {
     /// Connects this domain to its peers; until then it has none.
-    pub fn join_cluster(&self, link: Link) {
-        let _ = self.cluster.set(link);
+    pub fn join_cluster(&self, events: mpsc::Sender<PeerEvent>) {
+        let _ = self.peers.set(Peers(events));
     }
 
-    fn tell_peers(&self, event: Event) {
-        if let Some(link) = self.cluster.get() {
-            link.send(event);
+    fn tell_peers(&self, event: PeerEvent) {
+        if let Some(Peers(tx)) = self.peers.get()
+            && tx.try_send(event).is_err()
+        {
+            tracing::warn!("cluster event queue full; peers will catch up later");
         }
+    }
+
+    /// The database URL, for the bridge's own listening connection.
+    pub fn database_url(&self) -> &str {
+        self.store.url()
+    }
+
+    /// Publishes a payload to every replica (PostgreSQL NOTIFY).
+    pub async fn notify_peers(&self, channel: &str, payload: &str) -> Result<()> {
+        Ok(self.store.notify(channel, payload).await?)
     }
 
     /// A task changed: watchers here and on every replica hear of it.
     pub(super) fn task_changed(&self, task: &Task, deleted: bool) {
         self.hub.task_changed(task, deleted);
-        self.tell_peers(Event::Task {
+        self.tell_peers(PeerEvent::Task {
             id: task.id.clone(),
             workspace_id: task.workspace_id.clone(),
-            status: task.status.as_str().to_string(),
+            status: task.status,
             deleted,
         });
     }
 
     /// A task's output grew from `from` to `to` (already published here).
     pub(super) fn output_grew(&self, task_id: &str, workspace_id: &str, from: i64, to: i64) {
-        self.tell_peers(Event::Output {
+        self.tell_peers(PeerEvent::Output {
             task_id: task_id.to_string(),
             workspace_id: workspace_id.to_string(),
             from,
@@ -42,7 +80,7 @@ impl Domain {
     /// A daemon has new commands: wake its session here, or wherever it is.
     pub(super) fn wake_daemon(&self, daemon_id: &str) {
         if !self.sessions.wake(daemon_id) {
-            self.tell_peers(Event::Command {
+            self.tell_peers(PeerEvent::Command {
                 daemon_id: daemon_id.to_string(),
             });
         }
@@ -53,7 +91,7 @@ impl Domain {
         if self.sessions.is_connected(daemon_id) {
             return Ok(true);
         }
-        if self.cluster.get().is_none() {
+        if self.peers.get().is_none() {
             return Ok(false);
         }
         let daemon = self.store.get_daemon(daemon_id).await?;
@@ -61,21 +99,20 @@ impl Domain {
     }
 
     /// Acts on a peer's event, for the watchers and daemons held here.
-    pub async fn apply_peer_event(&self, event: Event) -> Result<()> {
+    pub async fn apply_peer_event(&self, event: PeerEvent) -> Result<()> {
         match event {
-            Event::Task {
+            PeerEvent::Task {
                 id,
                 workspace_id,
                 status,
                 deleted: true,
             } => {
                 if self.hub.watched(&id, &workspace_id) {
-                    let status = TaskStatus::parse(&status).unwrap_or(TaskStatus::Cancelled);
                     self.hub
                         .task_changed(&tombstone(id, workspace_id, status), true);
                 }
             }
-            Event::Task {
+            PeerEvent::Task {
                 id,
                 workspace_id,
                 status,
@@ -86,11 +123,11 @@ impl Domain {
                 {
                     self.hub.task_changed(&task, false);
                 }
-                if status == TaskStatus::Queued.as_str() {
+                if status == TaskStatus::Queued {
                     self.dispatch_workspace(&workspace_id).await?;
                 }
             }
-            Event::Output {
+            PeerEvent::Output {
                 task_id, from, to, ..
             } => {
                 if self.hub.watched_task(&task_id) {
@@ -99,7 +136,7 @@ impl Domain {
                     }
                 }
             }
-            Event::Command { daemon_id } => {
+            PeerEvent::Command { daemon_id } => {
                 self.sessions.wake(&daemon_id);
             }
         }

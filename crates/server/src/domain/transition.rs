@@ -1,4 +1,5 @@
-//! The task state machine: the one table of allowed transitions.
+//! The task state machine: the one table of allowed transitions, and the
+//! engine that applies them (compare-and-swap on the version, with the event).
 //!
 //! ```text
 //! pending ──start──> queued ──dispatch/claim──> dispatched ──started──> running
@@ -12,7 +13,10 @@
 //! task whose daemon comes back and reports it still running returns to
 //! running.
 
+use super::{Domain, Error, Result};
 use crate::model::TaskStatus::{self, *};
+use crate::model::{Task, now_micros};
+use crate::store::NewEvent;
 
 /// Every allowed `(from, to)` pair. Anything else is an illegal transition.
 pub const TRANSITIONS: &[(TaskStatus, TaskStatus)] = &[
@@ -41,14 +45,93 @@ pub fn can_transition(from: TaskStatus, to: TaskStatus) -> bool {
     TRANSITIONS.contains(&(from, to))
 }
 
-/// A task a daemon holds or is about to hold.
-pub fn is_active(status: TaskStatus) -> bool {
-    matches!(status, Dispatched | Running)
+/// The edit that opens a new attempt of a task: queued afresh, optionally
+/// pinned to a daemon.
+pub(super) fn new_attempt(t: &mut Task, pin: &Option<String>) {
+    t.attempt += 1;
+    t.pinned_daemon_id = pin.clone();
+    t.daemon_id = None;
+    t.status_reason.clear();
+    t.queued_at = Some(t.updated_at);
+    t.started_at = None;
+    t.ended_at = None;
+    t.stop_requested_at = None;
 }
 
-/// Finished: a new start is a new attempt.
-pub fn is_finished(status: TaskStatus) -> bool {
-    matches!(status, Completed | Failed | Cancelled | Interrupted)
+/// How often a contended task write is re-evaluated before giving up.
+const CAS_RETRIES: usize = 8;
+
+impl Domain {
+    /// Moves `task` to `to` if the transition table allows it, applying
+    /// `edit` to the new row. The write is a compare-and-swap on the version;
+    /// when another writer got there first the task is reloaded and the
+    /// transition judged again on the fresh state.
+    pub(super) async fn transition(
+        &self,
+        actor: &str,
+        task: Task,
+        to: TaskStatus,
+        reason: &str,
+        edit: impl Fn(&mut Task),
+    ) -> Result<Task> {
+        let id = task.id.clone();
+        self.transition_when(actor, task, to, reason, |_| true, edit)
+            .await?
+            .ok_or_else(|| Error::Aborted(format!("task {id} changed meanwhile")))
+    }
+
+    /// [`Domain::transition`] that applies only while `when` holds: a
+    /// concurrent change is re-read and judged again. Answers `None` when
+    /// `when` no longer holds.
+    pub(super) async fn transition_when(
+        &self,
+        actor: &str,
+        mut task: Task,
+        to: TaskStatus,
+        reason: &str,
+        when: impl Fn(&Task) -> bool,
+        edit: impl Fn(&mut Task),
+    ) -> Result<Option<Task>> {
+        for _ in 0..CAS_RETRIES {
+            if !when(&task) {
+                return Ok(None);
+            }
+            if !can_transition(task.status, to) {
+                return Err(Error::FailedPrecondition(format!(
+                    "task {} is {}; it cannot become {to}",
+                    task.id, task.status
+                )));
+            }
+            let mut next = task.clone();
+            next.status = to;
+            next.version = task.version + 1;
+            next.updated_at = now_micros();
+            edit(&mut next);
+            let event = NewEvent {
+                from: Some(task.status),
+                to,
+                actor: actor.to_string(),
+                reason: reason.to_string(),
+            };
+            if self
+                .store
+                .save_task(&mut next, task.version, Some(&event))
+                .await?
+            {
+                self.task_changed(&next, false);
+                return Ok(Some(next));
+            }
+            task = self
+                .store
+                .get_task(&task.id)
+                .await?
+                .ok_or_else(|| Error::NotFound(format!("task {} not found", task.id)))?;
+        }
+        Err(Error::Aborted(format!(
+            "task {} is changing too often; try again",
+            task.id
+        )))
+    }
 }
 
 #[cfg(test)]
@@ -107,7 +190,7 @@ mod tests {
     #[test]
     fn every_finished_state_can_start_again() {
         for &s in TaskStatus::ALL {
-            if is_finished(s) {
+            if s.is_finished() {
                 assert!(can_transition(s, Queued), "{s}");
             }
         }
@@ -117,10 +200,18 @@ mod tests {
     #[test]
     fn active_states_can_always_be_stopped_or_lost() {
         for &s in TaskStatus::ALL {
-            if is_active(s) {
+            if s.is_active() {
                 assert!(can_transition(s, Cancelled) && can_transition(s, Interrupted));
             }
         }
+    }
+
+    /// The store claims a task in one statement, beside this engine; the
+    /// move it makes must still be one the table allows.
+    #[test]
+    fn the_claim_is_an_allowed_transition() {
+        let (from, to) = crate::store::CLAIM;
+        assert!(can_transition(from, to), "{from} > {to}");
     }
 
     #[test]

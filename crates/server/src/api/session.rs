@@ -1,0 +1,467 @@
+//! The `DaemonService.Session` stream, server side: [`SessionLoop`] reads
+//! a daemon's reports and pumps its outbox down until the session ends, for
+//! a reason a [`SessionEnd`] names. The report helpers here serve the unary
+//! RPCs too, so both paths make the same domain calls.
+
+use std::fmt;
+use std::sync::Arc;
+
+use prost::Message;
+use tokio::sync::{Notify, mpsc};
+use tokio_stream::{Stream, StreamExt};
+use tonic::Status;
+use tracing::Instrument;
+
+use super::parse;
+use crate::domain::{self, Domain, SHUTTING_DOWN, TaskEnd, parse_id};
+use crate::model::Principal;
+use crate::pb::session_response::Message as Down;
+use crate::pb::{self, session_request::Message as Up};
+
+/// What goes down a session: boxed, see [`SessionLoop::tx`].
+pub(super) type Outbound = mpsc::Receiver<Result<Box<pb::SessionResponse>, Status>>;
+
+/// Why a daemon's session ended.
+#[derive(Debug)]
+pub enum SessionEnd {
+    /// The server is shutting down; the daemon should reconnect.
+    ShuttingDown,
+    /// A newer session of the same daemon replaced this one, the daemon
+    /// deregistered, or it was silent for 3 heartbeat intervals.
+    Superseded,
+    /// The daemon closed its side of the stream.
+    ClosedByDaemon,
+    /// The daemon stopped reading (its connection is gone).
+    DaemonGone,
+    /// The stream broke (a transport error or an undecodable frame).
+    StreamFailed(Status),
+    /// The outbox could not be read.
+    Outbox(domain::Error),
+}
+
+impl fmt::Display for SessionEnd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SessionEnd::ShuttingDown => f.write_str(SHUTTING_DOWN),
+            SessionEnd::Superseded => f.write_str(
+                "session ended: replaced by a newer one, deregistered, \
+                 or silent for 3 heartbeat intervals",
+            ),
+            SessionEnd::ClosedByDaemon => f.write_str("the daemon closed the stream"),
+            SessionEnd::DaemonGone => f.write_str("the daemon went away"),
+            SessionEnd::StreamFailed(e) => write!(f, "stream error: {e}"),
+            SessionEnd::Outbox(e) => write!(f, "reading the outbox: {e}"),
+        }
+    }
+}
+
+pub(super) fn end(success: bool, reason: String, resume: Option<pb::AgentResume>) -> TaskEnd {
+    let resume = resume.unwrap_or_default();
+    TaskEnd {
+        success,
+        reason,
+        agent_session_id: resume.agent_session_id,
+        working_directory: resume.working_directory,
+    }
+}
+
+pub(super) fn fail_reason(r: &pb::FailTaskRequest) -> String {
+    match (r.reason.is_empty(), r.exit_code) {
+        (true, 0) => "failed".into(),
+        (true, code) => format!("exit status {code}"),
+        (false, _) => r.reason.clone(),
+    }
+}
+
+pub(super) fn duration(d: std::time::Duration) -> Option<prost_types::Duration> {
+    Some(prost_types::Duration {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    })
+}
+
+pub(super) async fn started(
+    domain: &Domain,
+    p: &Principal,
+    r: &pb::ReportTaskStartedRequest,
+) -> Result<crate::model::Task, Status> {
+    let id = parse_id("task_id", &r.task_id)?;
+    Ok(domain.report_started(p, &id).await?)
+}
+
+pub(super) async fn progress(
+    domain: &Domain,
+    p: &Principal,
+    r: &pb::ReportTaskProgressRequest,
+) -> Result<(), Status> {
+    let id = parse_id("task_id", &r.task_id)?;
+    domain
+        .report_progress(p, &id, &r.summary, r.percent)
+        .await?;
+    Ok(())
+}
+
+pub(super) async fn messages(
+    domain: &Domain,
+    p: &Principal,
+    r: pb::ReportTaskMessagesRequest,
+) -> Result<i64, Status> {
+    let id = parse_id("task_id", &r.task_id)?;
+    Ok(domain.ingest(p, &id, r.messages).await?)
+}
+
+fn down(m: Down) -> pb::SessionResponse {
+    pb::SessionResponse { message: Some(m) }
+}
+
+/// One daemon's session: reads lifecycle reports from the daemon and pumps
+/// its outbox down. Commands are read from the store (not from memory) each
+/// time the pump is woken, so a slow daemon's backlog waits in the
+/// database; each is resent on every new session until acknowledged.
+pub(super) struct SessionLoop<S> {
+    domain: Arc<Domain>,
+    principal: Principal,
+    daemon_id: String,
+    conn: u64,
+    wake: Arc<Notify>,
+    inbound: S,
+    /// Boxed: the channel allocates its slots 32 at a time up front, and a
+    /// SessionResponse is ~600 bytes inline; every idle session paid ~20 KB.
+    tx: mpsc::Sender<Result<Box<pb::SessionResponse>, Status>>,
+}
+
+impl<S> SessionLoop<S>
+where
+    S: Stream<Item = Result<pb::SessionRequest, Status>> + Unpin + Send + Sync + 'static,
+{
+    /// Opens the session `open` asks for and spawns its loop; answers the
+    /// stream of what goes down to the daemon, `ready` first.
+    pub(super) async fn start(
+        domain: Arc<Domain>,
+        principal: Principal,
+        open: pb::SessionOpen,
+        inbound: S,
+    ) -> Result<Outbound, Status> {
+        let (session, rx) = Self::open(domain, principal, open, inbound).await?;
+        let span = tracing::info_span!("session", daemon_id = %session.daemon_id);
+        tokio::spawn(
+            async move {
+                tracing::info!("session opened");
+                let why = session.run().await;
+                tracing::info!(reason = %why, "session closed");
+            }
+            .instrument(span),
+        );
+        Ok(rx)
+    }
+
+    async fn open(
+        domain: Arc<Domain>,
+        mut principal: Principal,
+        open: pb::SessionOpen,
+        inbound: S,
+    ) -> Result<(Self, Outbound), Status> {
+        let daemon_id = parse_id("open.daemon_id", &open.daemon_id)?;
+        let (daemon, conn, wake) = domain
+            .open_session(&principal, &daemon_id, &open.running_task_ids)
+            .await?;
+        let (tx, rx) = mpsc::channel(256);
+        let ready = pb::SessionReady {
+            daemon_id: daemon.id.clone(),
+            heartbeat_interval: duration(domain.liveness.heartbeat),
+        };
+        let _ = tx.send(Ok(Box::new(down(Down::Ready(ready))))).await;
+        principal.daemon_id = Some(daemon.id.clone());
+        let session = SessionLoop {
+            domain,
+            principal,
+            daemon_id: daemon.id.clone(),
+            conn,
+            wake,
+            inbound,
+            tx,
+        };
+        Ok((session, rx))
+    }
+
+    /// Serves the session until it ends; answers why.
+    async fn run(mut self) -> SessionEnd {
+        let mut cursor = 0i64;
+        let closed = self.domain.closed();
+        tokio::pin!(closed);
+        // handle() and pump() are boxed while they run: inline, their
+        // database futures would size every idle session's task for the
+        // busiest moment of any session.
+        let why = loop {
+            tokio::select! {
+                _ = &mut closed => {
+                    let _ = self.tx.send(Err(Status::unavailable(SHUTTING_DOWN))).await;
+                    break SessionEnd::ShuttingDown;
+                }
+                up = self.inbound.next() => match up {
+                    Some(Ok(m)) => {
+                        self.domain.session_alive(&self.principal, &self.daemon_id);
+                        if let Err(why) = Box::pin(self.handle(m)).await {
+                            break why;
+                        }
+                    }
+                    Some(Err(e)) => break SessionEnd::StreamFailed(e),
+                    None => break SessionEnd::ClosedByDaemon,
+                },
+                _ = self.wake.notified() => {
+                    if !self.domain.session_current(&self.daemon_id, self.conn) {
+                        let why = SessionEnd::Superseded;
+                        let _ = self.tx.send(Err(Status::unavailable(why.to_string()))).await;
+                        break why;
+                    }
+                    match Box::pin(self.pump(&mut cursor)).await {
+                        Ok(()) => {}
+                        Err(why) => break why,
+                    }
+                }
+                _ = self.tx.closed() => break SessionEnd::DaemonGone,
+            }
+        };
+        if let Err(e) = self.domain.close_session(&self.daemon_id, self.conn).await {
+            tracing::warn!(error = %e, "could not mark the daemon offline");
+        }
+        why
+    }
+
+    /// Sends every pending command after `cursor`.
+    async fn pump(&self, cursor: &mut i64) -> Result<(), SessionEnd> {
+        loop {
+            let pending = self
+                .domain
+                .pending_commands(&self.daemon_id, *cursor, 100)
+                .await
+                .map_err(SessionEnd::Outbox)?;
+            let n = pending.len();
+            for c in pending {
+                *cursor = c.seq;
+                let Ok(command) = pb::Command::decode(c.payload.as_slice()) else {
+                    tracing::error!(seq = c.seq, "undecodable command in the outbox");
+                    continue;
+                };
+                self.send(Down::Command(command)).await?;
+            }
+            if n < 100 {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn send(&self, m: Down) -> Result<(), SessionEnd> {
+        self.tx
+            .send(Ok(Box::new(down(m))))
+            .await
+            .map_err(|_| SessionEnd::DaemonGone)
+    }
+
+    /// Handles one upstream message. A rejected report is answered with a
+    /// SessionError and the session goes on; only a broken stream ends it.
+    async fn handle(&mut self, m: pb::SessionRequest) -> Result<(), SessionEnd> {
+        let p = &self.principal;
+        let d = &self.domain;
+        let (task_id, result): (String, Result<Option<Down>, Status>) = match m.message {
+            None | Some(Up::Open(_)) => (
+                String::new(),
+                Err(Status::invalid_argument("unexpected message")),
+            ),
+            Some(Up::Heartbeat(_)) => {
+                d.heartbeat(p, &self.daemon_id).await.ok();
+                return Ok(());
+            }
+            Some(Up::Started(r)) => (r.task_id.clone(), started(d, p, &r).await.map(|_| None)),
+            Some(Up::Progress(r)) => (r.task_id.clone(), progress(d, p, &r).await.map(|_| None)),
+            Some(Up::Messages(r)) => {
+                let id = r.task_id.clone();
+                let acked = messages(d, p, r).await;
+                (
+                    id.clone(),
+                    acked.map(|acked_seq| {
+                        Some(Down::OutputAck(pb::OutputAck {
+                            task_id: id,
+                            acked_seq,
+                            task_ended: false,
+                        }))
+                    }),
+                )
+            }
+            Some(Up::Usage(r)) => {
+                let id = r.task_id.clone();
+                let res = match parse_id("task_id", &r.task_id) {
+                    Ok(tid) => d
+                        .report_usage(p, &tid, r.usage.into_iter().map(parse::usage).collect())
+                        .await
+                        .map_err(Status::from),
+                    Err(e) => Err(e.into()),
+                };
+                (id, res.map(|_| None))
+            }
+            Some(Up::Completed(r)) => {
+                let id = r.task_id.clone();
+                (
+                    id.clone(),
+                    self.ended(&id, end(true, r.summary, r.resume)).await,
+                )
+            }
+            Some(Up::Failed(r)) => {
+                let id = r.task_id.clone();
+                let reason = fail_reason(&r);
+                (
+                    id.clone(),
+                    self.ended(&id, end(false, reason, r.resume)).await,
+                )
+            }
+            Some(Up::CommandResult(r)) => (
+                String::new(),
+                d.command_result(&self.daemon_id, &r)
+                    .await
+                    .map(|_| None)
+                    .map_err(Status::from),
+            ),
+        };
+        match result {
+            Ok(Some(reply)) => self.send(reply).await,
+            Ok(None) => Ok(()),
+            Err(status) => {
+                tracing::warn!(task_id = %task_id, code = ?status.code(), message = status.message(), "report rejected");
+                self.send(Down::Error(pb::SessionError {
+                    task_id,
+                    code: status.code() as i32,
+                    message: status.message().to_string(),
+                }))
+                .await
+            }
+        }
+    }
+
+    async fn ended(&self, task_id: &str, end: TaskEnd) -> Result<Option<Down>, Status> {
+        let id = parse_id("task_id", task_id)?;
+        let task = self.domain.end_task(&self.principal, &id, end).await?;
+        Ok(Some(Down::OutputAck(pb::OutputAck {
+            task_id: task.id,
+            acked_seq: task.last_seq,
+            task_ended: true,
+        })))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use tokio_stream::wrappers::ReceiverStream;
+
+    use super::*;
+    use crate::model::TokenKind;
+    use crate::store::{DaemonInfo, Store};
+
+    type Inbound = ReceiverStream<Result<pb::SessionRequest, Status>>;
+    type Up = mpsc::Sender<Result<pb::SessionRequest, Status>>;
+
+    /// A domain on a fresh SQLite file with one registered daemon, and the
+    /// daemon's principal.
+    struct Fixture {
+        domain: Arc<Domain>,
+        principal: Principal,
+        daemon_id: String,
+        path: PathBuf,
+    }
+
+    impl Fixture {
+        async fn new() -> Fixture {
+            let path = std::env::temp_dir().join(format!(
+                "taskmesh-session-end-{}.db",
+                uuid::Uuid::new_v4().simple()
+            ));
+            let store = Store::connect(&format!("sqlite://{}", path.display()))
+                .await
+                .unwrap();
+            let domain = Domain::new(store);
+            let (_, secret, _) = domain
+                .create_token_unchecked("default", TokenKind::Daemon, "test", "admin")
+                .await
+                .unwrap();
+            let principal = domain.authenticate(&secret).await.unwrap();
+            let info = DaemonInfo {
+                workspace_id: String::new(),
+                machine_id: "m".into(),
+                hostname: "h".into(),
+                version: "1".into(),
+                runtimes: vec![],
+                max_concurrent_tasks: 1,
+            };
+            let daemon = domain.register_daemon(&principal, info, &[]).await.unwrap();
+            Fixture {
+                domain,
+                principal,
+                daemon_id: daemon.id,
+                path,
+            }
+        }
+
+        async fn open(&self) -> (SessionLoop<Inbound>, Outbound, Up) {
+            let (up, rx) = mpsc::channel(4);
+            let open = pb::SessionOpen {
+                daemon_id: self.daemon_id.clone(),
+                running_task_ids: vec![],
+            };
+            let (session, down) = SessionLoop::open(
+                self.domain.clone(),
+                self.principal.clone(),
+                open,
+                ReceiverStream::new(rx),
+            )
+            .await
+            .unwrap();
+            (session, down, up)
+        }
+    }
+
+    impl Drop for Fixture {
+        fn drop(&mut self) {
+            for suffix in ["", "-wal", "-shm"] {
+                let _ = std::fs::remove_file(format!("{}{suffix}", self.path.display()));
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn each_way_a_session_ends_is_named() {
+        let f = Fixture::new().await;
+
+        let (session, _down, up) = f.open().await;
+        drop(up);
+        assert!(matches!(session.run().await, SessionEnd::ClosedByDaemon));
+
+        let (session, down, _up) = f.open().await;
+        drop(down);
+        assert!(matches!(session.run().await, SessionEnd::DaemonGone));
+
+        let (session, _down, up) = f.open().await;
+        up.send(Err(Status::invalid_argument("undecodable frame")))
+            .await
+            .unwrap();
+        match session.run().await {
+            SessionEnd::StreamFailed(s) => assert_eq!(s.code(), tonic::Code::InvalidArgument),
+            other => panic!("expected StreamFailed, got {other}"),
+        }
+
+        let (older, mut older_down, _older_up) = f.open().await;
+        let (_newer, _newer_down, _newer_up) = f.open().await;
+        assert!(matches!(older.run().await, SessionEnd::Superseded));
+        let mut last = None;
+        while let Some(m) = older_down.recv().await {
+            last = Some(m);
+        }
+        let status = last.unwrap().unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert_eq!(status.message(), SessionEnd::Superseded.to_string());
+
+        let (session, _down, _up) = f.open().await;
+        f.domain.close_streams();
+        assert!(matches!(session.run().await, SessionEnd::ShuttingDown));
+    }
+}

@@ -1,0 +1,111 @@
+//! Dispatch: queued tasks pushed to connected daemons with free slots, or
+//! claimed by polling daemons. Each claim is atomic in the store.
+
+use prost::Message;
+
+use super::Domain;
+use super::Result;
+use crate::model::*;
+use crate::pb;
+use crate::store::NewCommand;
+use crate::wire;
+
+/// A task handed to a daemon, with what it needs to start.
+#[derive(Debug, Clone)]
+pub struct Assignment {
+    pub task: Task,
+    pub first_seq: i64,
+    pub input: AttemptInput,
+}
+
+impl Domain {
+    /// ClaimTask: the oldest queued task this daemon can run, atomically.
+    pub async fn claim_task(&self, p: &Principal, daemon_id: &str) -> Result<Option<Assignment>> {
+        let daemon = self.load_daemon(p, daemon_id).await?;
+        if self
+            .store
+            .with_free_slots(vec![daemon.clone()])
+            .await?
+            .is_empty()
+        {
+            return Ok(None);
+        }
+        let Some((task, input)) = self.store.claim_task(&daemon, None).await? else {
+            return Ok(None);
+        };
+        self.task_changed(&task, false);
+        Ok(Some(Assignment {
+            first_seq: task.last_seq + 1,
+            task,
+            input,
+        }))
+    }
+
+    /// Pushes queued work to a connected daemon while it has free slots:
+    /// each claim writes its SpawnTask into the outbox in the same
+    /// transaction, then the session's pump is woken.
+    pub async fn dispatch_to(&self, daemon_id: &str) -> Result<usize> {
+        let Some(daemon) = self.sessions.dispatchable(daemon_id) else {
+            return Ok(0);
+        };
+        let mut n = 0;
+        for (daemon, free) in self.store.with_free_slots(vec![daemon]).await? {
+            n += self.fill(&daemon, free).await?;
+        }
+        Ok(n)
+    }
+
+    /// Claims up to `free` queued tasks for a connected daemon, each with
+    /// its SpawnTask, then wakes the daemon's session.
+    pub(super) async fn fill(&self, daemon: &Daemon, free: i64) -> Result<usize> {
+        let make = |task: &Task, input: &AttemptInput| spawn_command(&daemon.id, task, input);
+        let mut n = 0;
+        while (n as i64) < free {
+            let Some((task, _)) = self.store.claim_task(daemon, Some(&make)).await? else {
+                break;
+            };
+            self.task_changed(&task, false);
+            n += 1;
+        }
+        if n > 0 {
+            self.sessions.wake(&daemon.id);
+        }
+        Ok(n)
+    }
+
+    /// Offers a workspace's queue to each of its connected daemons.
+    pub async fn dispatch_workspace(&self, workspace_id: &str) -> Result<()> {
+        // Most connected daemons are usually busy: one read finds the free
+        // ones, rather than a read per daemon.
+        let daemons = self.sessions.in_workspace(workspace_id);
+        for (daemon, free) in self.store.with_free_slots(daemons).await? {
+            self.fill(&daemon, free).await?;
+        }
+        Ok(())
+    }
+}
+
+pub(super) fn spawn_command(daemon_id: &str, task: &Task, input: &AttemptInput) -> NewCommand {
+    let id = uuid::Uuid::now_v7().to_string();
+    let resume = (!task.agent_session_id.is_empty()).then(|| pb::AgentResume {
+        agent_session_id: task.agent_session_id.clone(),
+        working_directory: task.working_directory.clone(),
+    });
+    let command = pb::Command {
+        id: id.clone(),
+        task_id: task.id.clone(),
+        kind: Some(pb::command::Kind::SpawnTask(pb::SpawnTask {
+            task: Some(wire::task(task.clone())),
+            first_seq: task.last_seq + 1,
+            resume,
+            context: input.context.clone(),
+            prompt: input.prompt.clone(),
+        })),
+    };
+    NewCommand {
+        id,
+        daemon_id: daemon_id.to_string(),
+        task_id: task.id.clone(),
+        payload: command.encode_to_vec(),
+    }
+}
