@@ -7,14 +7,15 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_stream::StreamExt;
-use tokio_stream::wrappers::ReceiverStream;
 
 use super::BenchResult;
-use super::harness::{Bearer, Daemons};
 use crate::pb::daemon_service_client::DaemonServiceClient;
 use crate::pb::session_request::Message as Up;
 use crate::pb::session_response::Message as Down;
 use crate::pb::{self, command};
+use taskmesh_proto::Bearer;
+use taskmesh_testkit::daemon::Session;
+pub use taskmesh_testkit::daemon::try_register as register;
 
 /// What the daemon saw, stamped on arrival.
 #[derive(Debug)]
@@ -45,31 +46,6 @@ pub enum Policy {
     Run,
 }
 
-/// Registers a daemon offering the `shell` runtime; answers its id.
-pub async fn register(
-    client: &mut Daemons,
-    machine_id: &str,
-    max_tasks: i32,
-) -> BenchResult<String> {
-    let daemon = client
-        .register(pb::RegisterRequest {
-            machine_id: machine_id.into(),
-            hostname: "bench".into(),
-            version: env!("CARGO_PKG_VERSION").into(),
-            runtimes: vec![pb::Runtime {
-                name: "shell".into(),
-                version: String::new(),
-            }],
-            max_concurrent_tasks: max_tasks,
-            legacy_ids: Vec::new(),
-        })
-        .await?
-        .into_inner()
-        .daemon
-        .ok_or("Register answered no daemon")?;
-    Ok(daemon.id)
-}
-
 pub struct BenchDaemon {
     pub id: String,
     up: mpsc::Sender<pb::SessionRequest>,
@@ -86,19 +62,8 @@ impl BenchDaemon {
         events: mpsc::UnboundedSender<Event>,
     ) -> BenchResult<BenchDaemon> {
         let mut client = DaemonServiceClient::with_interceptor(channel, token.clone());
-        let (up, rx) = mpsc::channel(1024);
-        up.send(request(Up::Open(pb::SessionOpen {
-            daemon_id: id.clone(),
-            running_task_ids: Vec::new(),
-        })))
-        .await?;
-        let mut down = client.session(ReceiverStream::new(rx)).await?.into_inner();
-        match down.next().await {
-            Some(Ok(pb::SessionResponse {
-                message: Some(Down::Ready(_)),
-            })) => {}
-            other => return Err(format!("session of {id} did not open: {other:?}").into()),
-        }
+        let Session { up, mut down } =
+            Session::try_open(&mut client, &id, Vec::new(), 1024).await?;
         let replies = up.clone();
         let reader = tokio::spawn(async move {
             while let Some(Ok(m)) = down.next().await {

@@ -14,6 +14,7 @@ use super::harness::{Sut, Workspace};
 use super::stats::{Percentiles, Row, Target, Value};
 use super::{BenchResult, Ctx, progress};
 use crate::pb;
+use taskmesh_testkit::DbKind;
 
 type Events = mpsc::UnboundedReceiver<Event>;
 
@@ -64,7 +65,7 @@ pub struct CommandFloor {
 
 impl CommandFloor {
     pub async fn open(ctx: &Ctx) -> BenchResult<CommandFloor> {
-        let mut client = FloorClient::new(ctx.floor.channel().await?);
+        let mut client = FloorClient::new(super::harness::channel(ctx.floor.addr).await?);
         Ok(CommandFloor {
             ping: PingPong::open(&mut client).await?,
         })
@@ -88,7 +89,14 @@ async fn probe(
     let mut admin = sut.daemons(ws).await?;
     let id = daemon::register(&mut admin, name, 1).await?;
     let (tx, rx) = mpsc::unbounded_channel();
-    let d = BenchDaemon::open(sut.server.channel().await?, &ws.daemon, id, policy, tx).await?;
+    let d = BenchDaemon::open(
+        super::harness::channel(sut.server.addr).await?,
+        &ws.daemon,
+        id,
+        policy,
+        tx,
+    )
+    .await?;
     Ok((d, rx))
 }
 
@@ -127,8 +135,8 @@ pub async fn dispatch_latency(ctx: &mut Ctx, busy: usize) -> BenchResult<Row> {
         None => format!("{} samples", value.len()),
     };
     let target = match ctx.db {
-        super::harness::DbKind::Sqlite { .. } => Duration::from_millis(5),
-        super::harness::DbKind::Postgres { .. } => Duration::from_millis(10),
+        DbKind::Sqlite { .. } => Duration::from_millis(5),
+        DbKind::Postgres { .. } => Duration::from_millis(10),
     };
     Ok(Row {
         figure: if busy == 0 {
@@ -172,8 +180,8 @@ pub async fn cancel_latency(ctx: &mut Ctx) -> BenchResult<Row> {
     }
     d.close();
     let target = match ctx.db {
-        super::harness::DbKind::Sqlite { .. } => Duration::from_millis(5),
-        super::harness::DbKind::Postgres { .. } => Duration::from_millis(10),
+        DbKind::Sqlite { .. } => Duration::from_millis(5),
+        DbKind::Postgres { .. } => Duration::from_millis(10),
     };
     Ok(Row {
         figure: "cancel latency".into(),
@@ -202,8 +210,14 @@ impl Busy {
         for i in 0..n {
             let id = daemon::register(&mut admin, &format!("busy-{i}"), 1).await?;
             let (tx, rx) = mpsc::unbounded_channel();
-            let d = BenchDaemon::open(sut.server.channel().await?, &ws.daemon, id, Policy::Run, tx)
-                .await?;
+            let d = BenchDaemon::open(
+                super::harness::channel(sut.server.addr).await?,
+                &ws.daemon,
+                id,
+                Policy::Run,
+                tx,
+            )
+            .await?;
             daemons.push((d, rx));
         }
         for _ in 0..n {
@@ -282,7 +296,7 @@ pub async fn throughput(ctx: &mut Ctx, daemons: usize) -> BenchResult<Row> {
     }
     let mut channels = Vec::new();
     for _ in 0..daemons {
-        channels.push(ctx.sut.server.channel().await?);
+        channels.push(super::harness::channel(ctx.sut.server.addr).await?);
     }
     let (tx, mut events) = mpsc::unbounded_channel();
     let t0 = Instant::now();

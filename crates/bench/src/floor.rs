@@ -20,8 +20,8 @@ use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::BenchResult;
-use super::harness::{BenchDb, DbKind};
 use taskmesh_server::store::Store;
+use taskmesh_testkit::{DbKind, TestDb};
 
 #[allow(clippy::all, missing_docs)]
 pub mod pb {
@@ -171,7 +171,7 @@ pub struct FloorDb {
     pool: AnyPool,
     backend: taskmesh_server::store::Backend,
     commits: std::sync::atomic::AtomicI64,
-    _db: BenchDb,
+    _db: TestDb,
 }
 
 /// A fixed workspace row the floor's tasks hang off.
@@ -179,7 +179,7 @@ const FLOOR_WS: &str = "00000000-0000-7000-8000-000000000001";
 
 impl FloorDb {
     pub async fn create(kind: &DbKind) -> BenchResult<FloorDb> {
-        let db = BenchDb::create(kind, "floor").await?;
+        let db = TestDb::create(kind, "bench_floor").await?;
         let store = Store::connect(&db.url).await?;
         let backend = store.backend();
         store.close().await;

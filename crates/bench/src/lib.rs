@@ -22,9 +22,11 @@ pub mod stats;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use harness::{DbKind, Sut};
+use harness::Sut;
 use stats::Row;
 use taskmesh_proto::pb;
+use taskmesh_testkit::DbKind;
+use taskmesh_testkit::process::ServeProcess;
 
 pub type BenchError = Box<dyn std::error::Error + Send + Sync>;
 pub type BenchResult<T> = Result<T, BenchError>;
@@ -128,7 +130,7 @@ pub struct Ctx {
     pub db: DbKind,
     pub server_log: Option<PathBuf>,
     pub sut: Sut,
-    pub floor: harness::ChildServer,
+    pub floor: ServeProcess,
     pub floor_db: floor::FloorDb,
 }
 
@@ -188,7 +190,7 @@ async fn bench(args: BenchArgs) -> BenchResult<()> {
     );
     progress(&header);
     let sut = Sut::start(&db, args.server_log.as_ref()).await?;
-    let floor = harness::ChildServer::floor().await?;
+    let floor = harness::floor_server().await?;
     let floor_db = floor::FloorDb::create(&db).await?;
     let mut ctx = Ctx {
         params,

@@ -26,7 +26,14 @@ async fn running_task(
     let mut admin = sut.daemons(ws).await?;
     let id = daemon::register(&mut admin, &format!("{}-probe", ws.name), 1).await?;
     let (tx, mut events) = mpsc::unbounded_channel();
-    let d = BenchDaemon::open(sut.server.channel().await?, &ws.daemon, id, Policy::Run, tx).await?;
+    let d = BenchDaemon::open(
+        super::harness::channel(sut.server.addr).await?,
+        &ws.daemon,
+        id,
+        Policy::Run,
+        tx,
+    )
+    .await?;
     let task = sut.create_task(ws, &ws.name).await?;
     sut.start_task(&task).await?;
     wait_for(&mut events, |e| match e {
@@ -104,7 +111,7 @@ pub async fn fanout(ctx: &mut Ctx, watchers: usize) -> BenchResult<Row> {
     let mut channel = None;
     for i in 0..watchers {
         if i % WATCHERS_PER_CONNECTION == 0 {
-            channel = Some(ctx.sut.server.channel().await?);
+            channel = Some(super::harness::channel(ctx.sut.server.addr).await?);
         }
         let mut client = TaskServiceClient::with_interceptor(
             channel.clone().ok_or("no channel")?,
@@ -206,7 +213,7 @@ async fn fanout_floor(ctx: &Ctx, watchers: usize, k: usize) -> BenchResult<Perce
     let mut channel = None;
     for i in 0..watchers {
         if i % WATCHERS_PER_CONNECTION == 0 {
-            channel = Some(ctx.floor.channel().await?);
+            channel = Some(super::harness::channel(ctx.floor.addr).await?);
         }
         let mut client = FloorClient::new(channel.clone().ok_or("no channel")?);
         let mut stream = client
@@ -225,7 +232,7 @@ async fn fanout_floor(ctx: &Ctx, watchers: usize, k: usize) -> BenchResult<Perce
             Ok::<_, super::BenchError>(got)
         });
     }
-    let mut publisher = FloorClient::new(ctx.floor.channel().await?);
+    let mut publisher = FloorClient::new(super::harness::channel(ctx.floor.addr).await?);
     let payload = daemon::messages(1, 1).remove(0).content.into_bytes();
     // Indexed by seq; seq 0 is never sent.
     let mut sent_at = vec![Instant::now()];

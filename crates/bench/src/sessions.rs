@@ -10,11 +10,12 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::daemon::{self, BenchDaemon, Policy};
 use super::floor::{FloorClient, pb as floor_pb};
-use super::harness::{ChildServer, Sut};
+use super::harness::Sut;
 use super::stats::{Percentiles, Row, Target, Value};
 use super::{BenchResult, Ctx, progress};
 use crate::pb;
 use crate::pb::daemon_service_client::DaemonServiceClient;
+use taskmesh_testkit::process::ServeProcess;
 
 /// Heartbeats come from this many daemons, each on its own connection.
 const HEARTBEAT_DAEMONS: usize = 10;
@@ -31,7 +32,7 @@ pub async fn heartbeat(ctx: &mut Ctx) -> BenchResult<Row> {
     let mut sessions = Vec::new();
     for i in 0..HEARTBEAT_DAEMONS {
         let id = daemon::register(&mut admin, &format!("heartbeat-{i}"), 1).await?;
-        let channel = ctx.sut.server.channel().await?;
+        let channel = super::harness::channel(ctx.sut.server.addr).await?;
         let client = DaemonServiceClient::with_interceptor(channel.clone(), ws.daemon.clone());
         beaters.push((client, id.clone()));
         sessions.push(BenchDaemon::open(channel, &ws.daemon, id, Policy::Run, tx.clone()).await?);
@@ -54,7 +55,9 @@ pub async fn heartbeat(ctx: &mut Ctx) -> BenchResult<Row> {
     }
     let mut floor_clients = Vec::new();
     for _ in 0..HEARTBEAT_DAEMONS {
-        floor_clients.push(FloorClient::new(ctx.floor.channel().await?));
+        floor_clients.push(FloorClient::new(
+            super::harness::channel(ctx.floor.addr).await?,
+        ));
     }
     let floor = open_loop(rate, secs, |i| {
         let mut client = floor_clients[i % floor_clients.len()].clone();
@@ -132,7 +135,7 @@ pub async fn idle_sessions(ctx: &mut Ctx, n: usize) -> BenchResult<Row> {
         .map(|id| {
             let tx = tx.clone();
             async move {
-                let channel = server.channel().await?;
+                let channel = super::harness::channel(server.addr).await?;
                 BenchDaemon::open(channel, token, id, Policy::Run, tx).await
             }
         })
@@ -147,9 +150,9 @@ pub async fn idle_sessions(ctx: &mut Ctx, n: usize) -> BenchResult<Row> {
     }
     drop(sut);
 
-    let floor = ChildServer::floor().await?;
+    let floor = super::harness::floor_server().await?;
     // Warm the floor up as the registrations warmed the server.
-    FloorClient::new(floor.channel().await?)
+    FloorClient::new(super::harness::channel(floor.addr).await?)
         .ping(floor_pb::PingRequest::default())
         .await?;
     let floor_before = settled_rss(&floor).await?;
@@ -186,7 +189,7 @@ pub async fn idle_sessions(ctx: &mut Ctx, n: usize) -> BenchResult<Row> {
 }
 
 /// Resident memory once the process has been left alone for a moment.
-async fn settled_rss(server: &ChildServer) -> BenchResult<u64> {
+async fn settled_rss(server: &ServeProcess) -> BenchResult<u64> {
     tokio::time::sleep(Duration::from_millis(500)).await;
     server.rss_bytes()
 }

@@ -223,7 +223,7 @@ async fn server_killed_mid_task(backend: Backend) {
         .await
         .unwrap();
     watch.until_line("line 3600").await;
-    let addr = server.addr.clone();
+    let addr = server.addr.to_string();
     server.kill().await;
 
     let server = ServeProcess::start(&db.url, &addr, &flags).await;

@@ -1,5 +1,7 @@
-//! A scripted daemon: registers, opens a session and speaks it message by
-//! message, so tests can hold the daemon's side of the protocol exactly.
+//! The scripted daemon: registers, opens a session and speaks it message
+//! by message, so tests can hold the daemon's side of the protocol exactly
+//! (and the benchmark can drive thousands of sessions). The `try_` forms
+//! answer errors; the others panic, for tests.
 
 use taskmesh_server::pb::daemon_service_client::DaemonServiceClient;
 use taskmesh_server::pb::session_request::Message as Up;
@@ -14,6 +16,7 @@ use tonic::transport::Channel;
 use taskmesh_server::model::TokenKind;
 
 use super::{Bearer, TestServer};
+use crate::db::Error;
 
 pub type Daemons = DaemonServiceClient<InterceptedService<Channel, Bearer>>;
 
@@ -22,23 +25,28 @@ pub async fn daemon_client(s: &TestServer, token: &str) -> Daemons {
 }
 
 pub async fn register(c: &mut Daemons, machine: &str, max: i32) -> String {
-    c.register(pb::RegisterRequest {
-        machine_id: machine.into(),
-        hostname: "test".into(),
-        version: "0".into(),
-        runtimes: vec![pb::Runtime {
-            name: "shell".into(),
-            version: "builtin".into(),
-        }],
-        max_concurrent_tasks: max,
-        legacy_ids: vec![],
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .daemon
-    .unwrap()
-    .id
+    try_register(c, machine, max).await.expect("register")
+}
+
+/// Registers a daemon offering the `shell` runtime; answers its id.
+pub async fn try_register(c: &mut Daemons, machine: &str, max: i32) -> Result<String, Error> {
+    let daemon = c
+        .register(pb::RegisterRequest {
+            machine_id: machine.into(),
+            hostname: "test".into(),
+            version: "0".into(),
+            runtimes: vec![pb::Runtime {
+                name: "shell".into(),
+                version: "builtin".into(),
+            }],
+            max_concurrent_tasks: max,
+            legacy_ids: vec![],
+        })
+        .await?
+        .into_inner()
+        .daemon
+        .ok_or("Register answered no daemon")?;
+    Ok(daemon.id)
 }
 
 /// A scripted daemon session.
@@ -49,7 +57,20 @@ pub struct Session {
 
 impl Session {
     pub async fn open(c: &mut Daemons, daemon_id: &str, running: Vec<String>) -> Session {
-        let (up, rx) = mpsc::channel(64);
+        Session::try_open(c, daemon_id, running, 64)
+            .await
+            .expect("open a session")
+    }
+
+    /// Opens the session and waits for `ready`; `queue` bounds what waits to
+    /// go up.
+    pub async fn try_open(
+        c: &mut Daemons,
+        daemon_id: &str,
+        running: Vec<String>,
+        queue: usize,
+    ) -> Result<Session, Error> {
+        let (up, rx) = mpsc::channel(queue);
         up.send(pb::SessionRequest {
             message: Some(Up::Open(pb::SessionOpen {
                 daemon_id: daemon_id.into(),
@@ -57,17 +78,14 @@ impl Session {
             })),
         })
         .await
-        .unwrap();
-        let mut down = c
-            .session(ReceiverStream::new(rx))
-            .await
-            .unwrap()
-            .into_inner();
-        match down.next().await.unwrap().unwrap().message {
-            Some(Down::Ready(r)) => assert_eq!(r.daemon_id, daemon_id),
-            other => panic!("expected ready, got {other:?}"),
+        .map_err(|_| "the session closed before it opened")?;
+        let mut down = c.session(ReceiverStream::new(rx)).await?.into_inner();
+        match down.next().await {
+            Some(Ok(pb::SessionResponse {
+                message: Some(Down::Ready(r)),
+            })) if r.daemon_id == daemon_id => Ok(Session { up, down }),
+            other => Err(format!("session of {daemon_id} did not open: {other:?}").into()),
         }
-        Session { up, down }
     }
 
     pub async fn send(&self, m: Up) {

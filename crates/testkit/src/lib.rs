@@ -10,7 +10,10 @@
 //! skips them locally; under CI=true a skip is a failure.
 
 pub mod daemon;
+pub mod db;
 pub mod process;
+
+pub use db::{Backend, DbKind, TestDb};
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -27,14 +30,6 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backend {
-    Sqlite,
-    Postgres,
-}
-
-const DEFAULT_PG: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 
 /// Runs `body` against each backend; a macro so each backend is its own test.
 #[macro_export]
@@ -73,104 +68,6 @@ pub fn postgres_enabled() -> bool {
     !skip
 }
 
-/// A database that exists for one test and is removed when dropped, even
-/// when the test panics.
-pub struct TestDb {
-    pub url: String,
-    cleanup: Cleanup,
-}
-
-enum Cleanup {
-    File(std::path::PathBuf),
-    Postgres {
-        admin_url: String,
-        name: String,
-    },
-    /// Another server's database: its owner removes it.
-    None,
-}
-
-impl TestDb {
-    pub async fn new(backend: Backend) -> TestDb {
-        let id = uuid::Uuid::new_v4().simple().to_string();
-        match backend {
-            Backend::Sqlite => {
-                let path = std::env::temp_dir().join(format!("taskmesh-test-{id}.db"));
-                TestDb {
-                    url: format!("sqlite://{}", path.display()),
-                    cleanup: Cleanup::File(path),
-                }
-            }
-            Backend::Postgres => {
-                let admin_url = std::env::var("TASKMESH_TEST_DATABASE_URL")
-                    .unwrap_or_else(|_| DEFAULT_PG.to_string());
-                let name = format!("taskmesh_test_{id}");
-                let mut conn = admin(&admin_url).await;
-                sqlx::Executor::execute(&mut conn, format!("CREATE DATABASE {name}").as_str())
-                    .await
-                    .expect("create the test database");
-                TestDb {
-                    url: with_database(&admin_url, &name),
-                    cleanup: Cleanup::Postgres { admin_url, name },
-                }
-            }
-        }
-    }
-}
-
-async fn admin(url: &str) -> sqlx::PgConnection {
-    use sqlx::Connection;
-    sqlx::PgConnection::connect(url).await.unwrap_or_else(|e| {
-        panic!(
-            "PostgreSQL is not reachable at {url} ({e}). Start it, point \
-             TASKMESH_TEST_DATABASE_URL at one, or set it to `skip` to run SQLite only."
-        )
-    })
-}
-
-/// The same server URL with another database name.
-fn with_database(url: &str, name: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, format!("?{q}")),
-        None => (url, String::new()),
-    };
-    let scheme_end = base.find("://").map_or(0, |i| i + 3);
-    let host_part = match base[scheme_end..].find('/') {
-        Some(i) => &base[..scheme_end + i],
-        None => base,
-    };
-    format!("{host_part}/{name}{query}")
-}
-
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        match &self.cleanup {
-            Cleanup::File(path) => {
-                for suffix in ["", "-wal", "-shm"] {
-                    let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
-                }
-            }
-            Cleanup::None => {}
-            Cleanup::Postgres { admin_url, name } => {
-                let (admin_url, name) = (admin_url.clone(), name.clone());
-                // Drop runs outside async context; use a private runtime.
-                let _ = std::thread::spawn(move || {
-                    let rt = tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                        .expect("runtime");
-                    rt.block_on(async {
-                        let mut conn = admin(&admin_url).await;
-                        let sql = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
-                        let _ = sqlx::Executor::execute(&mut conn, sql.as_str()).await;
-                    });
-                })
-                .join();
-            }
-        }
-    }
-}
-
 pub struct TestServer {
     pub addr: SocketAddr,
     /// The bootstrap admin token of workspace `default`.
@@ -199,10 +96,7 @@ pub async fn start_server_with(db: TestDb, liveness: Liveness) -> TestServer {
 /// A second replica on the same database as `of` (PostgreSQL), as
 /// `taskmesh serve` runs several against one database.
 pub async fn start_replica(of: &TestServer) -> TestServer {
-    let db = TestDb {
-        url: of.db.url.clone(),
-        cleanup: Cleanup::None,
-    };
+    let db = TestDb::borrowed(&of.db.url);
     launch(db, "127.0.0.1:0".parse().unwrap(), Liveness::default()).await
 }
 
@@ -328,25 +222,6 @@ impl Drop for TestServer {
     }
 }
 
-#[test]
-fn database_urls() {
-    assert_eq!(
-        with_database("postgres://u@h:5432/postgres?sslmode=disable", "x"),
-        "postgres://u@h:5432/x?sslmode=disable"
-    );
-    assert_eq!(with_database("postgres://u@h", "x"), "postgres://u@h/x");
-}
-
-impl TestDb {
-    /// Stands in for a database handed back by `stop_keeping_db`.
-    fn placeholder() -> TestDb {
-        TestDb {
-            url: String::new(),
-            cleanup: Cleanup::None,
-        }
-    }
-}
-
 impl TestServer {
     /// Stops the server as `stop` does but hands its database back instead
     /// of removing it, so another server can start on it.
@@ -358,7 +233,7 @@ impl TestServer {
             h.await.expect("server task");
         }
         self.store.close().await;
-        std::mem::replace(&mut self.db, TestDb::placeholder())
+        std::mem::replace(&mut self.db, TestDb::borrowed(""))
     }
 }
 

@@ -1,12 +1,16 @@
 //! The `taskmesh` binary as child processes: `serve` (to kill and restart
-//! it) and the reference daemon. Every child is killed when dropped.
+//! it, or to measure it) and the reference daemon. Every child is killed
+//! when dropped.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, ChildStdout, Command};
+use tokio::process::{Child, Command};
+
+use crate::db::Error;
 
 /// The `taskmesh` binary: this process itself when it is taskmesh (the
 /// benchmark), else the one cargo built beside the running test executable
@@ -47,36 +51,76 @@ impl Drop for TempDir {
     }
 }
 
-/// `taskmesh serve` as a child process.
+/// A child process that serves on a port it prints (`taskmesh serve`, or
+/// the benchmark's floor server). It is killed when dropped and, on Linux,
+/// when this process dies.
 pub struct ServeProcess {
     child: Child,
-    pub addr: String,
+    pub addr: SocketAddr,
     /// The first-start token; `None` on a restart over an existing database.
     pub token: Option<String>,
 }
 
+/// What `taskmesh serve` prints once it listens, before the address.
+pub const SERVE_LISTENING: &str = "taskmesh listening on http://";
+
 impl ServeProcess {
     /// Starts `serve` on `listen` (`127.0.0.1:0` for any port) and waits for
-    /// its listening line.
+    /// its listening line; its log goes to this process's stderr.
     pub async fn start(database_url: &str, listen: &str, extra: &[&str]) -> ServeProcess {
-        let mut child = Command::new(bin())
-            .args(["serve", "--listen", listen, "--database-url", database_url])
-            .args(extra)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start taskmesh serve");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (addr, token) = tokio::time::timeout(Duration::from_secs(60), read_banner(stdout))
+        let mut cmd = serve_command(database_url, listen, extra);
+        cmd.env("RUST_LOG", "warn").stderr(Stdio::inherit());
+        ServeProcess::spawn(cmd, SERVE_LISTENING)
             .await
-            .expect("serve prints its listening line");
-        ServeProcess { child, addr, token }
+            .unwrap_or_else(|e| panic!("start taskmesh serve: {e}"))
+    }
+
+    /// Spawns `cmd` and reads its stdout up to the line starting with
+    /// `listening` (then the address); a `tmu_` line before it is the
+    /// first-start token. The rest of stdout is drained in the background so
+    /// the child never blocks on a full pipe.
+    pub async fn spawn(mut cmd: Command, listening: &str) -> Result<ServeProcess, Error> {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true);
+        #[cfg(target_os = "linux")]
+        // SAFETY: prctl is async-signal-safe and touches no memory of ours.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn()?;
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let mut token = None;
+        let addr = tokio::time::timeout(Duration::from_secs(60), async {
+            while let Some(line) = lines.next_line().await? {
+                let line = line.trim();
+                if line.starts_with("tmu_") {
+                    token = Some(line.to_string());
+                }
+                if let Some(rest) = line.strip_prefix(listening) {
+                    let addr = rest.split_whitespace().next().unwrap_or_default();
+                    return Ok::<_, Error>(addr.parse::<SocketAddr>()?);
+                }
+            }
+            Err("the server exited before listening".into())
+        })
+        .await
+        .map_err(|_| "the server did not start listening within 60 s")??;
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(ServeProcess { child, addr, token })
     }
 
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Resident memory of the server process.
+    pub fn rss_bytes(&self) -> Result<u64, Error> {
+        rss_bytes(self.child.id().ok_or("the server has exited")?)
     }
 
     /// SIGKILL: no graceful anything.
@@ -85,28 +129,23 @@ impl ServeProcess {
     }
 }
 
-/// Reads serve's stdout up to the listening line; answers the address and
-/// the first-start token if one was printed. The rest of stdout is drained
-/// in the background so the server never blocks on a full pipe.
-async fn read_banner(stdout: ChildStdout) -> (String, Option<String>) {
-    let mut lines = BufReader::new(stdout).lines();
-    let mut token = None;
-    while let Some(line) = lines.next_line().await.expect("read serve's stdout") {
-        let line = line.trim();
-        if line.starts_with("tmu_") {
-            token = Some(line.to_string());
-        }
-        if let Some(rest) = line.strip_prefix("taskmesh listening on http://") {
-            let addr = rest
-                .split_whitespace()
-                .next()
-                .expect("an address")
-                .to_string();
-            tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-            return (addr, token);
-        }
-    }
-    panic!("serve exited before listening");
+/// `taskmesh serve --listen LISTEN --database-url URL EXTRA…`.
+pub fn serve_command(database_url: &str, listen: &str, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(bin());
+    cmd.args(["serve", "--listen", listen, "--database-url", database_url])
+        .args(extra);
+    cmd
+}
+
+/// Resident memory of a process, from /proc.
+pub fn rss_bytes(pid: u32) -> Result<u64, Error> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .ok_or("no VmRSS in /proc/<pid>/status")?;
+    Ok(kb * 1024)
 }
 
 /// `taskmesh daemon` as a child process, with its own state and work
