@@ -95,6 +95,8 @@ pub enum KindArg {
     User,
     /// For `taskmesh daemon`: DaemonService in one workspace.
     Daemon,
+    /// Read-only, in one workspace: list, get and watch; change nothing.
+    Viewer,
 }
 
 #[derive(clap::Args)]
@@ -184,6 +186,7 @@ pub async fn token_create(args: TokenCreateArgs) -> CliResult {
     let kind = match args.kind {
         KindArg::User => TokenKind::User,
         KindArg::Daemon => TokenKind::Daemon,
+        KindArg::Viewer => TokenKind::Viewer,
     };
     let (_, secret, ws) = domain
         .create_token_unchecked(&args.workspace, kind, &args.name, &args.user)

@@ -66,10 +66,12 @@ impl TaskStatus {
 }
 
 stored_enum! {
-    /// What a token may do: users steer tasks, daemons run them.
+    /// What a token may do: users steer tasks, daemons run them, viewers
+    /// only look (api::access holds the table).
     TokenKind {
         User => "user",
         Daemon => "daemon",
+        Viewer => "viewer",
     }
 }
 
@@ -138,6 +140,26 @@ pub struct Task {
     /// or -1 when unknown.
     pub progress_summary: String,
     pub progress_percent: i64,
+    /// Not stored: set when `plan` holds only a preview.
+    pub plan_truncated: bool,
+}
+
+/// Bytes of a plan that lists and feeds carry (ListTasks, WatchTasks,
+/// subtasks); GetTask has the whole plan.
+pub const PLAN_PREVIEW_BYTES: usize = 4096;
+
+impl Task {
+    /// Cuts the plan to [`PLAN_PREVIEW_BYTES`], marking it cut.
+    pub fn cut_plan(&mut self) {
+        if self.plan.len() > PLAN_PREVIEW_BYTES {
+            let mut end = PLAN_PREVIEW_BYTES;
+            while !self.plan.is_char_boundary(end) {
+                end -= 1;
+            }
+            self.plan.truncate(end);
+            self.plan_truncated = true;
+        }
+    }
 }
 
 /// One status transition, as recorded in the audit trail.
@@ -214,6 +236,10 @@ pub struct Daemon {
     pub active_tasks: i64,
     pub created_at: Micros,
     pub last_seen_at: Micros,
+    /// The token it last registered with.
+    pub token_id: Option<String>,
+    /// The token an admin cut it off from (DisconnectDaemon).
+    pub blocked_token_id: Option<String>,
 }
 
 /// What a reassigned or continued attempt starts from; empty for a plain

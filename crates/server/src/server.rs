@@ -16,7 +16,7 @@ use tonic_web::GrpcWebLayer;
 use tower::{Layer, Service};
 use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
 
-use crate::api::{DaemonApi, TaskApi, WorkspaceApi};
+use crate::api::{AccessLayer, DaemonApi, TaskApi, WorkspaceApi};
 use crate::cluster;
 use crate::domain::Domain;
 use crate::pb;
@@ -84,10 +84,19 @@ pub async fn run(
         closing.close_streams();
     };
     let web = GrpcWebLayer::new();
+    // Inside gRPC-web, so a refusal reaches a browser as gRPC-web.
+    let access = AccessLayer::new(domain.clone());
+    let guarded = |s| web.layer(access.layer(s));
     let routes = Routes::builder()
-        .add_service(web.layer(TaskServiceServer::new(TaskApi::new(domain.clone()))))
-        .add_service(web.layer(DaemonServiceServer::new(DaemonApi::new(domain.clone()))))
-        .add_service(web.layer(WorkspaceServiceServer::new(WorkspaceApi::new(domain))))
+        .add_service(guarded(TaskServiceServer::new(TaskApi::new(
+            domain.clone(),
+        ))))
+        .add_service(
+            web.layer(access.layer(DaemonServiceServer::new(DaemonApi::new(domain.clone())))),
+        )
+        .add_service(
+            web.layer(access.layer(WorkspaceServiceServer::new(WorkspaceApi::new(domain)))),
+        )
         .add_service(web.layer(health_service))
         .add_service(web.layer(reflection().build_v1()?))
         .add_service(web.layer(reflection().build_v1alpha()?))

@@ -29,6 +29,7 @@ pub fn token_kind(k: model::TokenKind) -> pb::TokenKind {
     match k {
         model::TokenKind::User => pb::TokenKind::User,
         model::TokenKind::Daemon => pb::TokenKind::Daemon,
+        model::TokenKind::Viewer => pb::TokenKind::Viewer,
     }
 }
 
@@ -46,10 +47,11 @@ pub fn message_kind(k: model::MessageKind) -> pb::MessageKind {
 }
 
 pub fn task(t: model::Task) -> pb::Task {
-    task_with_subtasks(t, Vec::new())
+    task_with_subtasks(t, Vec::new(), 0)
 }
 
-pub fn task_with_subtasks(t: model::Task, subtasks: Vec<model::Task>) -> pb::Task {
+/// A task with (some of) its direct subtasks, and how many it has.
+pub fn task_with_subtasks(t: model::Task, subtasks: Vec<model::Task>, count: i64) -> pb::Task {
     pb::Task {
         id: t.id,
         workspace_id: t.workspace_id,
@@ -77,6 +79,8 @@ pub fn task_with_subtasks(t: model::Task, subtasks: Vec<model::Task>) -> pb::Tas
         last_seq: t.last_seq,
         progress_summary: t.progress_summary,
         progress_percent: t.progress_percent as i32,
+        plan_truncated: t.plan_truncated,
+        subtask_count: i32::try_from(count).unwrap_or(i32::MAX),
     }
 }
 

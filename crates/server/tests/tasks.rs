@@ -709,10 +709,16 @@ async fn tenancy(backend: Backend) {
         .unwrap();
     let id = task.id.clone();
 
-    for kind in [TokenKind::User, TokenKind::Daemon] {
+    // Another workspace's task is NOT_FOUND for every token that may call
+    // TaskService; a viewer's writes are refused before that.
+    for kind in [TokenKind::User, TokenKind::Viewer] {
         let other = s.token_in("other", kind).await;
         let mut c = s.tasks_as(Some(&other)).await;
         let nf = Code::NotFound;
+        let (wc, wn) = match kind {
+            TokenKind::Viewer => (Code::PermissionDenied, "viewer"),
+            _ => (nf, id.as_str()),
+        };
         assert_code(
             c.get_task(pb::GetTaskRequest { id: id.clone() }).await,
             nf,
@@ -731,8 +737,8 @@ async fn tenancy(backend: Backend) {
                 expected_version: 0,
             })
             .await,
-            nf,
-            &id,
+            wc,
+            wn,
         );
         assert_code(
             c.start_task(pb::StartTaskRequest {
@@ -740,19 +746,19 @@ async fn tenancy(backend: Backend) {
                 ..Default::default()
             })
             .await,
-            nf,
-            &id,
+            wc,
+            wn,
         );
         assert_code(
             c.stop_task(pb::StopTaskRequest { id: id.clone() }).await,
-            nf,
-            &id,
+            wc,
+            wn,
         );
         assert_code(
             c.delete_task(pb::DeleteTaskRequest { id: id.clone() })
                 .await,
-            nf,
-            &id,
+            wc,
+            wn,
         );
         assert_code(
             c.list_task_events(pb::ListTaskEventsRequest {
@@ -786,8 +792,8 @@ async fn tenancy(backend: Backend) {
                 ..create("sub")
             })
             .await,
-            nf,
-            &id,
+            wc,
+            wn,
         );
         assert_code(
             c.list_tasks(pb::ListTasksRequest {

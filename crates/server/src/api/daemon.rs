@@ -8,10 +8,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::authenticate;
+use super::access::principal;
 use super::parse;
 use super::session::{SessionLoop, duration, end, fail_reason, messages, progress, started};
-use crate::domain::{self, Domain, invalid, parse_id};
+use crate::domain::{Domain, invalid, parse_id};
 use crate::model::Runtime;
 use crate::pb::{self, daemon_service_server::DaemonService, session_request::Message as Up};
 use crate::store::DaemonInfo;
@@ -33,15 +33,11 @@ impl DaemonService for DaemonApi {
         &self,
         req: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
-        let p = authenticate(&self.domain, &req).await?;
+        let p = principal(&req)?;
         let r = req.into_inner();
-        let legacy = r
-            .legacy_ids
-            .iter()
-            .map(|id| parse_id("legacy_ids", id))
-            .collect::<domain::Result<Vec<_>>>()?;
         let info = DaemonInfo {
             workspace_id: String::new(),
+            token_id: String::new(),
             machine_id: r.machine_id,
             hostname: r.hostname,
             version: r.version,
@@ -55,7 +51,7 @@ impl DaemonService for DaemonApi {
                 .collect(),
             max_concurrent_tasks: i64::from(r.max_concurrent_tasks),
         };
-        let daemon = self.domain.register_daemon(&p, info, &legacy).await?;
+        let daemon = self.domain.register_daemon(&p, info, &r.legacy_ids).await?;
         Ok(Response::new(pb::RegisterResponse {
             daemon: Some(wire::daemon(daemon)),
             heartbeat_interval: duration(self.domain.liveness.heartbeat),
@@ -66,7 +62,7 @@ impl DaemonService for DaemonApi {
         &self,
         req: Request<pb::DeregisterRequest>,
     ) -> Result<Response<pb::DeregisterResponse>, Status> {
-        let p = authenticate(&self.domain, &req).await?;
+        let p = principal(&req)?;
         let id = parse_id("daemon_id", &req.get_ref().daemon_id)?;
         self.domain.deregister_daemon(&p, &id).await?;
         Ok(Response::new(pb::DeregisterResponse {}))
@@ -76,7 +72,7 @@ impl DaemonService for DaemonApi {
         &self,
         req: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        let p = authenticate(&self.domain, &req).await?;
+        let p = principal(&req)?;
         let id = parse_id("daemon_id", &req.get_ref().daemon_id)?;
         self.domain.heartbeat(&p, &id).await?;
         Ok(Response::new(pb::HeartbeatResponse {
@@ -88,7 +84,7 @@ impl DaemonService for DaemonApi {
         &self,
         req: Request<pb::ClaimTaskRequest>,
     ) -> Result<Response<pb::ClaimTaskResponse>, Status> {
-        let p = authenticate(&self.domain, &req).await?;
+        let p = principal(&req)?;
         let id = parse_id("daemon_id", &req.get_ref().daemon_id)?;
         let claimed = self.domain.claim_task(&p, &id).await?;
         Ok(Response::new(match claimed {
@@ -110,7 +106,7 @@ impl DaemonService for DaemonApi {
         &self,
         req: Request<pb::ReportTaskStartedRequest>,
     ) -> Result<Response<pb::ReportTaskStartedResponse>, Status> {
-        let p = authenticate(&self.domain, &req).await?;
+        let p = principal(&req)?;
         let task = started(&self.domain, &p, req.get_ref()).await?;
         Ok(Response::new(pb::ReportTaskStartedResponse {
             task: Some(wire::task(task)),
@@ -121,7 +117,7 @@ impl DaemonService for DaemonApi {
         &self,
         req: Request<pb::ReportTaskProgressRequest>,
     ) -> Result<Response<pb::ReportTaskProgressResponse>, Status> {
-        let p = authenticate(&self.domain, &req).await?;
+        let p = principal(&req)?;
         progress(&self.domain, &p, req.get_ref()).await?;
         Ok(Response::new(pb::ReportTaskProgressResponse {}))
     }
@@ -130,7 +126,7 @@ impl DaemonService for DaemonApi {
         &self,
         req: Request<pb::ReportTaskMessagesRequest>,
     ) -> Result<Response<pb::ReportTaskMessagesResponse>, Status> {
-        let p = authenticate(&self.domain, &req).await?;
+        let p = principal(&req)?;
         let acked_seq = messages(&self.domain, &p, req.into_inner()).await?;
         Ok(Response::new(pb::ReportTaskMessagesResponse { acked_seq }))
     }
@@ -139,7 +135,7 @@ impl DaemonService for DaemonApi {
         &self,
         req: Request<pb::ReportTaskUsageRequest>,
     ) -> Result<Response<pb::ReportTaskUsageResponse>, Status> {
-        let p = authenticate(&self.domain, &req).await?;
+        let p = principal(&req)?;
         let r = req.into_inner();
         let id = parse_id("task_id", &r.task_id)?;
         let u = r.usage.into_iter().map(parse::usage).collect();
@@ -151,7 +147,7 @@ impl DaemonService for DaemonApi {
         &self,
         req: Request<pb::CompleteTaskRequest>,
     ) -> Result<Response<pb::CompleteTaskResponse>, Status> {
-        let p = authenticate(&self.domain, &req).await?;
+        let p = principal(&req)?;
         let r = req.into_inner();
         let id = parse_id("task_id", &r.task_id)?;
         let task = self
@@ -167,7 +163,7 @@ impl DaemonService for DaemonApi {
         &self,
         req: Request<pb::FailTaskRequest>,
     ) -> Result<Response<pb::FailTaskResponse>, Status> {
-        let p = authenticate(&self.domain, &req).await?;
+        let p = principal(&req)?;
         let r = req.into_inner();
         let id = parse_id("task_id", &r.task_id)?;
         let reason = fail_reason(&r);
@@ -184,7 +180,7 @@ impl DaemonService for DaemonApi {
         &self,
         req: Request<pb::GetTaskStatusRequest>,
     ) -> Result<Response<pb::GetTaskStatusResponse>, Status> {
-        let p = authenticate(&self.domain, &req).await?;
+        let p = principal(&req)?;
         let id = parse_id("task_id", &req.get_ref().task_id)?;
         let task = self.domain.task_status(&p, &id).await?;
         Ok(Response::new(pb::GetTaskStatusResponse {
@@ -199,7 +195,7 @@ impl DaemonService for DaemonApi {
         &self,
         req: Request<Streaming<pb::SessionRequest>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
-        let p = authenticate(&self.domain, &req).await?;
+        let p = principal(&req)?;
         let mut inbound = req.into_inner();
         let open = match inbound.next().await {
             Some(Ok(pb::SessionRequest {

@@ -1,22 +1,24 @@
-//! gRPC handlers, one struct per service. Each RPC authenticates, validates
+//! gRPC handlers, one struct per service. [`AccessLayer`] has already
+//! authenticated the caller and checked its token kind; each RPC validates
 //! what only the wire format can tell (enum values, ids), calls one domain
 //! method and converts the result. Domain errors become a Status here, once.
 
+mod access;
 mod daemon;
 mod parse;
 mod session;
 mod task;
 mod workspace;
 
+pub use access::{AccessLayer, RULES, kinds_for};
 pub use daemon::DaemonApi;
 pub use session::SessionEnd;
 pub use task::TaskApi;
 pub use workspace::WorkspaceApi;
 
-use tonic::{Request, Status};
+use tonic::Status;
 
-use crate::domain::{Domain, Error};
-use crate::model::Principal;
+use crate::domain::Error;
 
 impl From<Error> for Status {
     fn from(e: Error) -> Status {
@@ -36,22 +38,4 @@ impl From<Error> for Status {
             }
         }
     }
-}
-
-/// The caller behind `authorization: Bearer <token>`.
-async fn authenticate<T>(domain: &Domain, req: &Request<T>) -> Result<Principal, Status> {
-    let header = req
-        .metadata()
-        .get("authorization")
-        .ok_or_else(|| Status::unauthenticated("missing `authorization: Bearer <token>` header"))?;
-    let value = header
-        .to_str()
-        .map_err(|_| Status::unauthenticated("malformed authorization header"))?;
-    let secret = value
-        .strip_prefix("Bearer ")
-        .or_else(|| value.strip_prefix("bearer "))
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .ok_or_else(|| Status::unauthenticated("authorization must be `Bearer <token>`"))?;
-    Ok(domain.authenticate(secret).await?)
 }

@@ -30,6 +30,7 @@ pub fn token_kind(field: &'static str, v: i32) -> Result<model::TokenKind> {
         pb::TokenKind::Unspecified => Err(invalid(field, "must be specified")),
         pb::TokenKind::User => Ok(model::TokenKind::User),
         pb::TokenKind::Daemon => Ok(model::TokenKind::Daemon),
+        pb::TokenKind::Viewer => Ok(model::TokenKind::Viewer),
     }
 }
 

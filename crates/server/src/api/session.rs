@@ -13,7 +13,7 @@ use tonic::Status;
 use tracing::Instrument;
 
 use super::parse;
-use crate::domain::{self, Domain, SHUTTING_DOWN, TaskEnd, parse_id};
+use crate::domain::{self, Domain, SHUTTING_DOWN, StreamEnd, StreamGuard, TaskEnd, parse_id};
 use crate::model::Principal;
 use crate::pb::session_response::Message as Down;
 use crate::pb::{self, session_request::Message as Up};
@@ -37,6 +37,9 @@ pub enum SessionEnd {
     StreamFailed(Status),
     /// The outbox could not be read.
     Outbox(domain::Error),
+    /// The daemon's access is gone: its token was revoked, or an admin
+    /// disconnected it.
+    AccessEnded(StreamEnd),
 }
 
 impl fmt::Display for SessionEnd {
@@ -51,6 +54,7 @@ impl fmt::Display for SessionEnd {
             SessionEnd::DaemonGone => f.write_str("the daemon went away"),
             SessionEnd::StreamFailed(e) => write!(f, "stream error: {e}"),
             SessionEnd::Outbox(e) => write!(f, "reading the outbox: {e}"),
+            SessionEnd::AccessEnded(why) => write!(f, "access ended: {why}"),
         }
     }
 }
@@ -128,6 +132,8 @@ pub(super) struct SessionLoop<S> {
     /// Boxed: the channel allocates its slots 32 at a time up front, and a
     /// SessionResponse is ~600 bytes inline; every idle session paid ~20 KB.
     tx: mpsc::Sender<Result<Box<pb::SessionResponse>, Status>>,
+    /// Ends the session when the daemon's access goes.
+    access: StreamGuard,
 }
 
 impl<S> SessionLoop<S>
@@ -165,6 +171,7 @@ where
         let (daemon, conn, wake) = domain
             .open_session(&principal, &daemon_id, &open.running_task_ids)
             .await?;
+        let access = domain.open_stream(&principal, &daemon.workspace_id, Some(&daemon.id))?;
         let (tx, rx) = mpsc::channel(256);
         let ready = pb::SessionReady {
             daemon_id: daemon.id.clone(),
@@ -180,6 +187,7 @@ where
             wake,
             inbound,
             tx,
+            access,
         };
         Ok((session, rx))
     }
@@ -198,6 +206,11 @@ where
                     let _ = self.tx.send(Err(Status::unavailable(SHUTTING_DOWN))).await;
                     break SessionEnd::ShuttingDown;
                 }
+                why = self.access.ended() => {
+                    let status = Status::from(domain::Error::from(why.clone()));
+                    let _ = self.tx.send(Err(status)).await;
+                    break SessionEnd::AccessEnded(why);
+                }
                 up = self.inbound.next() => match up {
                     Some(Ok(m)) => {
                         self.domain.session_alive(&self.principal, &self.daemon_id);
@@ -205,7 +218,18 @@ where
                             break why;
                         }
                     }
-                    Some(Err(e)) => break SessionEnd::StreamFailed(e),
+                    Some(Err(e)) => {
+                        if e.code() == tonic::Code::Internal && e.message().contains("decode") {
+                            // A frame that does not decode is the daemon's
+                            // mistake, not the server's: say so.
+                            let status = Status::invalid_argument(format!(
+                                "undecodable session message: {}",
+                                e.message()
+                            ));
+                            let _ = self.tx.send(Err(status)).await;
+                        }
+                        break SessionEnd::StreamFailed(e);
+                    }
                     None => break SessionEnd::ClosedByDaemon,
                 },
                 _ = self.wake.notified() => {
@@ -366,6 +390,8 @@ mod tests {
     struct Fixture {
         domain: Arc<Domain>,
         principal: Principal,
+        /// A user of the same workspace.
+        admin: Principal,
         daemon_id: String,
         path: PathBuf,
     }
@@ -385,6 +411,11 @@ mod tests {
                 .await
                 .unwrap();
             let principal = domain.authenticate(&secret).await.unwrap();
+            let (_, secret, _) = domain
+                .create_token_unchecked("default", TokenKind::User, "test", "admin")
+                .await
+                .unwrap();
+            let admin = domain.authenticate(&secret).await.unwrap();
             let info = DaemonInfo {
                 workspace_id: String::new(),
                 machine_id: "m".into(),
@@ -392,11 +423,13 @@ mod tests {
                 version: "1".into(),
                 runtimes: vec![],
                 max_concurrent_tasks: 1,
+                token_id: String::new(),
             };
             let daemon = domain.register_daemon(&principal, info, &[]).await.unwrap();
             Fixture {
                 domain,
                 principal,
+                admin,
                 daemon_id: daemon.id,
                 path,
             }
@@ -460,6 +493,25 @@ mod tests {
         assert_eq!(status.code(), tonic::Code::Unavailable);
         assert_eq!(status.message(), SessionEnd::Superseded.to_string());
 
+        let (session, mut down, _up) = f.open().await;
+        f.domain
+            .revoke_token(&f.admin, &f.principal.token_id)
+            .await
+            .unwrap();
+        assert!(matches!(
+            session.run().await,
+            SessionEnd::AccessEnded(StreamEnd::Revoked)
+        ));
+        let mut last = None;
+        while let Some(m) = down.recv().await {
+            last = Some(m);
+        }
+        assert_eq!(
+            last.unwrap().unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
+
+        let f = Fixture::new().await;
         let (session, _down, _up) = f.open().await;
         f.domain.close_streams();
         assert!(matches!(session.run().await, SessionEnd::ShuttingDown));

@@ -4,12 +4,11 @@ use super::parse;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
-use tokio_stream::wrappers::{BroadcastStream, ReceiverStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
-use super::authenticate;
+use super::access::principal;
 use crate::domain::TaskUpdate;
 use crate::domain::{
     self, Domain, ListTasks, NewTask, TaskPatch, invalid, page_size, parse_id, parse_optional_id,
@@ -62,7 +61,7 @@ impl TaskService for TaskApi {
         &self,
         req: Request<pb::CreateTaskRequest>,
     ) -> Result<Response<pb::CreateTaskResponse>, Status> {
-        let p = authenticate(&self.domain, &req).await?;
+        let p = principal(&req)?;
         let r = req.into_inner();
         let new = NewTask {
             parent_id: parse_optional_id("parent_task_id", &r.parent_task_id)?,
@@ -83,11 +82,11 @@ impl TaskService for TaskApi {
         &self,
         req: Request<pb::GetTaskRequest>,
     ) -> Result<Response<pb::GetTaskResponse>, Status> {
-        let p = authenticate(&self.domain, &req).await?;
+        let p = principal(&req)?;
         let id = parse_id("id", &req.get_ref().id)?;
-        let (task, subtasks) = self.domain.get_task(&p, &id).await?;
+        let (task, subtasks, count) = self.domain.get_task(&p, &id).await?;
         Ok(Response::new(pb::GetTaskResponse {
-            task: Some(wire::task_with_subtasks(task, subtasks)),
+            task: Some(wire::task_with_subtasks(task, subtasks, count)),
         }))
     }
 
@@ -95,7 +94,7 @@ impl TaskService for TaskApi {
         &self,
         req: Request<pb::ListTasksRequest>,
     ) -> Result<Response<pb::ListTasksResponse>, Status> {
-        let p = authenticate(&self.domain, &req).await?;
+        let p = principal(&req)?;
         let r = req.into_inner();
         let query = ListTasks {
             statuses: r
@@ -120,7 +119,7 @@ impl TaskService for TaskApi {
         &self,
         req: Request<pb::UpdateTaskRequest>,
     ) -> Result<Response<pb::UpdateTaskResponse>, Status> {
-        let p = authenticate(&self.domain, &req).await?;
+        let p = principal(&req)?;
         let r = req.into_inner();
         let task = r.task.ok_or_else(|| invalid("task", "is required"))?;
         let id = parse_id("task.id", &task.id)?;
@@ -138,7 +137,7 @@ impl TaskService for TaskApi {
         &self,
         req: Request<pb::DeleteTaskRequest>,
     ) -> Result<Response<pb::DeleteTaskResponse>, Status> {
-        let p = authenticate(&self.domain, &req).await?;
+        let p = principal(&req)?;
         let id = parse_id("id", &req.get_ref().id)?;
         self.domain.delete_task(&p, &id).await?;
         Ok(Response::new(pb::DeleteTaskResponse {}))
@@ -148,7 +147,7 @@ impl TaskService for TaskApi {
         &self,
         req: Request<pb::StartTaskRequest>,
     ) -> Result<Response<pb::StartTaskResponse>, Status> {
-        let p = authenticate(&self.domain, &req).await?;
+        let p = principal(&req)?;
         let r = req.get_ref();
         let id = parse_id("id", &r.id)?;
         let pin = parse_optional_id("daemon_id", &r.daemon_id)?;
@@ -162,7 +161,7 @@ impl TaskService for TaskApi {
         &self,
         req: Request<pb::StopTaskRequest>,
     ) -> Result<Response<pb::StopTaskResponse>, Status> {
-        let p = authenticate(&self.domain, &req).await?;
+        let p = principal(&req)?;
         let id = parse_id("id", &req.get_ref().id)?;
         let task = self.domain.stop_task(&p, &id).await?;
         Ok(Response::new(pb::StopTaskResponse {
@@ -174,7 +173,7 @@ impl TaskService for TaskApi {
         &self,
         req: Request<pb::SendMessageRequest>,
     ) -> Result<Response<pb::SendMessageResponse>, Status> {
-        let p = authenticate(&self.domain, &req).await?;
+        let p = principal(&req)?;
         let r = req.into_inner();
         let id = parse_id("task_id", &r.task_id)?;
         let command_id = self.domain.send_message(&p, &id, r.text).await?;
@@ -185,7 +184,7 @@ impl TaskService for TaskApi {
         &self,
         req: Request<pb::ListTaskMessagesRequest>,
     ) -> Result<Response<pb::ListTaskMessagesResponse>, Status> {
-        let p = authenticate(&self.domain, &req).await?;
+        let p = principal(&req)?;
         let r = req.get_ref();
         let id = parse_id("task_id", &r.task_id)?;
         let limit = page_size("limit", r.limit, 1000, 10_000)?;
@@ -205,16 +204,21 @@ impl TaskService for TaskApi {
         &self,
         req: Request<pb::WatchTaskRequest>,
     ) -> Result<Response<Self::WatchTaskStream>, Status> {
-        let p = authenticate(&self.domain, &req).await?;
+        let p = principal(&req)?;
         let r = req.get_ref();
         let id = parse_id("task_id", &r.task_id)?;
         let rx = self.domain.watch_task(&p, &id, r.since_seq).await?;
-        let stream = ReceiverStream::new(rx).map(|u| {
-            let event = match u? {
-                TaskUpdate::Message(m) => Event::Message(wire::task_message(m)),
-                TaskUpdate::Task(t) => Event::Task(wire::task(*t)),
+        // Markers for output to read from the store never leave the server.
+        let stream = ReceiverStream::new(rx).filter_map(|u| {
+            let event = match u {
+                Err(e) => return Some(Err(e.into())),
+                Ok(d) => match d.update {
+                    TaskUpdate::Message(m) => Event::Message(wire::task_message(m)),
+                    TaskUpdate::Task(t) => Event::Task(wire::task(*t)),
+                    TaskUpdate::Stored { .. } => return None,
+                },
             };
-            Ok(pb::WatchTaskResponse { event: Some(event) })
+            Some(Ok(pb::WatchTaskResponse { event: Some(event) }))
         });
         Ok(Response::new(Box::pin(stream)))
     }
@@ -225,24 +229,15 @@ impl TaskService for TaskApi {
         &self,
         req: Request<pb::WatchTasksRequest>,
     ) -> Result<Response<Self::WatchTasksStream>, Status> {
-        let p = authenticate(&self.domain, &req).await?;
+        let p = principal(&req)?;
         let rx = self.domain.watch_tasks(&p, &req.get_ref().workspace)?;
-        // A watcher that lags is told so; it re-lists to catch up.
-        let stream = BroadcastStream::new(rx).map(|u| match u {
-            Ok(u) => Ok(pb::WatchTasksResponse {
+        let stream = ReceiverStream::new(rx).map(|u| {
+            let u = u?.update;
+            Ok(pb::WatchTasksResponse {
                 task: Some(wire::task(u.task)),
                 deleted: u.deleted,
-            }),
-            Err(BroadcastStreamRecvError::Lagged(n)) => Err(Status::resource_exhausted(format!(
-                "watcher fell {n} changes behind; list the tasks again and re-watch"
-            ))),
+            })
         });
-        // The feed ends only when the server shuts down: say so, so clients
-        // reconnect rather than take it for a normal end.
-        let shutdown =
-            futures_util::stream::once(async { Err(Status::unavailable(domain::SHUTTING_DOWN)) });
-        let stream =
-            futures_util::StreamExt::take_until(stream, self.domain.closed()).chain(shutdown);
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -250,7 +245,7 @@ impl TaskService for TaskApi {
         &self,
         req: Request<pb::ListTaskEventsRequest>,
     ) -> Result<Response<pb::ListTaskEventsResponse>, Status> {
-        let p = authenticate(&self.domain, &req).await?;
+        let p = principal(&req)?;
         let r = req.get_ref();
         let id = parse_id("task_id", &r.task_id)?;
         let size = page_size("page_size", r.page_size, 100, 1000)?;
@@ -268,7 +263,7 @@ impl TaskService for TaskApi {
         &self,
         req: Request<pb::ReassignTaskRequest>,
     ) -> Result<Response<pb::ReassignTaskResponse>, Status> {
-        let p = authenticate(&self.domain, &req).await?;
+        let p = principal(&req)?;
         let r = req.get_ref();
         let id = parse_id("id", &r.id)?;
         let pin = parse_optional_id("daemon_id", &r.daemon_id)?;
@@ -282,7 +277,7 @@ impl TaskService for TaskApi {
         &self,
         req: Request<pb::ContinueTaskRequest>,
     ) -> Result<Response<pb::ContinueTaskResponse>, Status> {
-        let p = authenticate(&self.domain, &req).await?;
+        let p = principal(&req)?;
         let r = req.into_inner();
         let id = parse_id("id", &r.id)?;
         let pin = parse_optional_id("daemon_id", &r.daemon_id)?;
@@ -296,7 +291,7 @@ impl TaskService for TaskApi {
         &self,
         req: Request<pb::RetryCompletionRequest>,
     ) -> Result<Response<pb::RetryCompletionResponse>, Status> {
-        let p = authenticate(&self.domain, &req).await?;
+        let p = principal(&req)?;
         let id = parse_id("id", &req.get_ref().id)?;
         let (task, command_id) = self.domain.retry_completion(&p, &id).await?;
         Ok(Response::new(pb::RetryCompletionResponse {
@@ -309,7 +304,7 @@ impl TaskService for TaskApi {
         &self,
         req: Request<pb::GetTaskUsageRequest>,
     ) -> Result<Response<pb::GetTaskUsageResponse>, Status> {
-        let p = authenticate(&self.domain, &req).await?;
+        let p = principal(&req)?;
         let id = parse_id("task_id", &req.get_ref().task_id)?;
         let usage = self.domain.task_usage(&p, &id).await?;
         let mut total = pb::TaskUsage::default();

@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::authenticate;
-use crate::domain::{Domain, page_size, parse_id, parse_optional_id, require_user};
+use super::access::principal;
+use crate::domain::{Domain, page_size, parse_id, parse_optional_id};
 use crate::pb::{self, workspace_service_server::WorkspaceService};
 use crate::wire;
 
@@ -26,7 +26,7 @@ impl WorkspaceService for WorkspaceApi {
         &self,
         req: Request<pb::ListWorkspacesRequest>,
     ) -> Result<Response<pb::ListWorkspacesResponse>, Status> {
-        let p = authenticate(&self.domain, &req).await?;
+        let p = principal(&req)?;
         Ok(Response::new(pb::ListWorkspacesResponse {
             workspaces: p.workspaces.into_iter().map(wire::workspace).collect(),
         }))
@@ -36,7 +36,7 @@ impl WorkspaceService for WorkspaceApi {
         &self,
         req: Request<pb::CreateWorkspaceRequest>,
     ) -> Result<Response<pb::CreateWorkspaceResponse>, Status> {
-        let p = authenticate(&self.domain, &req).await?;
+        let p = principal(&req)?;
         let ws = self
             .domain
             .create_workspace(&p, &req.get_ref().name)
@@ -50,8 +50,7 @@ impl WorkspaceService for WorkspaceApi {
         &self,
         req: Request<pb::ListDaemonsRequest>,
     ) -> Result<Response<pb::ListDaemonsResponse>, Status> {
-        let p = authenticate(&self.domain, &req).await?;
-        require_user(&p)?;
+        let p = principal(&req)?;
         let r = req.get_ref();
         let size = page_size("page_size", r.page_size, 100, 1000)?;
         let token = parse_optional_id("page_token", &r.page_token)?;
@@ -69,11 +68,22 @@ impl WorkspaceService for WorkspaceApi {
         &self,
         req: Request<pb::GetDaemonRequest>,
     ) -> Result<Response<pb::GetDaemonResponse>, Status> {
-        let p = authenticate(&self.domain, &req).await?;
-        require_user(&p)?;
+        let p = principal(&req)?;
         let id = parse_id("id", &req.get_ref().id)?;
         let daemon = self.domain.get_daemon(&p, &id).await?;
         Ok(Response::new(pb::GetDaemonResponse {
+            daemon: Some(wire::daemon(daemon)),
+        }))
+    }
+
+    async fn disconnect_daemon(
+        &self,
+        req: Request<pb::DisconnectDaemonRequest>,
+    ) -> Result<Response<pb::DisconnectDaemonResponse>, Status> {
+        let p = principal(&req)?;
+        let id = parse_id("id", &req.get_ref().id)?;
+        let daemon = self.domain.disconnect_daemon(&p, &id).await?;
+        Ok(Response::new(pb::DisconnectDaemonResponse {
             daemon: Some(wire::daemon(daemon)),
         }))
     }
@@ -82,7 +92,7 @@ impl WorkspaceService for WorkspaceApi {
         &self,
         req: Request<pb::CreateTokenRequest>,
     ) -> Result<Response<pb::CreateTokenResponse>, Status> {
-        let p = authenticate(&self.domain, &req).await?;
+        let p = principal(&req)?;
         let r = req.get_ref();
         let kind = parse::token_kind("kind", r.kind)?;
         let (token, secret) = self
@@ -99,7 +109,7 @@ impl WorkspaceService for WorkspaceApi {
         &self,
         req: Request<pb::ListTokensRequest>,
     ) -> Result<Response<pb::ListTokensResponse>, Status> {
-        let p = authenticate(&self.domain, &req).await?;
+        let p = principal(&req)?;
         let tokens = self
             .domain
             .list_tokens(&p, &req.get_ref().workspace)
@@ -113,7 +123,7 @@ impl WorkspaceService for WorkspaceApi {
         &self,
         req: Request<pb::RevokeTokenRequest>,
     ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
-        let p = authenticate(&self.domain, &req).await?;
+        let p = principal(&req)?;
         let id = parse_id("id", &req.get_ref().id)?;
         let token = self.domain.revoke_token(&p, &id).await?;
         Ok(Response::new(pb::RevokeTokenResponse {

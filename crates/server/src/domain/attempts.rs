@@ -13,8 +13,10 @@ use crate::store::NewMessage;
 
 /// The rebuilt context holds at most this much of the newest output.
 pub const MAX_CONTEXT_BYTES: usize = 64 * 1024;
-/// Messages read to rebuild a context.
-const CONTEXT_MESSAGES: i64 = 2000;
+/// Messages read per page, newest first, to rebuild a context; each is cut
+/// to its first 4096 characters in the database.
+const CONTEXT_PAGE: i64 = 200;
+const CONTEXT_LINE_CHARS: i64 = 4096;
 
 impl Domain {
     /// ReassignTask: a new attempt of an interrupted or failed task, on
@@ -182,30 +184,44 @@ impl Domain {
     /// A plain-text transcript of the task's newest output, for an agent
     /// that starts afresh: what it was asked, then what it said and did.
     async fn rebuild_context(&self, task: &Task) -> Result<String> {
-        let messages = self.store.last_messages(&task.id, CONTEXT_MESSAGES).await?;
-        let mut lines: Vec<String> = Vec::with_capacity(messages.len());
-        for m in &messages {
-            let mut line = match m.kind {
-                MessageKind::ToolUse => format!("[tool_use {}] {}", m.tool_name, m.tool_input_json),
-                MessageKind::ToolResult => format!("[tool_result {}] {}", m.tool_name, m.content),
-                kind => format!("[{kind}] {}", m.content),
-            };
-            line.truncate(floor_char_boundary(&line, 4096));
-            lines.push(line);
-        }
-        // Keep the newest lines that fit.
+        // The newest lines that fit, read a page at a time from the end.
+        let mut newest_first: Vec<String> = Vec::new();
         let mut budget = MAX_CONTEXT_BYTES;
-        let keep = lines
-            .iter()
-            .rev()
-            .take_while(|l| match budget.checked_sub(l.len() + 1) {
-                Some(rest) => {
-                    budget = rest;
-                    true
+        let mut before = i64::MAX;
+        let mut omitted = 0;
+        'pages: loop {
+            let page = self
+                .store
+                .newest_messages(&task.id, before, CONTEXT_PAGE, CONTEXT_LINE_CHARS)
+                .await?;
+            let full = page.len() as i64 == CONTEXT_PAGE;
+            for m in page {
+                let mut line = match m.kind {
+                    MessageKind::ToolUse => {
+                        format!("[tool_use {}] {}", m.tool_name, m.tool_input_json)
+                    }
+                    MessageKind::ToolResult => {
+                        format!("[tool_result {}] {}", m.tool_name, m.content)
+                    }
+                    kind => format!("[{kind}] {}", m.content),
+                };
+                line.truncate(floor_char_boundary(&line, 4096));
+                match budget.checked_sub(line.len() + 1) {
+                    Some(rest) => budget = rest,
+                    None => {
+                        // Output is numbered from 1 without gaps: what lies
+                        // below this message is its seq minus one.
+                        omitted = m.seq;
+                        break 'pages;
+                    }
                 }
-                None => false,
-            })
-            .count();
+                before = m.seq;
+                newest_first.push(line);
+            }
+            if !full {
+                break;
+            }
+        }
         let mut out = String::new();
         let _ = writeln!(
             out,
@@ -214,11 +230,11 @@ impl Domain {
             task.attempt,
             &task.plan[..floor_char_boundary(&task.plan, 8192)]
         );
-        if keep < lines.len() {
-            let _ = writeln!(out, "[{} earlier output lines omitted]", lines.len() - keep);
+        if omitted > 0 {
+            let _ = writeln!(out, "[{omitted} earlier output lines omitted]");
         }
         let _ = writeln!(out, "Output recorded so far, oldest first:");
-        for line in &lines[lines.len() - keep..] {
+        for line in newest_first.iter().rev() {
             out.push_str(line);
             out.push('\n');
         }

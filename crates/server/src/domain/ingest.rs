@@ -118,9 +118,9 @@ impl Domain {
             .collect();
         self.output_grew(task_id, workspace_id, old, new);
         if fresh.len() as i64 != new - old {
-            for m in self.store.list_messages(task_id, old, new - old).await? {
-                self.hub.message(m);
-            }
+            // Part of the range came in an earlier batch: watchers read it
+            // from the store.
+            self.hub.stored(task_id, new);
             return Ok(());
         }
         let now = now_micros();

@@ -9,7 +9,9 @@
 //! 2. once a daemon has been silent for the grace period, its running tasks
 //!    become interrupted and its dispatched ones go back to the queue;
 //! 3. a task dispatched longer than the dispatch timeout whose SpawnTask was
-//!    never acknowledged goes back to the queue.
+//!    never acknowledged goes back to the queue;
+//! 4. open streams whose token was revoked, whose user left the workspace,
+//!    or whose daemon was disconnected end ([`super::streams`]).
 //!
 //! A daemon that returns within the grace and reports its tasks running
 //! keeps them (`open_session`).
@@ -53,6 +55,8 @@ impl Liveness {
 /// What one sweep changed.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct SweepReport {
+    /// Streams whose token, membership or daemon lost its access.
+    pub streams_ended: usize,
     pub offline: usize,
     pub interrupted: usize,
     pub requeued: usize,
@@ -80,6 +84,7 @@ impl Domain {
                 }
                 match domain.sweep().await {
                     Ok(r) if r != SweepReport::default() => tracing::info!(
+                        streams_ended = r.streams_ended,
                         offline = r.offline,
                         interrupted = r.interrupted,
                         requeued = r.requeued,
@@ -98,6 +103,7 @@ impl Domain {
         let mut report = SweepReport::default();
         let now = now_micros();
 
+        report.streams_ended = self.check_streams().await?;
         let (alive, silent) = self.sessions.sweep(l.offline_after());
         self.store.touch_daemons(&alive, now).await?;
         let offline = self

@@ -10,6 +10,7 @@
 //!   daemon side: who is connected, handing out work, lifecycle reports,
 //!   output, and durable commands.
 //! - [`liveness`]: heartbeats, offline daemons and their tasks.
+//! - [`streams`]: the open streams by token, ended when access goes.
 //! - [`peers`]: what replicas tell each other (the cluster bridge carries it).
 //! - [`hub`], [`sessions`], [`marks`]: in-memory state: live fan-out, the
 //!   session registry, the ingest fast path's marks.
@@ -28,6 +29,7 @@ pub mod redact;
 mod registry;
 mod reports;
 mod sessions;
+mod streams;
 mod tasks;
 mod tokens;
 pub mod transition;
@@ -47,6 +49,7 @@ pub use liveness::{Liveness, SweepReport};
 pub use peers::PeerEvent;
 pub use reports::TaskEnd;
 pub use sessions::SessionRegistry;
+pub use streams::{StreamEnd, StreamGuard};
 pub use tasks::{ListTasks, NewTask, TaskPatch};
 pub use tokens::hash_secret;
 pub use validate::{
@@ -66,6 +69,28 @@ pub struct Domain {
     marks: marks::Marks,
     /// Other replicas on the same PostgreSQL database, once joined.
     peers: OnceLock<peers::Peers>,
+    /// Every long-lived stream, by token.
+    streams: Arc<streams::StreamRegistry>,
+    pub limits: Limits,
+}
+
+/// What one caller may hold on a server.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Streams (sessions and watches) one token may hold open.
+    pub max_streams_per_token: usize,
+    /// Output a watcher may hold undelivered before it falls back to
+    /// catching up from the database.
+    pub watcher_budget_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_streams_per_token: streams::MAX_STREAMS_PER_TOKEN,
+            watcher_budget_bytes: 8 << 20,
+        }
+    }
 }
 
 impl Domain {
@@ -74,6 +99,10 @@ impl Domain {
     }
 
     pub fn with_liveness(store: Store, liveness: Liveness) -> Arc<Domain> {
+        Self::with_limits(store, liveness, Limits::default())
+    }
+
+    pub fn with_limits(store: Store, liveness: Liveness, limits: Limits) -> Arc<Domain> {
         Arc::new(Domain {
             store,
             hub: OutputHub::default(),
@@ -82,6 +111,8 @@ impl Domain {
             liveness,
             peers: OnceLock::new(),
             marks: marks::Marks::default(),
+            streams: Arc::new(streams::StreamRegistry::new(limits.max_streams_per_token)),
+            limits,
         })
     }
 

@@ -127,13 +127,10 @@ impl Domain {
                     self.dispatch_workspace(&workspace_id).await?;
                 }
             }
-            PeerEvent::Output {
-                task_id, from, to, ..
-            } => {
+            PeerEvent::Output { task_id, to, .. } => {
+                // Watchers here read the new range from the store.
                 if self.hub.watched_task(&task_id) {
-                    for m in self.store.list_messages(&task_id, from, to - from).await? {
-                        self.hub.message(m);
-                    }
+                    self.hub.stored(&task_id, to);
                 }
             }
             PeerEvent::Command { daemon_id } => {
@@ -190,5 +187,6 @@ fn tombstone(id: String, workspace_id: String, status: TaskStatus) -> Task {
         stop_requested_at: None,
         progress_summary: String::new(),
         progress_percent: -1,
+        plan_truncated: false,
     }
 }

@@ -1,8 +1,16 @@
 //! Daemons as the server knows them: registration, heartbeats, sessions
 //! opening and closing, and reads for people (ListDaemons, GetDaemon).
 
+use super::streams::StreamEnd;
 use super::tasks::next_page;
-use super::{Domain, Error, Result, check_runtime, invalid};
+use super::validate::{identifier, quote, text};
+use super::{Domain, Error, Result, check_runtime, invalid, parse_id};
+
+/// Bounds on what a daemon registers.
+pub const MAX_HOSTNAME_BYTES: usize = 255;
+pub const MAX_VERSION_BYTES: usize = 128;
+pub const MAX_RUNTIMES: usize = 64;
+pub const MAX_LEGACY_IDS: usize = 16;
 use crate::model::*;
 use crate::store::DaemonInfo;
 
@@ -17,11 +25,17 @@ impl Domain {
         }
     }
 
-    /// A daemon of the caller's workspace.
+    /// A daemon of the caller's workspace that the caller's token may
+    /// still speak for.
     pub async fn load_daemon(&self, p: &Principal, id: &str) -> Result<Daemon> {
         let ws = self.daemon_workspace(p)?;
         match self.store.get_daemon(id).await? {
-            Some(d) if d.workspace_id == ws.id => Ok(d),
+            Some(d) if d.workspace_id == ws.id => {
+                if d.blocked_token_id.as_deref() == Some(p.token_id.as_str()) {
+                    return Err(StreamEnd::Disconnected { daemon_id: d.id }.into());
+                }
+                Ok(d)
+            }
             _ => Err(Error::NotFound(format!("daemon {id} not found"))),
         }
     }
@@ -33,16 +47,62 @@ impl Domain {
         legacy_ids: &[String],
     ) -> Result<Daemon> {
         info.workspace_id = self.daemon_workspace(p)?.id.clone();
-        if info.machine_id.trim().is_empty() || info.machine_id.len() > 256 {
-            return Err(invalid("machine_id", "must be 1-256 characters"));
-        }
+        info.token_id = p.token_id.clone();
+        info.machine_id = identifier("machine_id", info.machine_id.trim(), 256)?;
+        info.hostname = text("hostname", &info.hostname, MAX_HOSTNAME_BYTES)?;
+        info.version = text("version", &info.version, MAX_VERSION_BYTES)?;
         if !(1..=1024).contains(&info.max_concurrent_tasks) {
             return Err(invalid("max_concurrent_tasks", "must be in 1..=1024"));
         }
-        for r in &info.runtimes {
-            check_runtime("runtimes", &r.name)?;
+        if info.runtimes.len() > MAX_RUNTIMES {
+            return Err(invalid(
+                "runtimes",
+                format!("{} runtimes; at most {MAX_RUNTIMES}", info.runtimes.len()),
+            ));
         }
-        Ok(self.store.register_daemon(&info, legacy_ids).await?)
+        for r in &mut info.runtimes {
+            check_runtime("runtimes.name", &r.name)?;
+            r.version = text("runtimes.version", &r.version, MAX_VERSION_BYTES)?;
+        }
+        if legacy_ids.len() > MAX_LEGACY_IDS {
+            return Err(invalid(
+                "legacy_ids",
+                format!("{} ids; at most {MAX_LEGACY_IDS}", legacy_ids.len()),
+            ));
+        }
+        let legacy_ids = legacy_ids
+            .iter()
+            .map(|id| parse_id("legacy_ids", id))
+            .collect::<Result<Vec<_>>>()?;
+        let machine = info.machine_id.clone();
+        self.store
+            .register_daemon(&info, &legacy_ids)
+            .await?
+            .ok_or_else(|| {
+                Error::PermissionDenied(format!(
+                    "the daemon of machine {} was disconnected from this token by an admin; \
+                     start it with a new daemon token",
+                    quote(&machine)
+                ))
+            })
+    }
+
+    /// DisconnectDaemon: ends the daemon's session now and refuses the
+    /// token it used until it comes back with another.
+    pub async fn disconnect_daemon(&self, p: &Principal, id: &str) -> Result<Daemon> {
+        let daemon = self.get_daemon(p, id).await?;
+        let daemon = self
+            .store
+            .block_daemon(&daemon.id)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("daemon {id} not found")))?;
+        let why = StreamEnd::Disconnected {
+            daemon_id: daemon.id.clone(),
+        };
+        self.streams.end_daemon(&daemon.id, why);
+        self.sessions.remove(&daemon.id);
+        tracing::info!(daemon_id = %daemon.id, by = %p.subject, "daemon disconnected");
+        Ok(daemon)
     }
 
     pub async fn deregister_daemon(&self, p: &Principal, id: &str) -> Result<()> {
@@ -133,7 +193,20 @@ impl Domain {
             .store
             .list_daemons(&ws.id, &after, page_size + 1)
             .await?;
-        Ok(next_page(&mut daemons, page_size, |d| d.id.clone()))
+        Ok(next_page(
+            &mut daemons,
+            page_size,
+            |d| {
+                d.hostname.len()
+                    + d.version.len()
+                    + d.runtimes
+                        .iter()
+                        .map(|r| r.name.len() + r.version.len() + 8)
+                        .sum::<usize>()
+                    + 256
+            },
+            |d| d.id.clone(),
+        ))
     }
 
     pub async fn get_daemon(&self, p: &Principal, id: &str) -> Result<Daemon> {

@@ -220,6 +220,8 @@ mod tests {
             active_tasks: 0,
             created_at: 0,
             last_seen_at: 0,
+            token_id: None,
+            blocked_token_id: None,
         }
     }
 

@@ -51,7 +51,7 @@ impl Domain {
     pub async fn create_task(&self, p: &Principal, new: NewTask) -> Result<Task> {
         let ws = self.resolve_workspace(p, &new.workspace)?;
         let name = check_name("name", &new.name)?;
-        check_plan(&new.plan)?;
+        let plan = check_plan("plan", &new.plan)?;
         let runtime = check_runtime("runtime", &new.runtime)?;
         let repository = check_text("repository", &new.repository, 2048)?;
         let branch = check_text("branch", &new.branch, 256)?;
@@ -81,7 +81,7 @@ impl Domain {
             parent_id: new.parent_id,
             depth,
             name,
-            plan: new.plan,
+            plan,
             status: TaskStatus::Pending,
             version: 1,
             runtime,
@@ -103,6 +103,7 @@ impl Domain {
             stop_requested_at: None,
             progress_summary: String::new(),
             progress_percent: -1,
+            plan_truncated: false,
         };
         let event = NewEvent {
             from: None,
@@ -115,11 +116,17 @@ impl Domain {
         Ok(task)
     }
 
-    /// The task and its direct subtasks.
-    pub async fn get_task(&self, p: &Principal, id: &str) -> Result<(Task, Vec<Task>)> {
+    /// The task, its first [`MAX_LISTED_SUBTASKS`] direct subtasks (plans
+    /// cut to a preview) and how many it has.
+    pub async fn get_task(&self, p: &Principal, id: &str) -> Result<(Task, Vec<Task>, i64)> {
         let task = self.load_task(p, id).await?;
-        let subtasks = self.store.subtasks(&task.id).await?;
-        Ok((task, subtasks))
+        let subtasks = self.store.subtasks(&task.id, MAX_LISTED_SUBTASKS).await?;
+        let count = if (subtasks.len() as i64) < MAX_LISTED_SUBTASKS {
+            subtasks.len() as i64
+        } else {
+            self.store.count_subtasks(&task.id).await?
+        };
+        Ok((task, subtasks, count))
     }
 
     /// A page of tasks, newest first, and the token of the next page.
@@ -140,7 +147,9 @@ impl Domain {
                 limit: q.page_size + 1,
             })
             .await?;
-        Ok(next_page(&mut tasks, q.page_size, |t| t.id.clone()))
+        Ok(next_page(&mut tasks, q.page_size, task_bytes, |t| {
+            t.id.clone()
+        }))
     }
 
     pub async fn update_task(
@@ -159,8 +168,7 @@ impl Domain {
             next.name = check_name("task.name", &name)?;
         }
         if let Some(plan) = patch.plan {
-            check_plan(&plan)?;
-            next.plan = plan;
+            next.plan = check_plan("task.plan", &plan)?;
         }
         if let Some(runtime) = patch.runtime {
             next.runtime = check_runtime("task.runtime", &runtime)?;
@@ -186,11 +194,7 @@ impl Domain {
     pub async fn delete_task(&self, p: &Principal, id: &str) -> Result<()> {
         let task = self.load_task(p, id).await?;
         let mut doomed = vec![task.clone()];
-        let mut i = 0;
-        while i < doomed.len() {
-            doomed.extend(self.store.subtasks(&doomed[i].id).await?);
-            i += 1;
-        }
+        doomed.extend(self.store.subtree(&task.id).await?);
         for t in doomed.iter().filter(|t| t.status.is_active()) {
             self.send_command(t, interrupt()).await?;
         }
@@ -274,9 +278,7 @@ impl Domain {
 
     /// Text for a running agent's stdin, as a durable SendInput command.
     pub async fn send_message(&self, p: &Principal, id: &str, text: String) -> Result<String> {
-        if text.len() > MAX_PLAN_BYTES {
-            return Err(invalid("text", format!("over {MAX_PLAN_BYTES} bytes")));
-        }
+        let text = check_plan("text", &text)?;
         let task = self.load_task(p, id).await?;
         if !task.status.is_active() {
             return Err(Error::FailedPrecondition(format!(
@@ -307,7 +309,12 @@ impl Domain {
             .store
             .list_events(&task.id, after, page_size + 1)
             .await?;
-        Ok(next_page(&mut events, page_size, |e| e.id.to_string()))
+        Ok(next_page(
+            &mut events,
+            page_size,
+            |e| e.reason.len() + e.actor.len() + 128,
+            |e| e.id.to_string(),
+        ))
     }
 
     pub async fn list_task_messages(
@@ -321,7 +328,10 @@ impl Domain {
             return Err(invalid("since_seq", "must not be negative"));
         }
         let task = self.load_task(p, task_id).await?;
-        let mut messages = self.store.list_messages(&task.id, since_seq, limit).await?;
+        let mut messages = self
+            .store
+            .list_messages(&task.id, since_seq, limit, RESPONSE_BUDGET_BYTES)
+            .await?;
         // Only the acknowledged, gapless prefix: a message past a gap would
         // let a pager skip the gap for good.
         messages.retain(|m| m.seq <= task.last_seq);
@@ -339,13 +349,47 @@ pub(super) fn interrupt() -> pb::command::Kind {
 }
 
 /// Trims a page fetched with one extra row, answering the next page token.
+///
+/// A page is also cut to [`RESPONSE_BUDGET_BYTES`] (by `size`, an estimate
+/// of each item's encoded size), so every answer stays under the 4 MiB
+/// that gRPC clients accept by default; the first item always goes.
 pub(super) fn next_page<T>(
     items: &mut Vec<T>,
     page_size: i64,
+    size: impl Fn(&T) -> usize,
     token: impl Fn(&T) -> String,
 ) -> (Vec<T>, Option<String>) {
-    let more = items.len() as i64 > page_size;
+    let mut more = items.len() as i64 > page_size;
     items.truncate(page_size as usize);
+    let mut total = 0usize;
+    let fit = items
+        .iter()
+        .position(|item| {
+            total = total.saturating_add(size(item));
+            total > RESPONSE_BUDGET_BYTES
+        })
+        .map_or(items.len(), |over| over.max(1));
+    if fit < items.len() {
+        items.truncate(fit);
+        more = true;
+    }
     let next = if more { items.last().map(&token) } else { None };
     (std::mem::take(items), next)
+}
+
+/// Subtasks GetTask lists; ListTasks with a parent filter pages the rest.
+pub const MAX_LISTED_SUBTASKS: i64 = 100;
+
+/// About how many bytes a task takes on the wire.
+pub(super) fn task_bytes(t: &Task) -> usize {
+    t.plan.len()
+        + t.name.len()
+        + t.status_reason.len()
+        + t.progress_summary.len()
+        + t.repository.len()
+        + t.branch.len()
+        + t.agent_session_id.len()
+        + t.working_directory.len()
+        + t.created_by.len()
+        + 256
 }

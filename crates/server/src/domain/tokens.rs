@@ -14,7 +14,8 @@ pub fn hash_secret(secret: &str) -> String {
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// `tmu_…` for users, `tmd_…` for daemons, then 256 random bits in hex; the
+/// `tmu_…` for users, `tmd_…` for daemons, `tmv_…` for viewers, then 256
+/// random bits in hex; the
 /// prefix lets people and secret scanners tell what a leaked string is.
 fn new_secret(kind: TokenKind) -> String {
     let mut bytes = [0u8; 32];
@@ -22,6 +23,7 @@ fn new_secret(kind: TokenKind) -> String {
     let prefix = match kind {
         TokenKind::User => "tmu_",
         TokenKind::Daemon => "tmd_",
+        TokenKind::Viewer => "tmv_",
     };
     let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     format!("{prefix}{hex}")
@@ -81,7 +83,7 @@ impl Domain {
                 self.store.add_member(&ws.id, &id).await?;
                 Some(id)
             }
-            TokenKind::Daemon => None,
+            TokenKind::Daemon | TokenKind::Viewer => None,
         };
         let (token, secret) = self.insert_token(&ws, kind, name, user_id).await?;
         Ok((token, secret, ws))
@@ -163,6 +165,8 @@ impl Domain {
             return Err(not_found());
         }
         self.store.revoke_token(id).await?;
+        // Streams here end now; on other replicas at their next sweep.
+        self.streams.end_token(id, super::StreamEnd::Revoked);
         self.store.token_by_id(id).await?.ok_or_else(not_found)
     }
 }

@@ -1,10 +1,20 @@
 //! Checks on what clients send: ids, names, sizes. Each failure names the
-//! field.
+//! field and quotes at most [`MAX_QUOTE`] bytes of what was sent.
+//!
+//! One text rule for both databases: free text has NUL bytes stripped
+//! ([`text`]) before it reaches SQL (PostgreSQL refuses them, SQLite would
+//! keep them), and identifiers with control characters are refused
+//! ([`identifier`]).
 
 use super::{Result, invalid};
 
 /// Limits on what clients may send.
 pub const MAX_PLAN_BYTES: usize = 1 << 20;
+/// What one answer may carry (estimated), under the 4 MiB gRPC clients
+/// accept by default.
+pub const RESPONSE_BUDGET_BYTES: usize = 3 << 20;
+/// Most bytes of a client's input an error message repeats.
+pub const MAX_QUOTE: usize = 128;
 
 pub const MAX_NAME_CHARS: usize = 256;
 
@@ -17,7 +27,7 @@ pub fn parse_id(field: &'static str, s: &str) -> Result<String> {
     }
     uuid::Uuid::parse_str(s)
         .map(|u| u.hyphenated().to_string())
-        .map_err(|_| invalid(field, format!("{s:?} is not a valid id")))
+        .map_err(|_| invalid(field, format!("{} is not a valid id", quote(s))))
 }
 
 /// Parses an optional UUID: empty means none.
@@ -55,14 +65,10 @@ pub(super) fn check_name(field: &'static str, name: &str) -> Result<String> {
     Ok(name.to_string())
 }
 
-pub(super) fn check_plan(plan: &str) -> Result<()> {
-    if plan.len() > MAX_PLAN_BYTES {
-        return Err(invalid(
-            "plan",
-            format!("{} bytes is over the limit of {MAX_PLAN_BYTES}", plan.len()),
-        ));
-    }
-    Ok(())
+/// A plan (or prompt, or message for an agent): the user's own words, kept
+/// as written but for NUL bytes.
+pub(super) fn check_plan(field: &'static str, plan: &str) -> Result<String> {
+    text(field, plan, MAX_PLAN_BYTES)
 }
 
 /// Runtime names are short identifiers such as `claude` or `shell`.
@@ -77,7 +83,10 @@ pub fn check_runtime(field: &'static str, runtime: &str) -> Result<String> {
     if !ok {
         return Err(invalid(
             field,
-            format!("{runtime:?} must be 1-32 characters of a-z, 0-9, - and _"),
+            format!(
+                "{} must be 1-32 characters of a-z, 0-9, - and _",
+                quote(runtime)
+            ),
         ));
     }
     Ok(runtime.to_string())
@@ -102,8 +111,71 @@ pub(super) fn check_workspace_name(name: &str) -> Result<String> {
     if !ok {
         return Err(invalid(
             "name",
-            format!("{name:?} must be 1-64 characters of letters, digits, -, _ and ."),
+            format!(
+                "{} must be 1-64 characters of letters, digits, -, _ and .",
+                quote(name)
+            ),
         ));
     }
     Ok(name.to_string())
+}
+
+/// Free text of at most `max` bytes, NUL bytes stripped.
+pub fn text(field: &'static str, value: &str, max: usize) -> Result<String> {
+    if value.len() > max {
+        return Err(invalid(
+            field,
+            format!("{} bytes is over the limit of {max}", value.len()),
+        ));
+    }
+    Ok(value.replace('\0', ""))
+}
+
+/// An identifier of 1 to `max` bytes without control characters.
+pub fn identifier(field: &'static str, value: &str, max: usize) -> Result<String> {
+    if value.is_empty() || value.len() > max {
+        return Err(invalid(field, format!("must be 1-{max} bytes")));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(invalid(
+            field,
+            format!("{} must not contain control characters", quote(value)),
+        ));
+    }
+    Ok(value.to_string())
+}
+
+/// At most [`MAX_QUOTE`] bytes of `s`, quoted, for an error message.
+pub fn quote(s: &str) -> String {
+    if s.len() <= MAX_QUOTE {
+        return format!("{s:?}");
+    }
+    let mut end = MAX_QUOTE;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{:?}… ({} bytes)", &s[..end], s.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_quote_at_most_128_bytes() {
+        let long = "é".repeat(10_000);
+        let e = parse_id("id", &long).unwrap_err().to_string();
+        assert!(e.len() < 200, "{e}");
+        assert!(e.contains("20000 bytes"), "{e}");
+        assert_eq!(quote("abc"), "\"abc\"");
+    }
+
+    #[test]
+    fn text_strips_nul_and_identifiers_refuse_it() {
+        assert_eq!(text("f", "a\0b", 10).unwrap(), "ab");
+        assert!(text("f", "abc", 2).is_err());
+        assert!(identifier("f", "a\0b", 10).is_err());
+        assert!(identifier("f", "", 10).is_err());
+        assert_eq!(identifier("f", "host-1", 10).unwrap(), "host-1");
+    }
 }

@@ -1,12 +1,116 @@
 //! WatchTask and WatchTasks: replay from the store, then follow live, with
-//! no gap and no duplicate.
+//! no gap and no duplicate, in bounded memory.
+//!
+//! A watcher holds at most [`super::Limits::watcher_budget_bytes`] of
+//! undelivered output: each update takes its size from a semaphore and
+//! gives it back when the client's stream takes it. A watcher that waits
+//! for budget stops reading the live feed, falls behind it, and catches up
+//! from the database a byte-bounded page at a time once the client reads
+//! again: a slow reader never holds the server's memory.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, mpsc, watch};
 
-use super::{Domain, Result, TaskUpdate, WorkspaceUpdate, invalid, shutting_down};
+use super::hub::Subscription;
+use super::{
+    Domain, Error, Result, StreamGuard, TaskUpdate, WorkspaceUpdate, invalid, shutting_down,
+};
 use crate::model::*;
+
+/// One update for a watch's client, holding its share of the watcher's
+/// byte budget until the client's stream takes it.
+pub struct Delivery<T> {
+    pub update: T,
+    _budget: OwnedSemaphorePermit,
+}
+
+pub type Deliveries<T> = mpsc::Receiver<Result<Delivery<T>>>;
+
+/// Updates queued for a client at most, whatever their size.
+const QUEUE: usize = 64;
+/// Stored output read per catch-up page, at most.
+const PAGE_MESSAGES: i64 = 1000;
+const PAGE_BYTES: usize = 1 << 20;
+/// How long a stream that must end waits for room to say why.
+const LAST_WORD: Duration = Duration::from_secs(1);
+
+/// Why a watcher stops.
+enum Stop {
+    /// The client left.
+    Gone,
+    /// The server closes the stream with this error.
+    End(Error),
+}
+
+/// What a watcher sends through: the queue, the byte budget, and the
+/// signals that end it (the caller's access, the server's shutdown).
+struct Outlet<T> {
+    tx: mpsc::Sender<Result<Delivery<T>>>,
+    budget: Arc<Semaphore>,
+    limit: usize,
+    access: StreamGuard,
+    closing: watch::Receiver<bool>,
+}
+
+impl<T> Outlet<T> {
+    fn new(domain: &Domain, access: StreamGuard) -> (Outlet<T>, Deliveries<T>) {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let limit = domain.limits.watcher_budget_bytes.max(1);
+        let outlet = Outlet {
+            tx,
+            budget: Arc::new(Semaphore::new(limit)),
+            limit,
+            access,
+            closing: domain.closing.subscribe(),
+        };
+        (outlet, rx)
+    }
+
+    /// Sends `update` once its `size` fits the budget.
+    async fn send(&mut self, update: T, size: usize) -> std::result::Result<(), Stop> {
+        let want = u32::try_from(size.clamp(1, self.limit)).unwrap_or(u32::MAX);
+        let budget = self.budget.clone();
+        let permit = tokio::select! {
+            p = budget.acquire_many_owned(want) => p.map_err(|_| Stop::Gone)?,
+            why = self.access.ended() => return Err(Stop::End(why.into())),
+            _ = self.closing.wait_for(|c| *c) => return Err(Stop::End(shutting_down())),
+            _ = self.tx.closed() => return Err(Stop::Gone),
+        };
+        let delivery = Delivery {
+            update,
+            _budget: permit,
+        };
+        self.tx.send(Ok(delivery)).await.map_err(|_| Stop::Gone)
+    }
+
+    /// Ends the stream: with `error` if the client makes room for it soon.
+    async fn finish(self, stop: Stop) {
+        if let Stop::End(error) = stop
+            && let Ok(Ok(slot)) = tokio::time::timeout(LAST_WORD, self.tx.reserve()).await
+        {
+            slot.send(Err(error));
+        }
+    }
+
+    /// Completes when the stream must end, with why.
+    async fn stopped(&mut self) -> Stop {
+        tokio::select! {
+            why = self.access.ended() => Stop::End(why.into()),
+            _ = self.closing.wait_for(|c| *c) => Stop::End(shutting_down()),
+            _ = self.tx.closed() => Stop::Gone,
+        }
+    }
+}
+
+fn update_bytes(u: &TaskUpdate) -> usize {
+    match u {
+        TaskUpdate::Message(m) => m.content.len() + m.tool_input_json.len() + m.tool_name.len(),
+        TaskUpdate::Task(t) => super::tasks::task_bytes(t),
+        TaskUpdate::Stored { .. } => 0,
+    }
+}
 
 /// One WatchTask stream: the last seq it delivered, and how it catches up
 /// from the store when the live feed skipped ahead or it fell behind.
@@ -14,90 +118,81 @@ struct Watcher {
     domain: Arc<Domain>,
     task_id: String,
     last: i64,
-    tx: mpsc::Sender<Result<TaskUpdate>>,
+    out: Outlet<TaskUpdate>,
 }
-
-/// The watcher's client has gone; nothing more to send.
-struct Gone;
 
 impl Watcher {
     /// Sends the task, replays its stored output, then follows the live
-    /// feed until the client leaves or the server shuts down.
-    async fn run(mut self, task: Task, mut live: broadcast::Receiver<TaskUpdate>) {
-        let closed = self.domain.closed();
-        tokio::pin!(closed);
-        if self.send(TaskUpdate::Task(Box::new(task))).await.is_err()
-            || self.catch_up().await.is_err()
-        {
-            return;
-        }
+    /// feed until the client leaves, its access ends or the server stops.
+    async fn run(mut self, task: Task, mut live: Subscription<TaskUpdate>) {
+        let stop = match self.follow(task, &mut live).await {
+            Ok(()) => return,
+            Err(stop) => stop,
+        };
+        drop(live);
+        self.out.finish(stop).await;
+    }
+
+    async fn follow(
+        &mut self,
+        task: Task,
+        live: &mut Subscription<TaskUpdate>,
+    ) -> std::result::Result<(), Stop> {
+        self.send(TaskUpdate::Task(Box::new(task))).await?;
+        self.catch_up().await?;
         loop {
             let update = tokio::select! {
                 u = live.recv() => u,
-                _ = self.tx.closed() => return,
-                _ = &mut closed => {
-                    let _ = self.tx.send(Err(shutting_down())).await;
-                    return;
-                }
+                stop = self.out.stopped() => return Err(stop),
             };
-            let sent = match update {
-                Ok(TaskUpdate::Message(m)) if m.seq <= self.last => Ok(()),
+            match update {
+                Ok(TaskUpdate::Message(m)) if m.seq <= self.last => {}
                 Ok(TaskUpdate::Message(m)) if m.seq == self.last + 1 => {
                     self.last = m.seq;
-                    self.send(TaskUpdate::Message(m)).await
+                    self.send(TaskUpdate::Message(m)).await?;
                 }
-                Ok(TaskUpdate::Message(_)) | Err(broadcast::error::RecvError::Lagged(_)) => {
-                    self.catch_up().await
-                }
+                Ok(TaskUpdate::Stored { seq }) if seq <= self.last => {}
+                Ok(TaskUpdate::Message(_) | TaskUpdate::Stored { .. })
+                | Err(broadcast::error::RecvError::Lagged(_)) => self.catch_up().await?,
                 Ok(TaskUpdate::Task(t)) => {
                     // Output it has not seen yet (a peer replica's, say) is
                     // read from the store.
                     let behind = t.last_seq > self.last;
-                    match self.send(TaskUpdate::Task(t)).await {
-                        Ok(()) if behind => self.catch_up().await,
-                        sent => sent,
+                    self.send(TaskUpdate::Task(t)).await?;
+                    if behind {
+                        self.catch_up().await?;
                     }
                 }
-                Err(broadcast::error::RecvError::Closed) => return,
-            };
-            if sent.is_err() {
-                return;
+                Err(broadcast::error::RecvError::Closed) => return Ok(()),
             }
         }
     }
 
-    async fn send(&self, update: TaskUpdate) -> std::result::Result<(), Gone> {
-        self.tx.send(Ok(update)).await.map_err(|_| Gone)
+    async fn send(&mut self, update: TaskUpdate) -> std::result::Result<(), Stop> {
+        let size = update_bytes(&update);
+        self.out.send(update, size).await
     }
 
-    /// Sends the stored messages after `last` up to the first gap: a
-    /// message beyond a gap is stored but not yet acknowledged, and comes
-    /// live once the gap is filled.
-    async fn catch_up(&mut self) -> std::result::Result<(), Gone> {
-        const PAGE: i64 = 1000;
+    /// Sends the stored messages after `last` up to the first gap, a
+    /// byte-bounded page at a time: a message beyond a gap is stored but
+    /// not yet acknowledged, and comes live once the gap is filled.
+    async fn catch_up(&mut self) -> std::result::Result<(), Stop> {
         loop {
-            let batch = match self
+            let batch = self
                 .domain
                 .store
-                .list_messages(&self.task_id, self.last, PAGE)
+                .list_messages(&self.task_id, self.last, PAGE_MESSAGES, PAGE_BYTES)
                 .await
-            {
-                Ok(batch) => batch,
-                Err(e) => {
-                    let _ = self.tx.send(Err(e.into())).await;
-                    return Err(Gone);
-                }
-            };
-            let full = batch.len() as i64 == PAGE;
+                .map_err(|e| Stop::End(e.into()))?;
+            if batch.is_empty() {
+                return Ok(());
+            }
             for m in batch {
                 if m.seq != self.last + 1 {
                     return Ok(());
                 }
                 self.last = m.seq;
                 self.send(TaskUpdate::Message(m)).await?;
-            }
-            if !full {
-                return Ok(());
             }
         }
     }
@@ -106,38 +201,72 @@ impl Watcher {
 impl Domain {
     /// Streams a task's output from `since_seq` on, then live, with status
     /// changes: first the task itself, then its stored messages, then what
-    /// arrives. The hub is subscribed before the replay reads the store, so
-    /// nothing falls between them; seqs at or below the last one sent are
-    /// skipped, and a gap (a lagging watcher) is filled from the store.
+    /// arrives. The task is loaded (and the caller's access to it checked)
+    /// before anything is allocated for it; the hub is subscribed before the
+    /// task is read again and the replay reads the store, so nothing falls
+    /// between them; seqs at or below the last one sent are skipped, and a
+    /// gap (a lagging watcher) is filled from the store.
     pub async fn watch_task(
         self: &Arc<Self>,
         p: &Principal,
         id: &str,
         since_seq: i64,
-    ) -> Result<mpsc::Receiver<Result<TaskUpdate>>> {
+    ) -> Result<Deliveries<TaskUpdate>> {
         if since_seq < 0 {
             return Err(invalid("since_seq", "must not be negative"));
         }
-        let live = self.hub.subscribe_task(id);
         let task = self.load_task(p, id).await?;
-        let (tx, rx) = mpsc::channel(256);
+        let access = self.open_stream(p, &task.workspace_id, None)?;
+        let live = self.hub.subscribe_task(&task.id);
+        let task = self.load_task(p, id).await?;
+        let (out, rx) = Outlet::new(self, access);
         let watcher = Watcher {
             domain: self.clone(),
             task_id: task.id.clone(),
             last: since_seq,
-            tx,
+            out,
         };
         tokio::spawn(watcher.run(task, live));
         Ok(rx)
     }
 
-    /// Task changes of a workspace, live.
+    /// Task changes of a workspace, live (plans cut to a preview). A
+    /// watcher that falls more than the feed's capacity behind is told so
+    /// and should list the tasks again.
     pub fn watch_tasks(
         &self,
         p: &Principal,
         workspace: &str,
-    ) -> Result<broadcast::Receiver<WorkspaceUpdate>> {
+    ) -> Result<Deliveries<WorkspaceUpdate>> {
         let ws = self.resolve_workspace(p, workspace)?;
-        Ok(self.hub.subscribe_workspace(&ws.id))
+        let access = self.open_stream(p, &ws.id, None)?;
+        let mut live = self.hub.subscribe_workspace(&ws.id);
+        let (mut out, rx) = Outlet::new(self, access);
+        tokio::spawn(async move {
+            let stop = loop {
+                let update = tokio::select! {
+                    u = live.recv() => u,
+                    stop = out.stopped() => break stop,
+                };
+                let sent = match update {
+                    Ok(u) => {
+                        let size = super::tasks::task_bytes(&u.task);
+                        out.send(u, size).await
+                    }
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        Err(Stop::End(Error::ResourceExhausted(format!(
+                            "watcher fell {n} changes behind; list the tasks again and re-watch"
+                        ))))
+                    }
+                    Err(broadcast::error::RecvError::Closed) => Err(Stop::Gone),
+                };
+                if let Err(stop) = sent {
+                    break stop;
+                }
+            };
+            drop(live);
+            out.finish(stop).await;
+        });
+        Ok(rx)
     }
 }

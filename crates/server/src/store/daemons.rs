@@ -17,12 +17,15 @@ pub struct DaemonInfo {
     pub version: String,
     pub runtimes: Vec<Runtime>,
     pub max_concurrent_tasks: i64,
+    /// The token the daemon registers with.
+    pub token_id: String,
 }
 
 static DAEMON_SELECT: LazyLock<String> = LazyLock::new(|| {
     format!(
         "SELECT d.id, d.workspace_id, d.machine_id, d.hostname, d.version, \
          d.runtimes, d.max_concurrent_tasks, d.state, d.created_at, d.last_seen_at, \
+         d.token_id, d.blocked_token_id, \
          (SELECT COUNT(*) FROM tasks t WHERE t.daemon_id = d.id \
          AND t.status IN {}) AS active_tasks FROM daemons d",
         *ACTIVE
@@ -43,6 +46,8 @@ fn daemon_from_row(r: &AnyRow) -> Result<Daemon> {
         active_tasks: r.try_get("active_tasks")?,
         created_at: r.try_get("created_at")?,
         last_seen_at: r.try_get("last_seen_at")?,
+        token_id: r.try_get("token_id")?,
+        blocked_token_id: r.try_get("blocked_token_id")?,
     })
 }
 
@@ -102,19 +107,23 @@ impl Store {
 
     /// Creates or refreshes the daemon keyed by (workspace, machine id) and
     /// merges `legacy_ids` (their tasks and pending commands) into it.
+    /// Answers `None`, changing nothing, when the daemon was disconnected
+    /// from the token it registers with.
     pub async fn register_daemon(
         &self,
         info: &DaemonInfo,
         legacy_ids: &[String],
-    ) -> Result<Daemon> {
+    ) -> Result<Option<Daemon>> {
         let now = now_micros();
         let mut tx = self.writer.begin().await?;
         let row = sqlx::query(
             "INSERT INTO daemons (id, workspace_id, machine_id, hostname, version, runtimes, \
-             max_concurrent_tasks, state, created_at, last_seen_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, 'online', $8, $8) \
+             max_concurrent_tasks, state, created_at, last_seen_at, token_id) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 'online', $8, $8, $9) \
              ON CONFLICT (workspace_id, machine_id) DO UPDATE SET hostname = $4, version = $5, \
-             runtimes = $6, max_concurrent_tasks = $7, state = 'online', last_seen_at = $8 \
+             runtimes = $6, max_concurrent_tasks = $7, state = 'online', last_seen_at = $8, \
+             token_id = $9 \
+             WHERE daemons.blocked_token_id IS NULL OR daemons.blocked_token_id <> $9 \
              RETURNING id",
         )
         .bind(uuid::Uuid::now_v7().to_string())
@@ -125,8 +134,12 @@ impl Store {
         .bind(runtimes_to_json(&info.runtimes))
         .bind(info.max_concurrent_tasks)
         .bind(now)
-        .fetch_one(&mut *tx)
+        .bind(&info.token_id)
+        .fetch_optional(&mut *tx)
         .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
         let id: String = row.try_get("id")?;
         for legacy in legacy_ids.iter().filter(|l| **l != id) {
             let owned = sqlx::query("SELECT id FROM daemons WHERE id = $1 AND workspace_id = $2")
@@ -154,6 +167,7 @@ impl Store {
         self.get_daemon(&id)
             .await?
             .ok_or_else(|| Error::Corrupt(format!("daemon {id} vanished")))
+            .map(Some)
     }
 
     pub async fn set_daemon_state(&self, id: &str, state: DaemonState) -> Result<()> {
@@ -258,5 +272,41 @@ impl Store {
             }
         }
         Ok(expired)
+    }
+
+    /// Cuts a daemon off from the token it registered with: it goes
+    /// offline and that token may not speak for it again.
+    pub async fn block_daemon(&self, id: &str) -> Result<Option<Daemon>> {
+        sqlx::query(
+            "UPDATE daemons SET blocked_token_id = token_id, state = 'offline' WHERE id = $1",
+        )
+        .bind(id)
+        .execute(&self.writer)
+        .await?;
+        self.get_daemon(id).await
+    }
+
+    /// Which (daemon, token) pairs among `pairs` are cut off.
+    pub async fn blocked_among(&self, pairs: &[(String, String)]) -> Result<Vec<(String, String)>> {
+        let mut blocked = Vec::new();
+        for chunk in pairs.chunks(ID_CHUNK) {
+            let ids: Vec<&String> = chunk.iter().map(|(d, _)| d).collect();
+            let sql = format!(
+                "SELECT id, blocked_token_id FROM daemons WHERE blocked_token_id IS NOT NULL \
+                 AND id IN ({})",
+                placeholders(1, ids.len())
+            );
+            let mut q = sqlx::query(&sql);
+            for id in ids {
+                q = q.bind(id);
+            }
+            for row in q.fetch_all(&self.reader).await? {
+                let pair = (row.try_get::<String, _>(0)?, row.try_get::<String, _>(1)?);
+                if chunk.contains(&pair) {
+                    blocked.push(pair);
+                }
+            }
+        }
+        Ok(blocked)
     }
 }

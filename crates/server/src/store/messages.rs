@@ -18,7 +18,14 @@ pub struct NewMessage {
     pub tool_input_json: String,
 }
 
-/// Rows per INSERT of output: 8 parameters each stays far below SQLite's
+impl NewMessage {
+    /// Bytes stored, as readers page by them.
+    pub fn size(&self) -> usize {
+        self.content.len() + self.tool_name.len() + self.tool_input_json.len()
+    }
+}
+
+/// Rows per INSERT of output: 9 parameters each stays far below SQLite's
 /// parameter limit and keeps statements a manageable size.
 /// Moves a mark only from the value the caller saw, for the same daemon
 /// and attempt, while the task is on that daemon.
@@ -33,20 +40,46 @@ static APPEND_MARK: LazyLock<String> = LazyLock::new(|| {
 const MESSAGE_CHUNK: usize = 500;
 
 impl Store {
-    /// Output with seq greater than `since_seq`, in order.
+    /// Output with seq greater than `since_seq`, in order: at most `limit`
+    /// messages and, past the first, at most `max_bytes` of them, so no
+    /// read holds more than that in memory.
     pub async fn list_messages(
         &self,
         task_id: &str,
         since_seq: i64,
         limit: i64,
+        max_bytes: usize,
     ) -> Result<Vec<TaskMessage>> {
-        let rows = sqlx::query(
-            "SELECT task_id, seq, kind, content, tool_name, tool_input_json, attempt, created_at \
-             FROM task_messages WHERE task_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+        // The sizes first (small rows), then the rows that fit.
+        let sizes = sqlx::query(
+            "SELECT seq, size FROM task_messages WHERE task_id = $1 AND seq > $2 \
+             ORDER BY seq LIMIT $3",
         )
         .bind(task_id)
         .bind(since_seq)
         .bind(limit)
+        .fetch_all(&self.reader)
+        .await?;
+        let mut last = None;
+        let mut total = 0usize;
+        for row in &sizes {
+            let size = usize::try_from(row.try_get::<i64, _>(1)?).unwrap_or(usize::MAX);
+            if last.is_some() && total.saturating_add(size) > max_bytes {
+                break;
+            }
+            total = total.saturating_add(size);
+            last = Some(row.try_get::<i64, _>(0)?);
+        }
+        let Some(last) = last else {
+            return Ok(Vec::new());
+        };
+        let rows = sqlx::query(
+            "SELECT task_id, seq, kind, content, tool_name, tool_input_json, attempt, created_at \
+             FROM task_messages WHERE task_id = $1 AND seq > $2 AND seq <= $3 ORDER BY seq",
+        )
+        .bind(task_id)
+        .bind(since_seq)
+        .bind(last)
         .fetch_all(&self.reader)
         .await?;
         rows.iter()
@@ -65,20 +98,41 @@ impl Store {
             .collect()
     }
 
-    /// The newest `limit` messages of a task, oldest first.
-    pub async fn last_messages(&self, task_id: &str, limit: i64) -> Result<Vec<TaskMessage>> {
-        let newest = sqlx::query(
-            "SELECT seq FROM task_messages WHERE task_id = $1 ORDER BY seq DESC LIMIT 1 OFFSET $2",
+    /// Up to `limit` messages below `before_seq`, newest first, each text
+    /// cut to its first `cut_chars` characters: what a rebuilt context
+    /// reads, a page at a time, without loading whole messages.
+    pub async fn newest_messages(
+        &self,
+        task_id: &str,
+        before_seq: i64,
+        limit: i64,
+        cut_chars: i64,
+    ) -> Result<Vec<TaskMessage>> {
+        let rows = sqlx::query(
+            "SELECT task_id, seq, kind, SUBSTR(content, 1, CAST($4 AS INTEGER)) AS content, tool_name, \
+             SUBSTR(tool_input_json, 1, CAST($4 AS INTEGER)) AS tool_input_json, attempt, created_at \
+             FROM task_messages WHERE task_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3",
         )
         .bind(task_id)
+        .bind(before_seq)
         .bind(limit)
-        .fetch_optional(&self.reader)
+        .bind(cut_chars)
+        .fetch_all(&self.reader)
         .await?;
-        let since = match newest {
-            Some(row) => row.try_get::<i64, _>(0)?,
-            None => 0,
-        };
-        self.list_messages(task_id, since, limit).await
+        rows.iter()
+            .map(|r| {
+                Ok(TaskMessage {
+                    task_id: r.try_get("task_id")?,
+                    seq: r.try_get("seq")?,
+                    kind: parse_enum(&r.try_get::<String, _>("kind")?)?,
+                    content: r.try_get("content")?,
+                    tool_name: r.try_get("tool_name")?,
+                    tool_input_json: r.try_get("tool_input_json")?,
+                    attempt: r.try_get("attempt")?,
+                    created_at: r.try_get("created_at")?,
+                })
+            })
+            .collect()
     }
 
     /// The multi-row INSERT of a batch, one statement per chunk; a repeated
@@ -95,7 +149,7 @@ impl Store {
             let mut n = 0;
             let values: Vec<String> = (0..chunk.len())
                 .map(|_| {
-                    let row: Vec<String> = (0..8)
+                    let row: Vec<String> = (0..9)
                         .map(|_| {
                             n += 1;
                             self.placeholder(n)
@@ -106,7 +160,7 @@ impl Store {
                 .collect();
             let sql = format!(
                 "INSERT INTO task_messages (task_id, seq, kind, content, tool_name, \
-                 tool_input_json, attempt, created_at) VALUES {} \
+                 tool_input_json, attempt, created_at, size) VALUES {} \
                  ON CONFLICT (task_id, seq) DO NOTHING",
                 values.join(", ")
             );
@@ -120,7 +174,8 @@ impl Store {
                     .bind(m.tool_name.clone())
                     .bind(m.tool_input_json.clone())
                     .bind(attempt)
-                    .bind(now);
+                    .bind(now)
+                    .bind(m.size() as i64);
             }
             q.execute(&mut **tx).await?;
         }

@@ -1,6 +1,8 @@
 //! Tasks and their events (the audit trail), the atomic claim, progress,
 //! and the tasks a lost daemon leaves behind.
 
+use std::sync::LazyLock;
+
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
@@ -98,6 +100,19 @@ fn bind_task<'q>(q: AnyQuery<'q>, t: &Task) -> AnyQuery<'q> {
         .bind(t.stop_requested_at)
 }
 
+/// The task columns with the plan cut to its first 4097 characters: enough
+/// to cut it to [`PLAN_PREVIEW_BYTES`] and tell whether anything was cut,
+/// without reading whole plans.
+static PREVIEW_COLUMNS: LazyLock<String> =
+    LazyLock::new(|| TASK_COLUMNS.replacen(" plan,", " SUBSTR(plan, 1, 4097) AS plan,", 1));
+
+/// A task read with [`PREVIEW_COLUMNS`], its plan cut to 4 KiB.
+fn preview_from_row(r: &AnyRow) -> Result<Task> {
+    let mut t = task_from_row(r)?;
+    t.cut_plan();
+    Ok(t)
+}
+
 fn task_from_row(r: &AnyRow) -> Result<Task> {
     Ok(Task {
         id: r.try_get("id")?,
@@ -127,6 +142,7 @@ fn task_from_row(r: &AnyRow) -> Result<Task> {
         stop_requested_at: r.try_get("stop_requested_at")?,
         progress_summary: r.try_get("progress_summary")?,
         progress_percent: r.try_get("progress_percent")?,
+        plan_truncated: false,
     })
 }
 
@@ -160,19 +176,56 @@ impl Store {
         row.as_ref().map(task_from_row).transpose()
     }
 
-    pub async fn subtasks(&self, parent_id: &str) -> Result<Vec<Task>> {
+    /// Up to `limit` direct subtasks, oldest first, with plan previews.
+    pub async fn subtasks(&self, parent_id: &str, limit: i64) -> Result<Vec<Task>> {
         let rows = sqlx::query(&format!(
-            "SELECT {TASK_COLUMNS} FROM tasks WHERE parent_id = $1 ORDER BY id"
+            "SELECT {} FROM tasks WHERE parent_id = $1 ORDER BY id LIMIT $2",
+            *PREVIEW_COLUMNS
         ))
         .bind(parent_id)
+        .bind(limit)
         .fetch_all(&self.reader)
         .await?;
-        rows.iter().map(task_from_row).collect()
+        rows.iter().map(preview_from_row).collect()
     }
 
-    /// Tasks of one workspace, newest first.
+    pub async fn count_subtasks(&self, parent_id: &str) -> Result<i64> {
+        Ok(
+            sqlx::query("SELECT COUNT(*) FROM tasks WHERE parent_id = $1")
+                .bind(parent_id)
+                .fetch_one(&self.reader)
+                .await?
+                .try_get(0)?,
+        )
+    }
+
+    /// A task and every task below it, with plan previews.
+    pub async fn subtree(&self, id: &str) -> Result<Vec<Task>> {
+        let mut tree = Vec::new();
+        let mut parents = vec![id.to_string()];
+        while let Some(parent) = parents.pop() {
+            let rows = sqlx::query(&format!(
+                "SELECT {} FROM tasks WHERE parent_id = $1 ORDER BY id",
+                *PREVIEW_COLUMNS
+            ))
+            .bind(&parent)
+            .fetch_all(&self.reader)
+            .await?;
+            for row in &rows {
+                let t = preview_from_row(row)?;
+                parents.push(t.id.clone());
+                tree.push(t);
+            }
+        }
+        Ok(tree)
+    }
+
+    /// Tasks of one workspace, newest first, with plan previews.
     pub async fn list_tasks(&self, filter: &TaskFilter) -> Result<Vec<Task>> {
-        let mut sql = format!("SELECT {TASK_COLUMNS} FROM tasks WHERE workspace_id = $1");
+        let mut sql = format!(
+            "SELECT {} FROM tasks WHERE workspace_id = $1",
+            *PREVIEW_COLUMNS
+        );
         let mut args = vec![Arg::Text(filter.workspace_id.clone())];
         let mut push = |sql: &mut String, clause: &str, arg: Arg| {
             args.push(arg);
@@ -203,7 +256,7 @@ impl Store {
         let rows = bind_args(sqlx::query(&sql), args)
             .fetch_all(&self.reader)
             .await?;
-        rows.iter().map(task_from_row).collect()
+        rows.iter().map(preview_from_row).collect()
     }
 
     /// Writes every mutable column of `task` (all but `last_seq`, which only

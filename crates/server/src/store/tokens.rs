@@ -3,7 +3,7 @@
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
-use super::{Result, Store, parse_enum};
+use super::{ID_CHUNK, Result, Store, parse_enum, placeholders};
 use crate::model::*;
 
 const TOKEN_SELECT: &str = "SELECT t.id, t.kind, t.name, t.workspace_id, t.user_id, u.name AS user_name, \
@@ -81,5 +81,24 @@ impl Store {
             .fetch_one(&self.writer)
             .await?;
         Ok(row.try_get("n")?)
+    }
+
+    /// The revoked tokens among `ids`.
+    pub async fn revoked_among(&self, ids: &[String]) -> Result<Vec<String>> {
+        let mut revoked = Vec::new();
+        for chunk in ids.chunks(ID_CHUNK) {
+            let sql = format!(
+                "SELECT id FROM tokens WHERE revoked_at IS NOT NULL AND id IN ({})",
+                placeholders(1, chunk.len())
+            );
+            let mut q = sqlx::query(&sql);
+            for id in chunk {
+                q = q.bind(id);
+            }
+            for row in q.fetch_all(&self.reader).await? {
+                revoked.push(row.try_get(0)?);
+            }
+        }
+        Ok(revoked)
     }
 }

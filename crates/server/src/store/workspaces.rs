@@ -3,7 +3,7 @@
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
-use super::{Error, Result, Store};
+use super::{Error, ID_CHUNK, Result, Store, placeholders};
 use crate::model::*;
 
 impl Store {
@@ -83,6 +83,32 @@ impl Store {
             .fetch_optional(&self.reader)
             .await?;
         row.as_ref().map(workspace_from_row).transpose()
+    }
+
+    /// Which (user, workspace) memberships among `pairs` still exist.
+    pub async fn memberships_among(
+        &self,
+        pairs: &[(String, String)],
+    ) -> Result<Vec<(String, String)>> {
+        let mut kept = Vec::new();
+        for chunk in pairs.chunks(ID_CHUNK) {
+            let users: Vec<&String> = chunk.iter().map(|(u, _)| u).collect();
+            let sql = format!(
+                "SELECT user_id, workspace_id FROM memberships WHERE user_id IN ({})",
+                placeholders(1, users.len())
+            );
+            let mut q = sqlx::query(&sql);
+            for u in users {
+                q = q.bind(u);
+            }
+            for row in q.fetch_all(&self.reader).await? {
+                let pair = (row.try_get::<String, _>(0)?, row.try_get::<String, _>(1)?);
+                if chunk.contains(&pair) {
+                    kept.push(pair);
+                }
+            }
+        }
+        Ok(kept)
     }
 }
 
