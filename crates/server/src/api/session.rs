@@ -66,6 +66,7 @@ pub(super) fn end(success: bool, reason: String, resume: Option<pb::AgentResume>
         reason,
         agent_session_id: resume.agent_session_id,
         working_directory: resume.working_directory,
+        attempt: 0,
     }
 }
 
@@ -90,7 +91,7 @@ pub(super) async fn started(
     r: &pb::ReportTaskStartedRequest,
 ) -> Result<crate::model::Task, Status> {
     let id = parse_id("task_id", &r.task_id)?;
-    Ok(domain.report_started(p, &id).await?)
+    Ok(domain.report_started(p, &id, i64::from(r.attempt)).await?)
 }
 
 pub(super) async fn progress(
@@ -111,7 +112,7 @@ pub(super) async fn messages(
     r: pb::ReportTaskMessagesRequest,
 ) -> Result<i64, Status> {
     let id = parse_id("task_id", &r.task_id)?;
-    Ok(domain.ingest(p, &id, r.messages).await?)
+    Ok(domain.ingest(p, &id, 0, r.messages).await?)
 }
 
 fn down(m: Down) -> pb::SessionResponse {

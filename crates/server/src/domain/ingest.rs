@@ -1,7 +1,8 @@
 //! Output from daemons: redacted, stored once per (task, seq), acknowledged
 //! up to the highest contiguous seq, and published to watchers.
 
-use super::{Domain, Error, Result};
+use super::redact::{redact, redact_in_stream};
+use super::{Domain, Error, Result, invalid};
 use crate::model::*;
 use crate::pb;
 use crate::store::NewMessage;
@@ -9,18 +10,25 @@ use crate::store::NewMessage;
 /// Most output messages in one report; larger batches are refused.
 pub const MAX_BATCH: usize = 5000;
 
-/// Largest single message content.
+/// Largest single message content, tool name and tool input.
 pub const MAX_MESSAGE_BYTES: usize = 1 << 20;
+pub const MAX_TOOL_NAME_BYTES: usize = 256;
+pub const MAX_TOOL_INPUT_BYTES: usize = 256 * 1024;
+/// How far a batch's seqs may run ahead of the stored output.
+pub const SEQ_WINDOW: i64 = 100_000;
 
 impl Domain {
     /// Stores a batch of output (redacted, NUL-free) and answers the highest
-    /// contiguous seq stored. A message that cannot be stored as sent (bad
-    /// kind, too large) is stored as a system note instead, so one bad
-    /// message never fails its batch nor leaves a gap.
+    /// contiguous seq stored. The batch is checked whole first: a message
+    /// without a kind, with a seq that is not positive or beyond the
+    /// acceptance window, or over its size bounds refuses the batch, naming
+    /// the seq. Output of a task still dispatched starts it; output of a
+    /// task that ended is refused.
     pub async fn ingest(
         &self,
         p: &Principal,
         task_id: &str,
+        attempt: i64,
         input: Vec<pb::TaskMessageInput>,
     ) -> Result<i64> {
         if input.len() > MAX_BATCH {
@@ -29,18 +37,18 @@ impl Domain {
                 input.len()
             )));
         }
+        let mut input = input.into_iter().map(checked).collect::<Result<Vec<_>>>()?;
+        input.sort_by_key(|(m, _)| m.seq);
         // The usual batch continues where the last one from this session
         // ended: two statements, no reads.
         let known = self.marks.get(task_id).filter(|m| {
-            p.sees(&m.workspace_id) && p.daemon_id.as_deref() == Some(m.daemon_id.as_str())
+            p.sees(&m.workspace_id)
+                && p.daemon_id.as_deref() == Some(m.daemon_id.as_str())
+                && (attempt == 0 || attempt == m.attempt)
         });
         if let Some(mark) = known {
-            let messages: Vec<NewMessage> = input
-                .iter()
-                .filter(|m| m.seq > mark.seq)
-                .cloned()
-                .map(clean_message)
-                .collect();
+            within_window(&input, mark.seq)?;
+            let messages = self.clean(task_id, &input, mark.seq);
             if messages.is_empty() {
                 return Ok(mark.seq);
             }
@@ -69,15 +77,25 @@ impl Domain {
             }
             self.marks.forget(task_id);
         }
-        let task = self.reported_task(p, task_id).await?;
-        let messages: Vec<NewMessage> = input
-            .into_iter()
-            .filter(|m| m.seq > task.last_seq)
-            .map(clean_message)
-            .collect();
-        if messages.is_empty() {
+        let task = self.reported_task(p, task_id, attempt).await?;
+        within_window(&input, task.last_seq)?;
+        if input.iter().all(|(m, _)| m.seq <= task.last_seq) {
+            // A resend of what is stored: acknowledged again.
             return Ok(task.last_seq);
         }
+        let task = match task.status {
+            TaskStatus::Running => task,
+            TaskStatus::Dispatched | TaskStatus::Interrupted => {
+                self.started(task, "started (its output arrived first)")
+                    .await?
+            }
+            status => {
+                return Err(Error::FailedPrecondition(format!(
+                    "task {task_id} is {status}; output after its end is refused"
+                )));
+            }
+        };
+        let messages = self.clean(&task.id, &input, task.last_seq);
         let (old, new, clean) = self
             .store
             .insert_messages(&task.id, task.attempt, &messages)
@@ -97,6 +115,30 @@ impl Domain {
             .await?;
         }
         Ok(new)
+    }
+
+    /// The messages above `mark`, redacted in seq order (a private key
+    /// printed a line at a time spans messages).
+    fn clean(
+        &self,
+        task_id: &str,
+        input: &[(pb::TaskMessageInput, MessageKind)],
+        mark: i64,
+    ) -> Vec<NewMessage> {
+        let mut in_key = self.key_blocks.is_open(task_id);
+        let messages = input
+            .iter()
+            .filter(|(m, _)| m.seq > mark)
+            .map(|(m, kind)| NewMessage {
+                seq: m.seq,
+                kind: *kind,
+                content: redact_in_stream(&m.content, &mut in_key).into_owned(),
+                tool_name: redact(&m.tool_name).into_owned(),
+                tool_input_json: redact(&m.tool_input_json).into_owned(),
+            })
+            .collect();
+        self.key_blocks.set(task_id, in_key);
+        messages
     }
 
     /// Publishes the messages that became contiguous, (old, new]. Usually
@@ -140,37 +182,50 @@ impl Domain {
     }
 }
 
-pub(super) fn clean_message(m: pb::TaskMessageInput) -> NewMessage {
+/// One message checked against the protocol and its bounds, with its kind.
+fn checked(m: pb::TaskMessageInput) -> Result<(pb::TaskMessageInput, MessageKind)> {
+    let seq = m.seq;
+    let bad = |what: String| invalid("messages", format!("seq {seq}: {what}"));
+    if seq <= 0 {
+        return Err(bad("seqs start at 1".into()));
+    }
     let kind = match pb::MessageKind::try_from(m.kind) {
-        Ok(pb::MessageKind::Assistant) => Some(MessageKind::Assistant),
-        Ok(pb::MessageKind::ToolUse) => Some(MessageKind::ToolUse),
-        Ok(pb::MessageKind::ToolResult) => Some(MessageKind::ToolResult),
-        Ok(pb::MessageKind::User) => Some(MessageKind::User),
-        Ok(pb::MessageKind::System) => Some(MessageKind::System),
-        Ok(pb::MessageKind::Stdout) => Some(MessageKind::Stdout),
-        Ok(pb::MessageKind::Stderr) => Some(MessageKind::Stderr),
-        _ => None,
+        Ok(pb::MessageKind::Assistant) => MessageKind::Assistant,
+        Ok(pb::MessageKind::ToolUse) => MessageKind::ToolUse,
+        Ok(pb::MessageKind::ToolResult) => MessageKind::ToolResult,
+        Ok(pb::MessageKind::User) => MessageKind::User,
+        Ok(pb::MessageKind::System) => MessageKind::System,
+        Ok(pb::MessageKind::Stdout) => MessageKind::Stdout,
+        Ok(pb::MessageKind::Stderr) => MessageKind::Stderr,
+        Ok(pb::MessageKind::Unspecified) => return Err(bad("kind is required".into())),
+        Err(_) => return Err(bad(format!("unknown kind {}", m.kind))),
     };
-    let redact = |s: &str| super::redact::redact(s).into_owned();
-    match kind {
-        Some(kind) if m.content.len() <= MAX_MESSAGE_BYTES => NewMessage {
-            seq: m.seq,
-            kind,
-            content: redact(&m.content),
-            tool_name: redact(&m.tool_name),
-            tool_input_json: redact(&m.tool_input_json),
-        },
-        _ => NewMessage {
-            seq: m.seq,
-            kind: MessageKind::System,
-            content: format!(
-                "[message {} dropped: unknown kind {} or over {MAX_MESSAGE_BYTES} bytes ({} bytes)]",
-                m.seq,
-                m.kind,
-                m.content.len()
+    for (field, value, max) in [
+        ("content", &m.content, MAX_MESSAGE_BYTES),
+        ("tool_name", &m.tool_name, MAX_TOOL_NAME_BYTES),
+        ("tool_input_json", &m.tool_input_json, MAX_TOOL_INPUT_BYTES),
+    ] {
+        if value.len() > max {
+            return Err(bad(format!(
+                "{field} is {} bytes; at most {max}",
+                value.len()
+            )));
+        }
+    }
+    Ok((m, kind))
+}
+
+/// Seqs may run at most [`SEQ_WINDOW`] ahead of what is stored.
+fn within_window(input: &[(pb::TaskMessageInput, MessageKind)], stored: i64) -> Result<()> {
+    match input.last() {
+        Some((m, _)) if m.seq > stored.saturating_add(SEQ_WINDOW) => Err(invalid(
+            "messages",
+            format!(
+                "seq {}: more than {SEQ_WINDOW} ahead of the stored output (seq {stored}); \
+                 send what comes before it first",
+                m.seq
             ),
-            tool_name: String::new(),
-            tool_input_json: String::new(),
-        },
+        )),
+        _ => Ok(()),
     }
 }

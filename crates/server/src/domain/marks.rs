@@ -3,7 +3,7 @@
 //! Only a hint: the store moves a mark only from the value cached here, for
 //! the same daemon and attempt, so a stale entry costs one slow path.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
 use crate::model::Task;
@@ -56,5 +56,36 @@ impl Marks {
 
     pub fn forget(&self, task_id: &str) {
         self.lock().remove(task_id);
+    }
+}
+
+/// Tasks whose output left a private key block open (a key printed a line
+/// per message): their next messages are redacted up to its END line.
+#[derive(Default)]
+pub struct KeyBlocks(Mutex<HashSet<String>>);
+
+impl KeyBlocks {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn is_open(&self, task_id: &str) -> bool {
+        self.lock().contains(task_id)
+    }
+
+    pub fn set(&self, task_id: &str, open: bool) {
+        let mut set = self.lock();
+        if !open {
+            set.remove(task_id);
+            return;
+        }
+        if set.len() >= MAX_MARKS {
+            set.clear();
+        }
+        set.insert(task_id.to_string());
+    }
+
+    pub fn forget(&self, task_id: &str) {
+        self.set(task_id, false);
     }
 }

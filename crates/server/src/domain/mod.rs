@@ -67,6 +67,8 @@ pub struct Domain {
     pub liveness: Liveness,
     /// Where each task's output stands, for the ingest fast path.
     marks: marks::Marks,
+    /// Tasks in the middle of printing a private key.
+    key_blocks: marks::KeyBlocks,
     /// Other replicas on the same PostgreSQL database, once joined.
     peers: OnceLock<peers::Peers>,
     /// Every long-lived stream, by token.
@@ -111,6 +113,7 @@ impl Domain {
             liveness,
             peers: OnceLock::new(),
             marks: marks::Marks::default(),
+            key_blocks: marks::KeyBlocks::default(),
             streams: Arc::new(streams::StreamRegistry::new(limits.max_streams_per_token)),
             limits,
         })

@@ -105,7 +105,7 @@ fn rules() -> Vec<Rule> {
             r"(?-u:\b)(?:sk|rk)_(?:live|test)_[A-Za-z0-9]{10,}",
         ),
         rule("npm_token", r"(?-u:\b)npm_[A-Za-z0-9]{36,}"),
-        rule("taskmesh_token", r"(?-u:\b)tm[ud]_[0-9a-fA-F]{64,}"),
+        rule("taskmesh_token", r"(?-u:\b)tm[a-z]_[0-9a-fA-F]{64,}"),
         rule("aws_key", r"(?-u:\b)(?:AKIA|ASIA)[A-Z0-9]{16}(?-u:\b)"),
         // sk-…, sk-ant-…, sk-proj-…, but not the tail of `task-sk-…`.
         rule(
@@ -194,6 +194,41 @@ pub fn redact(text: &str) -> Cow<'_, str> {
         Some(replaced) => Cow::Owned(replaced),
         None => text,
     }
+}
+
+static KEY_BEGIN: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"-----BEGIN[A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----").expect("pattern compiles")
+});
+static KEY_END: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"-----END[A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----").expect("pattern compiles")
+});
+
+/// [`redact`] for one message of a stream in which a private key may be
+/// printed a line (a message) at a time. `in_key` says whether an earlier
+/// message opened a key block that has not ended; it is updated. Inside a
+/// block everything up to its END line is replaced.
+pub fn redact_in_stream<'a>(text: &'a str, in_key: &mut bool) -> Cow<'a, str> {
+    let marker = || format!("{MARKER_PREFIX}private_key]");
+    if *in_key {
+        let Some(end) = KEY_END.find(text) else {
+            return Cow::Owned(marker());
+        };
+        *in_key = false;
+        let mut out = marker();
+        out.push_str(&redact(&text[end.end()..]));
+        return Cow::Owned(out);
+    }
+    let opened = KEY_BEGIN
+        .find_iter(text)
+        .last()
+        .filter(|begin| KEY_END.find_at(text, begin.end()).is_none());
+    let Some(begin) = opened else {
+        return redact(text);
+    };
+    *in_key = true;
+    let mut out = redact(&text[..begin.start()]).into_owned();
+    out.push_str(&marker());
+    Cow::Owned(out)
 }
 
 /// The text with its secrets replaced, or `None` when it has none.
@@ -349,8 +384,10 @@ mod tests {
     #[test]
     fn taskmesh_tokens() {
         check(
-            &format!("user tmu_{TASKMESH_HEX}, daemon tmd_{TASKMESH_HEX}."),
-            "user [REDACTED:taskmesh_token], daemon [REDACTED:taskmesh_token].",
+            &format!(
+                "user tmu_{TASKMESH_HEX}, daemon tmd_{TASKMESH_HEX}, viewer tmv_{TASKMESH_HEX}."
+            ),
+            "user [REDACTED:taskmesh_token], daemon [REDACTED:taskmesh_token], viewer [REDACTED:taskmesh_token].",
         );
     }
 
@@ -427,6 +464,42 @@ mod tests {
                 "x [REDACTED:private_key] y",
             );
         }
+    }
+
+    #[test]
+    fn a_private_key_printed_line_by_line_is_redacted_whole() {
+        let lines = [
+            "writing the key:",
+            "-----BEGIN OPENSSH PRIVATE KEY-----",
+            "b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAABAAAAMwAAAAtzc2gtZW",
+            "QyNTUxOQAAACDn2pB6iYq9P5fQb2vYyZ9X0F1uXk1H7nT0z4mJkq5uGgAAAJgx9Ww5MfVs",
+            "-----END OPENSSH PRIVATE KEY-----",
+            "done",
+        ];
+        let mut in_key = false;
+        let out: Vec<String> = lines
+            .iter()
+            .map(|l| redact_in_stream(l, &mut in_key).into_owned())
+            .collect();
+        assert_eq!(
+            out,
+            [
+                "writing the key:",
+                "[REDACTED:private_key]",
+                "[REDACTED:private_key]",
+                "[REDACTED:private_key]",
+                "[REDACTED:private_key]",
+                "done",
+            ]
+        );
+        assert!(!in_key);
+        // A whole block in one message leaves nothing open.
+        let whole = "a -----BEGIN RSA PRIVATE KEY-----\nAAAA\n-----END RSA PRIVATE KEY----- b";
+        assert_eq!(
+            redact_in_stream(whole, &mut in_key),
+            "a [REDACTED:private_key] b"
+        );
+        assert!(!in_key);
     }
 
     #[test]

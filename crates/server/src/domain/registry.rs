@@ -158,13 +158,22 @@ impl Domain {
             .await?;
         let (conn, wake) = self.sessions.register(daemon.clone());
         for task in self.store.active_tasks_of(&daemon.id).await? {
-            if task.status == TaskStatus::Running && !running.contains(&task.id) {
-                let reason = "the daemon reconnected without it";
-                self.transition("system", task, TaskStatus::Interrupted, reason, |t| {
-                    t.status_reason = reason.into();
-                    t.ended_at = Some(t.updated_at);
-                })
-                .await?;
+            let listed = running.contains(&task.id);
+            match task.status {
+                TaskStatus::Running if !listed => {
+                    let reason = "the daemon reconnected without it";
+                    self.transition("system", task, TaskStatus::Interrupted, reason, |t| {
+                        t.status_reason = reason.into();
+                        t.ended_at = Some(t.updated_at);
+                    })
+                    .await?;
+                }
+                // It started, though its `started` was lost on the way.
+                TaskStatus::Dispatched if listed => {
+                    self.started(task, "started (its daemon lists it running)")
+                        .await?;
+                }
+                _ => {}
             }
         }
         self.dispatch_to(&daemon.id).await?;

@@ -1,5 +1,6 @@
 //! A daemon's lifecycle reports: started, progress, usage, the end.
 
+use super::validate::text;
 use super::{Domain, Error, Result, invalid};
 use crate::model::*;
 
@@ -10,37 +11,80 @@ pub struct TaskEnd {
     pub reason: String,
     pub agent_session_id: String,
     pub working_directory: String,
+    /// The attempt it ends; 0 when the daemon did not say.
+    pub attempt: i64,
 }
 
-/// Largest progress summary.
+/// Largest progress summary, end reason or summary.
 pub const MAX_PROGRESS_BYTES: usize = 4096;
+pub const MAX_REASON_BYTES: usize = 4096;
+/// Largest agent session id or working directory a daemon reports.
+pub const MAX_RESUME_BYTES: usize = 4096;
+/// Largest provider or model name in a usage report, and most models.
+pub const MAX_MODEL_BYTES: usize = 256;
+pub const MAX_USAGE_MODELS: usize = 64;
 
 impl Domain {
-    /// A task reported on by a daemon: it must be in the daemon's workspace
-    /// and assigned to a daemon.
-    pub(super) async fn reported_task(&self, p: &Principal, task_id: &str) -> Result<Task> {
+    /// A task reported on by a daemon: in the daemon's workspace, assigned
+    /// to the reporting daemon, and (when the report names one) in the
+    /// attempt the report names.
+    pub(super) async fn reported_task(
+        &self,
+        p: &Principal,
+        task_id: &str,
+        attempt: i64,
+    ) -> Result<Task> {
         self.daemon_workspace(p)?;
         let task = self.load_task(p, task_id).await?;
         match (&task.daemon_id, &p.daemon_id) {
-            (None, _) => Err(Error::FailedPrecondition(format!(
-                "task {task_id} is not assigned to a daemon"
-            ))),
-            (Some(on), Some(caller)) if on != caller => Err(Error::FailedPrecondition(format!(
-                "task {task_id} is assigned to another daemon"
-            ))),
-            _ => Ok(task),
+            (None, _) => {
+                return Err(Error::FailedPrecondition(format!(
+                    "task {task_id} is {} and not assigned to a daemon",
+                    task.status
+                )));
+            }
+            (Some(on), Some(caller)) if on != caller => {
+                return Err(Error::FailedPrecondition(format!(
+                    "task {task_id} is assigned to another daemon"
+                )));
+            }
+            _ => {}
         }
+        if attempt != 0 && attempt != task.attempt {
+            return Err(Error::FailedPrecondition(format!(
+                "task {task_id} is in attempt {}, not {attempt}; the report is stale",
+                task.attempt
+            )));
+        }
+        Ok(task)
     }
 
-    pub async fn report_started(&self, p: &Principal, task_id: &str) -> Result<Task> {
-        let task = self.reported_task(p, task_id).await?;
-        if task.status == TaskStatus::Running {
-            return Ok(task);
+    /// ReportTaskStarted. A task already running is answered as it is, so
+    /// the report may be resent.
+    pub async fn report_started(&self, p: &Principal, task_id: &str, attempt: i64) -> Result<Task> {
+        let task = self.reported_task(p, task_id, attempt).await?;
+        self.started(task, "started").await
+    }
+
+    /// Moves a dispatched task to running (with its event): on its daemon's
+    /// `started`, or on what shows it started (its output, its end, or its
+    /// daemon listing it running), so a lost `started` never strands it.
+    pub(super) async fn started(&self, task: Task, reason: &str) -> Result<Task> {
+        match task.status {
+            TaskStatus::Running => return Ok(task),
+            // A daemon that comes back reporting its task takes it back.
+            TaskStatus::Dispatched | TaskStatus::Interrupted => {}
+            status => {
+                return Err(Error::FailedPrecondition(format!(
+                    "task {} is {status}; it cannot start",
+                    task.id
+                )));
+            }
         }
         let stale_progress = !task.progress_summary.is_empty() || task.progress_percent != -1;
         let actor = daemon_actor(&task);
         let task = self
-            .transition(&actor, task, TaskStatus::Running, "started", |t| {
+            .transition(&actor, task, TaskStatus::Running, reason, |t| {
                 t.started_at.get_or_insert(t.updated_at);
             })
             .await?;
@@ -73,7 +117,7 @@ impl Domain {
                 format!("over {MAX_PROGRESS_BYTES} bytes"),
             ));
         }
-        let task = self.reported_task(p, task_id).await?;
+        let task = self.reported_task(p, task_id, 0).await?;
         let line = summary.lines().next().unwrap_or_default();
         let summary = super::redact::redact(line).replace('\0', "");
         match self
@@ -98,29 +142,78 @@ impl Domain {
         task_id: &str,
         usage: Vec<Usage>,
     ) -> Result<()> {
-        let task = self.reported_task(p, task_id).await?;
-        if usage.iter().any(|u| {
-            u.input_tokens < 0
+        if usage.len() > MAX_USAGE_MODELS {
+            return Err(invalid(
+                "usage",
+                format!("{} entries; at most {MAX_USAGE_MODELS}", usage.len()),
+            ));
+        }
+        let mut clean = Vec::with_capacity(usage.len());
+        for u in usage {
+            if u.input_tokens < 0
                 || u.output_tokens < 0
                 || u.cache_read_tokens < 0
                 || u.cache_write_tokens < 0
-        }) {
-            return Err(invalid("usage", "token counts must not be negative"));
+            {
+                return Err(invalid("usage", "token counts must not be negative"));
+            }
+            clean.push(Usage {
+                provider: text("usage.provider", &u.provider, MAX_MODEL_BYTES)?,
+                model: text("usage.model", &u.model, MAX_MODEL_BYTES)?,
+                ..u
+            });
         }
-        self.store.upsert_usage(&task.id, &usage).await?;
+        let task = self.reported_task(p, task_id, 0).await?;
+        self.store.upsert_usage(&task.id, &clean).await?;
         Ok(())
     }
 
-    /// CompleteTask / FailTask. Repeats are answered with the recorded end,
-    /// so a daemon may resend its report after a reconnect. A task that was
+    /// CompleteTask / FailTask. The same end sent again (a resend after a
+    /// reconnect) is answered with the recorded end; a different one (a
+    /// failure after a completion) is refused. A task still dispatched
+    /// starts first, so a lost `started` costs nothing. A task that was
     /// asked to stop ends cancelled.
     pub async fn end_task(&self, p: &Principal, task_id: &str, end: TaskEnd) -> Result<Task> {
-        let task = self.reported_task(p, task_id).await?;
+        let reason = text("reason", &end.reason, MAX_REASON_BYTES)?;
+        let reason = super::redact::redact(&reason).into_owned();
+        let session_id = text(
+            "resume.agent_session_id",
+            &end.agent_session_id,
+            MAX_RESUME_BYTES,
+        )?;
+        let directory = text(
+            "resume.working_directory",
+            &end.working_directory,
+            MAX_RESUME_BYTES,
+        )?;
+        let task = self.reported_task(p, task_id, end.attempt).await?;
         self.marks.forget(&task.id);
-        if task.status.is_finished() && task.status != TaskStatus::Interrupted {
-            return Ok(task);
+        self.key_blocks.forget(&task.id);
+        let same = match task.status {
+            TaskStatus::Completed => Some(end.success),
+            TaskStatus::Failed => Some(!end.success),
+            TaskStatus::Cancelled => Some(true),
+            _ => None,
+        };
+        match same {
+            Some(true) => return Ok(task),
+            Some(false) => {
+                return Err(Error::FailedPrecondition(format!(
+                    "task {task_id} is {}; its end is recorded and cannot become {}",
+                    task.status,
+                    if end.success { "completed" } else { "failed" }
+                )));
+            }
+            None => {}
         }
-        let (to, reason) = match (task.stop_requested_at.is_some(), end.success) {
+        let task = match task.status {
+            TaskStatus::Dispatched | TaskStatus::Interrupted => {
+                self.started(task, "started (its end arrived first)")
+                    .await?
+            }
+            _ => task,
+        };
+        let (to, outcome) = match (task.stop_requested_at.is_some(), end.success) {
             (true, _) => (TaskStatus::Cancelled, "stopped"),
             (false, true) => (TaskStatus::Completed, "completed"),
             (false, false) => (TaskStatus::Failed, "failed"),
@@ -128,14 +221,14 @@ impl Domain {
         let actor = daemon_actor(&task);
         let daemon_id = task.daemon_id.clone();
         let task = self
-            .transition(&actor, task, to, reason, |t| {
+            .transition(&actor, task, to, outcome, |t| {
                 t.ended_at = Some(t.updated_at);
-                t.status_reason = end.reason.chars().take(4096).collect();
-                if !end.agent_session_id.is_empty() {
-                    t.agent_session_id = end.agent_session_id.clone();
+                t.status_reason = reason.clone();
+                if !session_id.is_empty() {
+                    t.agent_session_id = session_id.clone();
                 }
-                if !end.working_directory.is_empty() {
-                    t.working_directory = end.working_directory.clone();
+                if !directory.is_empty() {
+                    t.working_directory = directory.clone();
                 }
             })
             .await?;
