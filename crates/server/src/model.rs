@@ -162,6 +162,18 @@ impl Task {
     }
 }
 
+/// What a StopTask did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopOutcome {
+    /// Not on a daemon (or its daemon is away): cancelled now.
+    Cancelled,
+    /// Its daemon was told to interrupt it.
+    Interrupting,
+    /// A stop was already asked; nothing more was sent.
+    AlreadyStopping,
+    AlreadyCancelled,
+}
+
 /// One status transition, as recorded in the audit trail.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TaskEvent {

@@ -25,6 +25,16 @@ pub fn task_status(s: model::TaskStatus) -> pb::TaskStatus {
     }
 }
 
+pub fn stop_outcome(o: model::StopOutcome) -> pb::StopOutcome {
+    use model::StopOutcome::*;
+    match o {
+        Cancelled => pb::StopOutcome::Cancelled,
+        Interrupting => pb::StopOutcome::Interrupting,
+        AlreadyStopping => pb::StopOutcome::AlreadyStopping,
+        AlreadyCancelled => pb::StopOutcome::AlreadyCancelled,
+    }
+}
+
 pub fn token_kind(k: model::TokenKind) -> pb::TokenKind {
     match k {
         model::TokenKind::User => pb::TokenKind::User,

@@ -288,11 +288,27 @@ where
             match layer.check(&path, req.headers(), ip).await {
                 Ok(principal) => {
                     req.extensions_mut().insert(principal);
-                    inner.call(req).await
+                    let mut res = inner.call(req).await?;
+                    undecodable_is_invalid(res.headers_mut());
+                    Ok(res)
                 }
                 Err(status) => Ok(status.into_http()),
             }
         })
+    }
+}
+
+/// A request that does not decode is the caller's mistake: tonic answers
+/// INTERNAL, this answers INVALID_ARGUMENT.
+fn undecodable_is_invalid(headers: &mut http::HeaderMap) {
+    let internal = headers
+        .get("grpc-status")
+        .is_some_and(|v| v.as_bytes() == b"13");
+    let decode = headers
+        .get("grpc-message")
+        .is_some_and(|v| v.as_bytes().starts_with(b"failed to decode"));
+    if internal && decode {
+        headers.insert("grpc-status", http::HeaderValue::from_static("3"));
     }
 }
 

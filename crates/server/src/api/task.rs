@@ -163,9 +163,10 @@ impl TaskService for TaskApi {
     ) -> Result<Response<pb::StopTaskResponse>, Status> {
         let p = principal(&req)?;
         let id = parse_id("id", &req.get_ref().id)?;
-        let task = self.domain.stop_task(&p, &id).await?;
+        let (task, outcome) = self.domain.stop_task(&p, &id).await?;
         Ok(Response::new(pb::StopTaskResponse {
             task: Some(wire::task(task)),
+            outcome: wire::stop_outcome(outcome) as i32,
         }))
     }
 

@@ -3,6 +3,8 @@
 
 use prost::Message;
 
+use super::redact::redact;
+use super::validate::{identifier, text};
 use super::{Domain, Error, Result};
 use crate::model::*;
 use crate::pb;
@@ -40,14 +42,12 @@ impl Domain {
     pub async fn command_result(&self, daemon_id: &str, result: &pb::CommandResult) -> Result<()> {
         let status = pb::CommandResultStatus::try_from(result.status)
             .unwrap_or(pb::CommandResultStatus::Unspecified);
+        let command_id = identifier("command_id", &result.command_id, 64)?;
+        let message = text("message", &result.message, super::reports::MAX_REASON_BYTES)?;
+        let message = redact(&message).into_owned();
         let Some(acked) = self
             .store
-            .ack_command(
-                daemon_id,
-                &result.command_id,
-                status.as_str_name(),
-                &result.message,
-            )
+            .ack_command(daemon_id, &command_id, status.as_str_name(), &message)
             .await?
         else {
             return Ok(());
@@ -73,7 +73,7 @@ impl Domain {
             }
             return Ok(());
         }
-        let reason = format!("daemon {daemon_id} could not start it: {}", result.message);
+        let reason = format!("daemon {daemon_id} could not start it: {}", message);
         let on_it = |t: &Task| {
             t.status == TaskStatus::Dispatched && t.daemon_id.as_deref() == Some(daemon_id)
         };

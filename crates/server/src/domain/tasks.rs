@@ -234,14 +234,23 @@ impl Domain {
     /// Cancels a task not yet on a daemon. A task on a daemon gets an
     /// InterruptTask and ends cancelled when the daemon reports its end, or
     /// at once when its daemon has no session.
-    pub async fn stop_task(&self, p: &Principal, id: &str) -> Result<Task> {
+    /// Idempotent: a task its daemon was already asked to stop gets no
+    /// second InterruptTask, and a cancelled task stays as it is.
+    pub async fn stop_task(&self, p: &Principal, id: &str) -> Result<(Task, StopOutcome)> {
         let task = self.load_task(p, id).await?;
+        if task.status == TaskStatus::Cancelled {
+            return Ok((task, StopOutcome::AlreadyCancelled));
+        }
         if !task.status.is_active() {
-            return self
+            let task = self
                 .transition(&p.subject, task, TaskStatus::Cancelled, "stopped", |t| {
                     t.ended_at = Some(t.updated_at);
                 })
-                .await;
+                .await?;
+            return Ok((task, StopOutcome::Cancelled));
+        }
+        if task.stop_requested_at.is_some() {
+            return Ok((task, StopOutcome::AlreadyStopping));
         }
         let connected = match task.daemon_id.as_deref() {
             Some(d) => self.daemon_connected(d).await?,
@@ -258,22 +267,24 @@ impl Domain {
             if self.store.save_task(&mut next, task.version, None).await? {
                 self.task_changed(&next, false);
                 self.send_command(&next, interrupt()).await?;
-                return Ok(next);
+                return Ok((next, StopOutcome::Interrupting));
             }
             // It changed meanwhile (ended, most likely): judge again.
             return Box::pin(self.stop_task(p, id)).await;
         }
         self.send_command(&task, interrupt()).await?;
-        self.transition(
-            &p.subject,
-            task,
-            TaskStatus::Cancelled,
-            "stopped; daemon away",
-            |t| {
-                t.ended_at = Some(t.updated_at);
-            },
-        )
-        .await
+        let task = self
+            .transition(
+                &p.subject,
+                task,
+                TaskStatus::Cancelled,
+                "stopped; daemon away",
+                |t| {
+                    t.ended_at = Some(t.updated_at);
+                },
+            )
+            .await?;
+        Ok((task, StopOutcome::Cancelled))
     }
 
     /// Text for a running agent's stdin, as a durable SendInput command.
