@@ -108,14 +108,16 @@ async fn lifecycle(backend: Backend) {
         .unwrap();
     assert_eq!(status(&stopped), TaskStatus::Cancelled);
     assert!(stopped.end_time.is_some());
-    assert_code(
-        c.stop_task(pb::StopTaskRequest {
+    // Stopping is idempotent: a second stop changes nothing and says so.
+    let again = c
+        .stop_task(pb::StopTaskRequest {
             id: parent.id.clone(),
         })
-        .await,
-        Code::FailedPrecondition,
-        "cancelled",
-    );
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.outcome(), pb::StopOutcome::AlreadyCancelled);
+    assert_eq!(again.task.unwrap().version, stopped.version);
 
     // A restart is a new attempt.
     let again = c
