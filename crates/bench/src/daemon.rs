@@ -62,7 +62,7 @@ impl BenchDaemon {
         events: mpsc::UnboundedSender<Event>,
     ) -> BenchResult<BenchDaemon> {
         let mut client = DaemonServiceClient::with_interceptor(channel, token.clone());
-        let Session { up, mut down } =
+        let Session { up, mut down, .. } =
             Session::try_open(&mut client, &id, Vec::new(), 1024).await?;
         let replies = up.clone();
         let reader = tokio::spawn(async move {
@@ -92,6 +92,7 @@ impl BenchDaemon {
         self.send(Up::Messages(pb::ReportTaskMessagesRequest {
             task_id: task_id.into(),
             messages,
+            ..Default::default()
         }))
         .await
     }
@@ -133,12 +134,14 @@ async fn answer(
                         task_id: c.task_id.clone(),
                         attempt,
                         pid: 0,
+                        ..Default::default()
                     }));
                     if policy == Policy::Complete {
                         replies.push(Up::Completed(pb::CompleteTaskRequest {
                             task_id: c.task_id,
                             summary: "done".into(),
                             resume: None,
+                            ..Default::default()
                         }));
                     }
                 }
@@ -152,6 +155,7 @@ async fn answer(
                         reason: "interrupted".into(),
                         exit_code: 130,
                         resume: None,
+                        ..Default::default()
                     }));
                 }
                 _ => {}
@@ -171,7 +175,7 @@ async fn answer(
                 e.task_id, e.code, e.message
             )));
         }
-        Some(Down::Ready(_)) | None => {}
+        Some(Down::Ready(_) | Down::StartedAck(_)) | None => {}
     }
     for r in replies {
         if up.send(request(r)).await.is_err() {

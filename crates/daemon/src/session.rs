@@ -252,12 +252,14 @@ fn end_request(task_id: &str, end: TaskEnd) -> Up {
             task_id: task_id.to_owned(),
             summary,
             resume: end.resume,
+            ..Default::default()
         }),
         Outcome::Failed { reason, exit_code } => Up::Failed(FailTaskRequest {
             task_id: task_id.to_owned(),
             reason,
             exit_code,
             resume: end.resume,
+            ..Default::default()
         }),
     }
 }
@@ -662,6 +664,7 @@ impl Session {
                 Some(up(Up::Messages(ReportTaskMessagesRequest {
                     task_id: id,
                     messages,
+                    ..Default::default()
                 })))
             }
             Source::End(id) => {
@@ -698,6 +701,7 @@ impl Session {
             Some(Down::OutputAck(ack)) => self.on_ack(ack),
             Some(Down::Error(err)) => self.on_session_error(err),
             Some(Down::Ready(_)) => debug!("repeated SessionReady ignored"),
+            Some(Down::StartedAck(ack)) => debug!(task_id = %ack.task_id, "started acknowledged"),
             None => debug!("empty SessionResponse ignored"),
         }
     }
@@ -934,6 +938,7 @@ impl Session {
                     task_id,
                     attempt: rec.attempt,
                     pid: i64::from(pid),
+                    ..Default::default()
                 };
                 rec.started = Some(started.clone());
                 let command_id = rec.spawn_command_id.clone();

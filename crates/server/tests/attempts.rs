@@ -121,6 +121,7 @@ async fn continue_resumes_a_finished_task(backend: Backend) {
                 agent_session_id: "sess-1".into(),
                 working_directory: "/work/t".into(),
             }),
+            ..Default::default()
         }))
         .await;
     session.next().await; // the final acknowledgement

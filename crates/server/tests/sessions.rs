@@ -59,6 +59,7 @@ async fn push_dispatch_and_gapless_output(backend: Backend) {
                 agent_session_id: "abc".into(),
                 working_directory: "/w".into(),
             }),
+            ..Default::default()
         }))
         .await;
     match session.next().await {
@@ -195,6 +196,7 @@ async fn stop_and_durable_commands(backend: Backend) {
             reason: "interrupted".into(),
             exit_code: 130,
             resume: None,
+            ..Default::default()
         }))
         .await;
     match session.next().await {
@@ -321,36 +323,46 @@ async fn daemon_tenancy(backend: Backend) {
     }
     nf(c.report_task_started(pb::ReportTaskStartedRequest {
         task_id: id.clone(),
+        daemon_id: daemon_id.clone(),
         ..Default::default()
     })
     .await);
     nf(c.report_task_progress(pb::ReportTaskProgressRequest {
         task_id: id.clone(),
+        daemon_id: daemon_id.clone(),
         ..Default::default()
     })
     .await);
     nf(c.report_task_messages(pb::ReportTaskMessagesRequest {
         task_id: id.clone(),
+        daemon_id: daemon_id.clone(),
         messages: vec![],
+        ..Default::default()
     })
     .await);
     nf(c.report_task_usage(pb::ReportTaskUsageRequest {
         task_id: id.clone(),
+        daemon_id: daemon_id.clone(),
         usage: vec![],
+        ..Default::default()
     })
     .await);
     nf(c.complete_task(pb::CompleteTaskRequest {
         task_id: id.clone(),
+        daemon_id: daemon_id.clone(),
         ..Default::default()
     })
     .await);
     nf(c.fail_task(pb::FailTaskRequest {
         task_id: id.clone(),
+        daemon_id: daemon_id.clone(),
         ..Default::default()
     })
     .await);
     nf(c.get_task_status(pb::GetTaskStatusRequest {
         task_id: id.clone(),
+        daemon_id: daemon_id.clone(),
+        ..Default::default()
     })
     .await);
     // TaskService is not a daemon token's to call at all, in any workspace.
@@ -487,6 +499,8 @@ async fn progress_is_shown_on_the_task(backend: Backend) {
         task_id: task.id.clone(),
         attempt: 1,
         pid: 1,
+        daemon_id: daemon_id.clone(),
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -500,6 +514,8 @@ async fn progress_is_shown_on_the_task(backend: Backend) {
         task_id: task.id.clone(),
         summary: summary.into(),
         percent,
+        daemon_id: daemon_id.clone(),
+        ..Default::default()
     };
     let secret = "sk-ant-api03-abcdefghijklmnopqrstuvwxyz0123456789";
     dc.report_task_progress(progress(&format!("testing with {secret}\nsecond line"), 40))
@@ -522,6 +538,7 @@ async fn progress_is_shown_on_the_task(backend: Backend) {
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     dc.complete_task(pb::CompleteTaskRequest {
         task_id: task.id.clone(),
+        daemon_id: daemon_id.clone(),
         ..Default::default()
     })
     .await
@@ -543,9 +560,11 @@ async fn gaps_hold_output_back_until_filled(backend: Backend) {
     let task = new_task(&s, "gappy").await;
     let mut tasks = s.tasks().await;
     start(&s, &task.id).await;
-    dc.claim_task(pb::ClaimTaskRequest { daemon_id })
-        .await
-        .unwrap();
+    dc.claim_task(pb::ClaimTaskRequest {
+        daemon_id: daemon_id.clone(),
+    })
+    .await
+    .unwrap();
     let report = |seqs: &[i64]| pb::ReportTaskMessagesRequest {
         task_id: task.id.clone(),
         messages: seqs
@@ -557,6 +576,8 @@ async fn gaps_hold_output_back_until_filled(backend: Backend) {
                 ..Default::default()
             })
             .collect(),
+        daemon_id: daemon_id.clone(),
+        ..Default::default()
     };
     let acked = dc.report_task_messages(report(&[1, 2, 4])).await.unwrap();
     assert_eq!(acked.into_inner().acked_seq, 2);

@@ -153,6 +153,8 @@ impl ScriptedDaemon {
                 task_id: id.into(),
                 attempt: task.attempt,
                 pid: 1,
+                daemon_id: self.id.clone(),
+                ..Default::default()
             })
             .await
             .expect("started");
@@ -165,6 +167,8 @@ impl ScriptedDaemon {
             .report_task_messages(pb::ReportTaskMessagesRequest {
                 task_id: id.into(),
                 messages,
+                daemon_id: self.id.clone(),
+                ..Default::default()
             })
             .await
             .expect("report messages")
@@ -187,6 +191,8 @@ impl ScriptedDaemon {
                 task_id: id.into(),
                 summary: "done".into(),
                 resume: None,
+                daemon_id: self.id.clone(),
+                ..Default::default()
             })
             .await
             .expect("complete");
@@ -199,6 +205,8 @@ impl ScriptedDaemon {
                 reason: reason.into(),
                 exit_code: 3,
                 resume: None,
+                daemon_id: self.id.clone(),
+                ..Default::default()
             })
             .await
             .expect("fail");
@@ -570,11 +578,13 @@ async fn watch_never_skips_past_a_hole(backend: Backend) {
         .client
         .report_task_messages(pb::ReportTaskMessagesRequest {
             task_id: id.clone(),
+            daemon_id: daemon.id.clone(),
             messages: vec![
                 stdout(1, "line 1"),
                 stdout(2, "line 2"),
                 stdout(4, "line 4"),
             ],
+            ..Default::default()
         })
         .await
         .expect("report")

@@ -53,6 +53,8 @@ pub async fn try_register(c: &mut Daemons, machine: &str, max: i32) -> Result<St
 pub struct Session {
     pub up: mpsc::Sender<pb::SessionRequest>,
     pub down: tonic::Streaming<pb::SessionResponse>,
+    /// What arrived while [`Session::started`] waited for its ack.
+    pending: std::collections::VecDeque<Down>,
 }
 
 impl Session {
@@ -83,7 +85,11 @@ impl Session {
         match down.next().await {
             Some(Ok(pb::SessionResponse {
                 message: Some(Down::Ready(r)),
-            })) if r.daemon_id == daemon_id => Ok(Session { up, down }),
+            })) if r.daemon_id == daemon_id => Ok(Session {
+                up,
+                down,
+                pending: Default::default(),
+            }),
             other => Err(format!("session of {daemon_id} did not open: {other:?}").into()),
         }
     }
@@ -96,6 +102,9 @@ impl Session {
     }
 
     pub async fn next(&mut self) -> Down {
+        if let Some(m) = self.pending.pop_front() {
+            return m;
+        }
         self.down
             .next()
             .await
@@ -112,13 +121,38 @@ impl Session {
         }
     }
 
-    pub async fn started(&self, task_id: &str, attempt: i32) {
+    /// Reports `started` and waits for its StartedAck (or its refusal, left
+    /// for [`Session::next`] as is what arrives meanwhile).
+    pub async fn started(&mut self, task_id: &str, attempt: i32) {
         self.send(Up::Started(pb::ReportTaskStartedRequest {
             task_id: task_id.into(),
             attempt,
             pid: 1,
+            ..Default::default()
         }))
         .await;
+        loop {
+            let m = self
+                .down
+                .next()
+                .await
+                .expect("stream open")
+                .expect("no error")
+                .message
+                .unwrap();
+            match m {
+                Down::StartedAck(a) if a.task_id == task_id => {
+                    assert_eq!(a.attempt, attempt, "the ack names the attempt");
+                    return;
+                }
+                // A refusal is the test's to read.
+                Down::Error(e) if e.task_id == task_id => {
+                    self.pending.push_back(Down::Error(e));
+                    return;
+                }
+                other => self.pending.push_back(other),
+            }
+        }
     }
 
     pub async fn ack(&self, command_id: &str) {
@@ -148,6 +182,7 @@ impl Session {
         self.send(Up::Messages(pb::ReportTaskMessagesRequest {
             task_id: task_id.into(),
             messages,
+            ..Default::default()
         }))
         .await;
         match self.next().await {

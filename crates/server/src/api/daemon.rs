@@ -12,7 +12,7 @@ use super::access::principal;
 use super::parse;
 use super::session::{SessionLoop, duration, end, fail_reason, messages, progress, started};
 use crate::domain::{Domain, invalid, parse_id};
-use crate::model::Runtime;
+use crate::model::{Principal, Runtime};
 use crate::pb::{self, daemon_service_server::DaemonService, session_request::Message as Up};
 use crate::store::DaemonInfo;
 use crate::wire;
@@ -24,6 +24,20 @@ pub struct DaemonApi {
 impl DaemonApi {
     pub fn new(domain: Arc<Domain>) -> Self {
         DaemonApi { domain }
+    }
+
+    /// The caller of a unary report, speaking for the daemon it names: a
+    /// report about a task of another daemon is refused, as on a Session.
+    async fn speaking_for<T>(
+        &self,
+        req: &Request<T>,
+        daemon_id: &str,
+    ) -> Result<Principal, Status> {
+        let mut p = principal(req)?;
+        let id = parse_id("daemon_id", daemon_id)?;
+        let daemon = self.domain.load_daemon(&p, &id).await?;
+        p.daemon_id = Some(daemon.id);
+        Ok(p)
     }
 }
 
@@ -106,7 +120,7 @@ impl DaemonService for DaemonApi {
         &self,
         req: Request<pb::ReportTaskStartedRequest>,
     ) -> Result<Response<pb::ReportTaskStartedResponse>, Status> {
-        let p = principal(&req)?;
+        let p = self.speaking_for(&req, &req.get_ref().daemon_id).await?;
         let task = started(&self.domain, &p, req.get_ref()).await?;
         Ok(Response::new(pb::ReportTaskStartedResponse {
             task: Some(wire::task(task)),
@@ -117,7 +131,7 @@ impl DaemonService for DaemonApi {
         &self,
         req: Request<pb::ReportTaskProgressRequest>,
     ) -> Result<Response<pb::ReportTaskProgressResponse>, Status> {
-        let p = principal(&req)?;
+        let p = self.speaking_for(&req, &req.get_ref().daemon_id).await?;
         progress(&self.domain, &p, req.get_ref()).await?;
         Ok(Response::new(pb::ReportTaskProgressResponse {}))
     }
@@ -126,7 +140,7 @@ impl DaemonService for DaemonApi {
         &self,
         req: Request<pb::ReportTaskMessagesRequest>,
     ) -> Result<Response<pb::ReportTaskMessagesResponse>, Status> {
-        let p = principal(&req)?;
+        let p = self.speaking_for(&req, &req.get_ref().daemon_id).await?;
         let acked_seq = messages(&self.domain, &p, req.into_inner()).await?;
         Ok(Response::new(pb::ReportTaskMessagesResponse { acked_seq }))
     }
@@ -135,11 +149,12 @@ impl DaemonService for DaemonApi {
         &self,
         req: Request<pb::ReportTaskUsageRequest>,
     ) -> Result<Response<pb::ReportTaskUsageResponse>, Status> {
-        let p = principal(&req)?;
+        let p = self.speaking_for(&req, &req.get_ref().daemon_id).await?;
         let r = req.into_inner();
         let id = parse_id("task_id", &r.task_id)?;
         let u = r.usage.into_iter().map(parse::usage).collect();
-        self.domain.report_usage(&p, &id, u).await?;
+        let attempt = i64::from(r.attempt);
+        self.domain.report_usage(&p, &id, u, attempt).await?;
         Ok(Response::new(pb::ReportTaskUsageResponse {}))
     }
 
@@ -147,12 +162,12 @@ impl DaemonService for DaemonApi {
         &self,
         req: Request<pb::CompleteTaskRequest>,
     ) -> Result<Response<pb::CompleteTaskResponse>, Status> {
-        let p = principal(&req)?;
+        let p = self.speaking_for(&req, &req.get_ref().daemon_id).await?;
         let r = req.into_inner();
         let id = parse_id("task_id", &r.task_id)?;
         let task = self
             .domain
-            .end_task(&p, &id, end(true, r.summary, r.resume))
+            .end_task(&p, &id, end(true, r.summary, r.resume, r.attempt))
             .await?;
         Ok(Response::new(pb::CompleteTaskResponse {
             task: Some(wire::task(task)),
@@ -163,13 +178,13 @@ impl DaemonService for DaemonApi {
         &self,
         req: Request<pb::FailTaskRequest>,
     ) -> Result<Response<pb::FailTaskResponse>, Status> {
-        let p = principal(&req)?;
+        let p = self.speaking_for(&req, &req.get_ref().daemon_id).await?;
         let r = req.into_inner();
         let id = parse_id("task_id", &r.task_id)?;
         let reason = fail_reason(&r);
         let task = self
             .domain
-            .end_task(&p, &id, end(false, reason, r.resume))
+            .end_task(&p, &id, end(false, reason, r.resume, r.attempt))
             .await?;
         Ok(Response::new(pb::FailTaskResponse {
             task: Some(wire::task(task)),

@@ -59,14 +59,19 @@ impl fmt::Display for SessionEnd {
     }
 }
 
-pub(super) fn end(success: bool, reason: String, resume: Option<pb::AgentResume>) -> TaskEnd {
+pub(super) fn end(
+    success: bool,
+    reason: String,
+    resume: Option<pb::AgentResume>,
+    attempt: i32,
+) -> TaskEnd {
     let resume = resume.unwrap_or_default();
     TaskEnd {
         success,
         reason,
         agent_session_id: resume.agent_session_id,
         working_directory: resume.working_directory,
-        attempt: 0,
+        attempt: i64::from(attempt),
     }
 }
 
@@ -101,7 +106,7 @@ pub(super) async fn progress(
 ) -> Result<(), Status> {
     let id = parse_id("task_id", &r.task_id)?;
     domain
-        .report_progress(p, &id, &r.summary, r.percent)
+        .report_progress(p, &id, &r.summary, r.percent, i64::from(r.attempt))
         .await?;
     Ok(())
 }
@@ -112,7 +117,9 @@ pub(super) async fn messages(
     r: pb::ReportTaskMessagesRequest,
 ) -> Result<i64, Status> {
     let id = parse_id("task_id", &r.task_id)?;
-    Ok(domain.ingest(p, &id, 0, r.messages).await?)
+    Ok(domain
+        .ingest(p, &id, i64::from(r.attempt), r.messages)
+        .await?)
 }
 
 fn down(m: Down) -> pb::SessionResponse {
@@ -297,7 +304,15 @@ where
                 d.heartbeat(p, &self.daemon_id).await.ok();
                 return Ok(());
             }
-            Some(Up::Started(r)) => (r.task_id.clone(), started(d, p, &r).await.map(|_| None)),
+            Some(Up::Started(r)) => (
+                r.task_id.clone(),
+                started(d, p, &r).await.map(|t| {
+                    Some(Down::StartedAck(pb::StartedAck {
+                        task_id: t.id,
+                        attempt: t.attempt as i32,
+                    }))
+                }),
+            ),
             Some(Up::Progress(r)) => (r.task_id.clone(), progress(d, p, &r).await.map(|_| None)),
             Some(Up::Messages(r)) => {
                 let id = r.task_id.clone();
@@ -317,7 +332,12 @@ where
                 let id = r.task_id.clone();
                 let res = match parse_id("task_id", &r.task_id) {
                     Ok(tid) => d
-                        .report_usage(p, &tid, r.usage.into_iter().map(parse::usage).collect())
+                        .report_usage(
+                            p,
+                            &tid,
+                            r.usage.into_iter().map(parse::usage).collect(),
+                            i64::from(r.attempt),
+                        )
                         .await
                         .map_err(Status::from),
                     Err(e) => Err(e.into()),
@@ -328,7 +348,8 @@ where
                 let id = r.task_id.clone();
                 (
                     id.clone(),
-                    self.ended(&id, end(true, r.summary, r.resume)).await,
+                    self.ended(&id, end(true, r.summary, r.resume, r.attempt))
+                        .await,
                 )
             }
             Some(Up::Failed(r)) => {
@@ -336,7 +357,8 @@ where
                 let reason = fail_reason(&r);
                 (
                     id.clone(),
-                    self.ended(&id, end(false, reason, r.resume)).await,
+                    self.ended(&id, end(false, reason, r.resume, r.attempt))
+                        .await,
                 )
             }
             Some(Up::CommandResult(r)) => (
@@ -352,6 +374,12 @@ where
             Ok(None) => Ok(()),
             Err(status) => {
                 tracing::warn!(task_id = %task_id, code = ?status.code(), message = status.message(), "report rejected");
+                // What the daemon sent is echoed only when it is an id.
+                let task_id = if task_id.len() <= 64 {
+                    task_id
+                } else {
+                    String::new()
+                };
                 self.send(Down::Error(pb::SessionError {
                     task_id,
                     code: status.code() as i32,

@@ -107,6 +107,7 @@ impl Domain {
         task_id: &str,
         summary: &str,
         percent: i32,
+        attempt: i64,
     ) -> Result<Task> {
         if !(-1..=100).contains(&percent) {
             return Err(invalid("percent", "must be in 0..=100, or -1 when unknown"));
@@ -117,7 +118,7 @@ impl Domain {
                 format!("over {MAX_PROGRESS_BYTES} bytes"),
             ));
         }
-        let task = self.reported_task(p, task_id, 0).await?;
+        let task = self.reported_task(p, task_id, attempt).await?;
         let line = summary.lines().next().unwrap_or_default();
         let summary = super::redact::redact(line).replace('\0', "");
         match self
@@ -141,6 +142,7 @@ impl Domain {
         p: &Principal,
         task_id: &str,
         usage: Vec<Usage>,
+        attempt: i64,
     ) -> Result<()> {
         if usage.len() > MAX_USAGE_MODELS {
             return Err(invalid(
@@ -163,7 +165,7 @@ impl Domain {
                 ..u
             });
         }
-        let task = self.reported_task(p, task_id, 0).await?;
+        let task = self.reported_task(p, task_id, attempt).await?;
         self.store.upsert_usage(&task.id, &clean).await?;
         Ok(())
     }
