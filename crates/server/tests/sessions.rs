@@ -362,7 +362,6 @@ async fn daemon_tenancy(backend: Backend) {
     nf(c.get_task_status(pb::GetTaskStatusRequest {
         task_id: id.clone(),
         daemon_id: daemon_id.clone(),
-        ..Default::default()
     })
     .await);
     // TaskService is not a daemon token's to call at all, in any workspace.
@@ -500,7 +499,6 @@ async fn progress_is_shown_on_the_task(backend: Backend) {
         attempt: 1,
         pid: 1,
         daemon_id: daemon_id.clone(),
-        ..Default::default()
     })
     .await
     .unwrap();

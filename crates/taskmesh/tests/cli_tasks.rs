@@ -154,7 +154,6 @@ impl ScriptedDaemon {
                 attempt: task.attempt,
                 pid: 1,
                 daemon_id: self.id.clone(),
-                ..Default::default()
             })
             .await
             .expect("started");
