@@ -1,0 +1,244 @@
+//! Memory a client can make the server hold stays bounded: measured as the
+//! resident size of a real `taskmesh serve` process (its memory alone),
+//! on SQLite and PostgreSQL.
+//!
+//! - WatchTask on ids that do not exist allocates nothing.
+//! - Watches opened and dropped leave nothing behind: round after round of
+//!   a thousand watches, the server stays where the first round left it.
+//! - A watcher that never reads, while a task prints large output, holds
+//!   at most its byte budget, not the output.
+
+use std::time::Duration;
+
+use taskmesh_server::pb::daemon_service_client::DaemonServiceClient;
+use taskmesh_server::pb::task_service_client::TaskServiceClient;
+use taskmesh_server::pb::workspace_service_client::WorkspaceServiceClient;
+use taskmesh_server::pb::{self, command::Kind};
+use taskmesh_testkit::daemon::{Daemons, Session, try_register};
+use taskmesh_testkit::process::ServeProcess;
+use taskmesh_testkit::{Backend, Bearer, TestDb, both_backends};
+use tokio_stream::StreamExt;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+
+type Tasks = TaskServiceClient<InterceptedService<Channel, Bearer>>;
+
+const MIB: u64 = 1 << 20;
+
+struct Server {
+    process: ServeProcess,
+    token: String,
+    _db: TestDb,
+}
+
+impl Server {
+    async fn start(backend: Backend) -> Server {
+        let db = TestDb::new(backend).await;
+        let process = ServeProcess::start(&db.url, "127.0.0.1:0", &[]).await;
+        let token = process.token.clone().expect("a first-start token");
+        Server {
+            process,
+            token,
+            _db: db,
+        }
+    }
+
+    async fn channel(&self) -> Channel {
+        Endpoint::from_shared(self.process.url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    async fn tasks(&self) -> Tasks {
+        TaskServiceClient::with_interceptor(self.channel().await, Bearer::new(&self.token).unwrap())
+    }
+
+    fn rss(&self) -> u64 {
+        self.process.rss_bytes().expect("the server's RSS")
+    }
+
+    /// A daemon of workspace `default` with a session open.
+    async fn daemon(&self) -> (Session, Daemons) {
+        let mut ws = WorkspaceServiceClient::with_interceptor(
+            self.channel().await,
+            Bearer::new(&self.token).unwrap(),
+        );
+        let secret = ws
+            .create_token(pb::CreateTokenRequest {
+                kind: pb::TokenKind::Daemon as i32,
+                name: "memory".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .secret;
+        let mut client: Daemons = DaemonServiceClient::with_interceptor(
+            self.channel().await,
+            Bearer::new(&secret).unwrap(),
+        );
+        let id = try_register(&mut client, "memory", 1).await.unwrap();
+        let session = Session::open(&mut client, &id, vec![]).await;
+        (session, client)
+    }
+}
+
+async fn create(tasks: &mut Tasks, name: &str) -> String {
+    tasks
+        .create_task(pb::CreateTaskRequest {
+            name: name.into(),
+            plan: "true".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap()
+        .id
+}
+
+/// Opens a watch, reads its first event (the task), and drops it.
+async fn watch_once(tasks: &mut Tasks, id: &str) {
+    let mut w = tasks
+        .watch_task(pb::WatchTaskRequest {
+            task_id: id.into(),
+            since_seq: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    w.next().await.unwrap().unwrap();
+}
+
+async fn watches_leave_nothing_behind(backend: Backend) {
+    let s = Server::start(backend).await;
+    let mut tasks = s.tasks().await;
+    let mut ids = Vec::new();
+    for i in 0..1000 {
+        ids.push(create(&mut tasks, &format!("t{i}")).await);
+    }
+
+    // Unknown ids: refused before anything is allocated for them.
+    let before = s.rss();
+    for _ in 0..2000 {
+        let e = tasks
+            .watch_task(pb::WatchTaskRequest {
+                task_id: uuid::Uuid::new_v4().to_string(),
+                since_seq: 0,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::NotFound);
+    }
+    let unknown = s.rss();
+    eprintln!(
+        "2000 watches of unknown ids: {:.1} -> {:.1} MiB",
+        before as f64 / MIB as f64,
+        unknown as f64 / MIB as f64
+    );
+    assert!(
+        unknown < before + 8 * MIB,
+        "2000 refused watches grew the server from {before} to {unknown} bytes"
+    );
+
+    // A round warms the allocator; later rounds must not add to it.
+    for id in &ids {
+        watch_once(&mut tasks, id).await;
+    }
+    let warm = s.rss();
+    for _ in 0..4 {
+        for id in &ids {
+            watch_once(&mut tasks, id).await;
+        }
+    }
+    let after = s.rss();
+    eprintln!(
+        "1000 watches opened and dropped, 5 rounds: {:.1} MiB after the first, {:.1} MiB after the fifth",
+        warm as f64 / MIB as f64,
+        after as f64 / MIB as f64
+    );
+    assert!(
+        after < warm + 8 * MIB,
+        "watches opened and dropped kept memory: {warm} -> {after} bytes"
+    );
+}
+
+async fn a_slow_watcher_holds_its_budget_not_the_output(backend: Backend) {
+    let s = Server::start(backend).await;
+    let mut tasks = s.tasks().await;
+    let (mut session, _client) = s.daemon().await;
+    let id = create(&mut tasks, "loud").await;
+    tasks
+        .start_task(pb::StartTaskRequest {
+            id: id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let spawn = session.command().await;
+    assert!(matches!(spawn.kind, Some(Kind::SpawnTask(_))));
+    session.ack(&spawn.id).await;
+    session.started(&id, 1).await;
+
+    // A watcher that reads its first event and then nothing more.
+    let mut slow = tasks
+        .watch_task(pb::WatchTaskRequest {
+            task_id: id.clone(),
+            since_seq: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    slow.next().await.unwrap().unwrap();
+
+    let before = s.rss();
+    let chunk = "x".repeat(1 << 20);
+    let mut peak = before;
+    // Two messages a batch: a Session message stays under 4 MiB.
+    for batch in 0..64 {
+        let first = batch * 2 + 1;
+        let acked = session
+            .output(&id, first..first + 2, |_| chunk.clone())
+            .await;
+        assert_eq!(acked, first + 1);
+        peak = peak.max(s.rss());
+    }
+    eprintln!(
+        "128 MiB of output past a watcher that does not read: {:.1} MiB before, {:.1} MiB at most",
+        before as f64 / MIB as f64,
+        peak as f64 / MIB as f64
+    );
+    // The watcher's budget (8 MiB), the connection's buffers and what
+    // ingesting 2 MiB batches takes (about 14 MiB with no watcher at all),
+    // not the output: without a budget the watcher held every message it
+    // had not sent, all 128 MiB here.
+    assert!(
+        peak < before + 64 * MIB,
+        "a watcher that does not read grew the server from {before} to {peak} bytes"
+    );
+
+    // It still gets everything, in order, once it reads.
+    let mut seen = 0;
+    let read = async {
+        while seen < 128 {
+            if let Some(pb::watch_task_response::Event::Message(m)) =
+                slow.next().await.unwrap().unwrap().event
+            {
+                seen += 1;
+                assert_eq!(m.seq, seen);
+                assert_eq!(m.content.len(), 1 << 20);
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), read)
+        .await
+        .expect("the slow watcher catches up");
+}
+
+both_backends!(
+    watches_leave_nothing_behind,
+    a_slow_watcher_holds_its_budget_not_the_output
+);
