@@ -161,6 +161,10 @@ pub fn message(m: &pb::TaskMessage) -> Output {
         MessageKind::ToolResult => Output::Stdout(prefixed("tool_result")),
         MessageKind::User => Output::Stdout(prefixed("user")),
         MessageKind::System => Output::Stdout(prefixed("system")),
+        MessageKind::Approval => Output::Stdout(format!(
+            "[approval {}] {} asks to run: {} (taskmesh task approve|deny {} --approval {})",
+            m.approval_id, m.tool_name, m.tool_input_json, m.task_id, m.approval_id
+        )),
         MessageKind::Unspecified => Output::Stdout(prefixed("message")),
     }
 }

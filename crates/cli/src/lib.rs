@@ -350,6 +350,7 @@ async fn create(conn: &Connection, a: CreateArgs) -> Result<()> {
             runtime: a.runtime,
             repository: a.repository.unwrap_or_default(),
             branch: a.branch.unwrap_or_default(),
+            ..Default::default()
         })
         .await?
         .into_inner()

@@ -214,6 +214,7 @@ impl StreamParser {
                         tool_input_json: input.to_string(),
                         tool_name: name,
                         seq: 0,
+                        request_id: String::new(),
                     });
                 }
                 _ => {}

@@ -782,7 +782,8 @@ impl Session {
             Some(
                 command::Kind::CloneWorktree(_)
                 | command::Kind::CheckTargetExists(_)
-                | command::Kind::RetryCompletionAction(_),
+                | command::Kind::RetryCompletionAction(_)
+                | command::Kind::ApprovalDecision(_),
             ) => Reply::Now(
                 CommandResultStatus::Unsupported,
                 "the reference daemon does not implement this command".into(),

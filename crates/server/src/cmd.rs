@@ -137,6 +137,7 @@ pub async fn serve(
         heartbeat: args.heartbeat,
         grace: args.offline_grace,
         dispatch_timeout: args.dispatch_timeout,
+        ..Liveness::default()
     };
     let domain = Domain::with_liveness(store.clone(), liveness);
     if let Some(secret) = domain.bootstrap().await? {

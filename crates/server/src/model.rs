@@ -85,6 +85,60 @@ stored_enum! {
         System => "system",
         Stdout => "stdout",
         Stderr => "stderr",
+        Approval => "approval",
+    }
+}
+
+stored_enum! {
+    /// Where a permission request stands.
+    ApprovalState {
+        Pending => "pending",
+        Allowed => "allowed",
+        Denied => "denied",
+        Expired => "expired",
+    }
+}
+
+/// A permission an agent asked for, and what was decided.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Approval {
+    pub id: String,
+    pub task_id: String,
+    pub attempt: i64,
+    /// The daemon's id for the request.
+    pub request_id: String,
+    pub seq: i64,
+    pub tool_name: String,
+    pub tool_input_json: String,
+    pub state: ApprovalState,
+    pub decided_by: String,
+    pub message: String,
+    pub updated_input_json: String,
+    pub created_at: Micros,
+    pub decided_at: Option<Micros>,
+    pub expires_at: Micros,
+}
+
+/// Usage of a task summed over its attempts, per model, with the cost and
+/// turns the agent reported.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TaskUsage {
+    pub models: Vec<Usage>,
+    pub cost_usd: f64,
+    pub turns: i64,
+}
+
+impl Usage {
+    /// Adds `other`'s counts, saturating rather than wrapping.
+    pub fn add(&mut self, other: &Usage) {
+        self.input_tokens = self.input_tokens.saturating_add(other.input_tokens);
+        self.output_tokens = self.output_tokens.saturating_add(other.output_tokens);
+        self.cache_read_tokens = self
+            .cache_read_tokens
+            .saturating_add(other.cache_read_tokens);
+        self.cache_write_tokens = self
+            .cache_write_tokens
+            .saturating_add(other.cache_write_tokens);
     }
 }
 
@@ -142,6 +196,11 @@ pub struct Task {
     pub progress_percent: i64,
     /// Not stored: set when `plan` holds only a preview.
     pub plan_truncated: bool,
+    /// For agent runtimes; empty means the daemon's default.
+    pub model: String,
+    pub permission_mode: String,
+    /// Permission requests waiting for a person.
+    pub pending_approvals: i64,
 }
 
 /// Bytes of a plan that lists and feeds carry (ListTasks, WatchTasks,
@@ -198,6 +257,8 @@ pub struct TaskMessage {
     pub tool_input_json: String,
     pub attempt: i64,
     pub created_at: Micros,
+    /// For an approval message: the approval it asks for.
+    pub approval_id: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]

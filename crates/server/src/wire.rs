@@ -53,6 +53,7 @@ pub fn message_kind(k: model::MessageKind) -> pb::MessageKind {
         System => pb::MessageKind::System,
         Stdout => pb::MessageKind::Stdout,
         Stderr => pb::MessageKind::Stderr,
+        Approval => pb::MessageKind::Approval,
     }
 }
 
@@ -91,6 +92,9 @@ pub fn task_with_subtasks(t: model::Task, subtasks: Vec<model::Task>, count: i64
         progress_percent: t.progress_percent as i32,
         plan_truncated: t.plan_truncated,
         subtask_count: i32::try_from(count).unwrap_or(i32::MAX),
+        model: t.model,
+        permission_mode: t.permission_mode,
+        pending_approvals: i32::try_from(t.pending_approvals).unwrap_or(i32::MAX),
     }
 }
 
@@ -117,6 +121,7 @@ pub fn task_message(m: model::TaskMessage) -> pb::TaskMessage {
         tool_input_json: m.tool_input_json,
         attempt: m.attempt as i32,
         create_time: timestamp(m.created_at),
+        approval_id: m.approval_id,
     }
 }
 
@@ -128,6 +133,30 @@ pub fn usage(u: model::Usage) -> pb::TaskUsage {
         output_tokens: u.output_tokens,
         cache_read_tokens: u.cache_read_tokens,
         cache_write_tokens: u.cache_write_tokens,
+    }
+}
+
+pub fn approval(a: model::Approval) -> pb::Approval {
+    use model::ApprovalState::*;
+    let state = match a.state {
+        Pending => pb::ApprovalState::Pending,
+        Allowed => pb::ApprovalState::Allowed,
+        Denied => pb::ApprovalState::Denied,
+        Expired => pb::ApprovalState::Expired,
+    };
+    pb::Approval {
+        id: a.id,
+        task_id: a.task_id,
+        attempt: a.attempt as i32,
+        tool_name: a.tool_name,
+        tool_input_json: a.tool_input_json,
+        state: state as i32,
+        decided_by: a.decided_by,
+        message: a.message,
+        updated_input_json: a.updated_input_json,
+        create_time: timestamp(a.created_at),
+        decide_time: a.decided_at.and_then(timestamp),
+        expire_time: timestamp(a.expires_at),
     }
 }
 

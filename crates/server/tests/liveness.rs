@@ -28,6 +28,7 @@ async fn server(backend: Backend, grace_ms: u64, dispatch_timeout_ms: u64) -> Te
         heartbeat: HEARTBEAT,
         grace: Duration::from_millis(grace_ms),
         dispatch_timeout: Duration::from_millis(dispatch_timeout_ms),
+        ..Liveness::default()
     };
     start_server_with(TestDb::new(backend).await, liveness).await
 }

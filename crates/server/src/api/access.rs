@@ -52,6 +52,8 @@ pub const RULES: &[(&str, &[TokenKind])] = &[
     ("taskmesh.v1.TaskService/ContinueTask", USER),
     ("taskmesh.v1.TaskService/RetryCompletion", USER),
     ("taskmesh.v1.TaskService/GetTaskUsage", READ),
+    ("taskmesh.v1.TaskService/DecideApproval", USER),
+    ("taskmesh.v1.TaskService/ListApprovals", READ),
     ("taskmesh.v1.DaemonService/Register", DAEMON),
     ("taskmesh.v1.DaemonService/Deregister", DAEMON),
     ("taskmesh.v1.DaemonService/Heartbeat", DAEMON),

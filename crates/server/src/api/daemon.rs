@@ -154,7 +154,8 @@ impl DaemonService for DaemonApi {
         let id = parse_id("task_id", &r.task_id)?;
         let u = r.usage.into_iter().map(parse::usage).collect();
         let attempt = i64::from(r.attempt);
-        self.domain.report_usage(&p, &id, u, attempt).await?;
+        let cost = parse::cost(r.cost_usd, r.turns);
+        self.domain.report_usage(&p, &id, u, attempt, cost).await?;
         Ok(Response::new(pb::ReportTaskUsageResponse {}))
     }
 

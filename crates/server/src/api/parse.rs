@@ -45,6 +45,12 @@ pub fn usage(u: pb::TaskUsage) -> model::Usage {
     }
 }
 
+/// The cost and turns of a usage report; `None` when the agent reported
+/// neither.
+pub fn cost(cost_usd: f64, turns: i32) -> Option<(f64, i64)> {
+    (cost_usd != 0.0 || turns != 0).then_some((cost_usd, i64::from(turns)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

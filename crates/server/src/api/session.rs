@@ -337,6 +337,7 @@ where
                             &tid,
                             r.usage.into_iter().map(parse::usage).collect(),
                             i64::from(r.attempt),
+                            parse::cost(r.cost_usd, r.turns),
                         )
                         .await
                         .map_err(Status::from),

@@ -9,10 +9,11 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
 use super::access::principal;
-use crate::domain::TaskUpdate;
 use crate::domain::{
     self, Domain, ListTasks, NewTask, TaskPatch, invalid, page_size, parse_id, parse_optional_id,
 };
+use crate::domain::{Decision, TaskUpdate};
+use crate::model::Usage;
 use crate::pb::{self, task_service_server::TaskService, watch_task_response::Event};
 use crate::wire;
 
@@ -42,11 +43,15 @@ fn patch(task: pb::Task, mask: Option<prost_types::FieldMask>) -> domain::Result
             "runtime" => patch.runtime = Some(task.runtime.clone()),
             "repository" => patch.repository = Some(task.repository.clone()),
             "branch" => patch.branch = Some(task.branch.clone()),
+            "model" => patch.model = Some(task.model.clone()),
+            "permission_mode" => patch.permission_mode = Some(task.permission_mode.clone()),
             other => {
                 return Err(invalid(
                     "update_mask",
                     format!(
-                        "{other:?} cannot be updated (name, plan, runtime, repository, branch)"
+                        "{} cannot be updated (name, plan, runtime, repository, branch, \
+                         model, permission_mode)",
+                        domain::quote(other)
                     ),
                 ));
             }
@@ -71,6 +76,8 @@ impl TaskService for TaskApi {
             runtime: r.runtime,
             repository: r.repository,
             branch: r.branch,
+            model: r.model,
+            permission_mode: r.permission_mode,
         };
         let task = self.domain.create_task(&p, new).await?;
         Ok(Response::new(pb::CreateTaskResponse {
@@ -152,8 +159,10 @@ impl TaskService for TaskApi {
         let id = parse_id("id", &r.id)?;
         let pin = parse_optional_id("daemon_id", &r.daemon_id)?;
         let task = self.domain.start_task(&p, &id, pin).await?;
+        let warning = self.domain.runtime_warning(&task).await?;
         Ok(Response::new(pb::StartTaskResponse {
             task: Some(wire::task(task)),
+            warning: warning.unwrap_or_default(),
         }))
     }
 
@@ -308,16 +317,54 @@ impl TaskService for TaskApi {
         let p = principal(&req)?;
         let id = parse_id("task_id", &req.get_ref().task_id)?;
         let usage = self.domain.task_usage(&p, &id).await?;
-        let mut total = pb::TaskUsage::default();
-        for u in &usage {
-            total.input_tokens += u.input_tokens;
-            total.output_tokens += u.output_tokens;
-            total.cache_read_tokens += u.cache_read_tokens;
-            total.cache_write_tokens += u.cache_write_tokens;
+        let mut total = Usage::default();
+        for u in &usage.models {
+            total.add(u);
         }
         Ok(Response::new(pb::GetTaskUsageResponse {
-            usage: usage.into_iter().map(wire::usage).collect(),
-            total: Some(total),
+            usage: usage.models.into_iter().map(wire::usage).collect(),
+            total: Some(wire::usage(total)),
+            cost_usd: usage.cost_usd,
+            turns: i32::try_from(usage.turns).unwrap_or(i32::MAX),
+        }))
+    }
+
+    async fn decide_approval(
+        &self,
+        req: Request<pb::DecideApprovalRequest>,
+    ) -> Result<Response<pb::DecideApprovalResponse>, Status> {
+        let p = principal(&req)?;
+        let r = req.into_inner();
+        let id = parse_id("task_id", &r.task_id)?;
+        let allow = match pb::Decision::try_from(r.decision) {
+            Ok(pb::Decision::Allow) => true,
+            Ok(pb::Decision::Deny) => false,
+            _ => return Err(invalid("decision", "must be ALLOW or DENY").into()),
+        };
+        let approval_id = (!r.approval_id.is_empty()).then_some(r.approval_id.as_str());
+        let decision = Decision {
+            allow,
+            updated_input_json: r.updated_input_json,
+            message: r.message,
+        };
+        let approval = self
+            .domain
+            .decide_approval(&p, &id, approval_id, decision)
+            .await?;
+        Ok(Response::new(pb::DecideApprovalResponse {
+            approval: Some(wire::approval(approval)),
+        }))
+    }
+
+    async fn list_approvals(
+        &self,
+        req: Request<pb::ListApprovalsRequest>,
+    ) -> Result<Response<pb::ListApprovalsResponse>, Status> {
+        let p = principal(&req)?;
+        let id = parse_id("task_id", &req.get_ref().task_id)?;
+        let approvals = self.domain.list_approvals(&p, &id).await?;
+        Ok(Response::new(pb::ListApprovalsResponse {
+            approvals: approvals.into_iter().map(wire::approval).collect(),
         }))
     }
 }

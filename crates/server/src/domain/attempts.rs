@@ -86,6 +86,7 @@ impl Domain {
             content: prompt.clone(),
             tool_name: String::new(),
             tool_input_json: String::new(),
+            approval_id: String::new(),
         };
         let (old, new, _) = self
             .store

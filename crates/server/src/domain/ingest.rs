@@ -46,7 +46,8 @@ impl Domain {
                 && p.daemon_id.as_deref() == Some(m.daemon_id.as_str())
                 && (attempt == 0 || attempt == m.attempt)
         });
-        if let Some(mark) = known {
+        let asks = input.iter().any(|(_, kind)| *kind == MessageKind::Approval);
+        if let Some(mark) = known.filter(|_| !asks) {
             within_window(&input, mark.seq)?;
             let messages = self.clean(task_id, &input, mark.seq);
             if messages.is_empty() {
@@ -95,7 +96,10 @@ impl Domain {
                 )));
             }
         };
-        let messages = self.clean(&task.id, &input, task.last_seq);
+        let mut messages = self.clean(&task.id, &input, task.last_seq);
+        if asks {
+            self.open_approvals(&task, &input, &mut messages).await?;
+        }
         let (old, new, clean) = self
             .store
             .insert_messages(&task.id, task.attempt, &messages)
@@ -114,7 +118,38 @@ impl Domain {
             )
             .await?;
         }
+        if asks {
+            self.recount_approvals(&task.id).await?;
+        }
         Ok(new)
+    }
+
+    /// Opens the approvals the batch's approval messages ask for and names
+    /// each in its message.
+    async fn open_approvals(
+        &self,
+        task: &Task,
+        input: &[(pb::TaskMessageInput, MessageKind)],
+        messages: &mut [NewMessage],
+    ) -> Result<()> {
+        for m in messages
+            .iter_mut()
+            .filter(|m| m.kind == MessageKind::Approval)
+        {
+            let Some((asked, _)) = input.iter().find(|(i, _)| i.seq == m.seq) else {
+                continue;
+            };
+            m.approval_id = self
+                .open_approval(
+                    task,
+                    m.seq,
+                    &asked.request_id,
+                    &m.tool_name,
+                    &m.tool_input_json,
+                )
+                .await?;
+        }
+        Ok(())
     }
 
     /// The messages above `mark`, redacted in seq order (a private key
@@ -135,6 +170,8 @@ impl Domain {
                 content: redact_in_stream(&m.content, &mut in_key).into_owned(),
                 tool_name: redact(&m.tool_name).into_owned(),
                 tool_input_json: redact(&m.tool_input_json).into_owned(),
+                // Approval messages get theirs in `open_approvals`.
+                approval_id: String::new(),
             })
             .collect();
         self.key_blocks.set(task_id, in_key);
@@ -176,6 +213,7 @@ impl Domain {
                 tool_input_json: m.tool_input_json.clone(),
                 attempt,
                 created_at: now,
+                approval_id: m.approval_id.clone(),
             });
         }
         Ok(())
@@ -197,6 +235,15 @@ fn checked(m: pb::TaskMessageInput) -> Result<(pb::TaskMessageInput, MessageKind
         Ok(pb::MessageKind::System) => MessageKind::System,
         Ok(pb::MessageKind::Stdout) => MessageKind::Stdout,
         Ok(pb::MessageKind::Stderr) => MessageKind::Stderr,
+        Ok(pb::MessageKind::Approval) => {
+            if m.request_id.is_empty() || m.request_id.len() > 128 {
+                return Err(bad("an approval needs a request_id of 1-128 bytes".into()));
+            }
+            if m.tool_name.is_empty() {
+                return Err(bad("an approval needs the tool_name it asks for".into()));
+            }
+            MessageKind::Approval
+        }
         Ok(pb::MessageKind::Unspecified) => return Err(bad("kind is required".into())),
         Err(_) => return Err(bad(format!("unknown kind {}", m.kind))),
     };

@@ -33,6 +33,9 @@ pub struct Liveness {
     /// How long a dispatched task may wait for its daemon to take the
     /// SpawnTask before it is queued again.
     pub dispatch_timeout: Duration,
+    /// How long an agent's permission request waits for a person before it
+    /// is denied.
+    pub approval_timeout: Duration,
 }
 
 impl Default for Liveness {
@@ -41,6 +44,7 @@ impl Default for Liveness {
             heartbeat: Duration::from_secs(15),
             grace: Duration::from_secs(120),
             dispatch_timeout: Duration::from_secs(60),
+            approval_timeout: Duration::from_secs(600),
         }
     }
 }
@@ -57,6 +61,8 @@ impl Liveness {
 pub struct SweepReport {
     /// Streams whose token, membership or daemon lost its access.
     pub streams_ended: usize,
+    /// Approvals nobody answered in time, denied.
+    pub approvals_expired: usize,
     pub offline: usize,
     pub interrupted: usize,
     pub requeued: usize,
@@ -85,6 +91,7 @@ impl Domain {
                 match domain.sweep().await {
                     Ok(r) if r != SweepReport::default() => tracing::info!(
                         streams_ended = r.streams_ended,
+                        approvals_expired = r.approvals_expired,
                         offline = r.offline,
                         interrupted = r.interrupted,
                         requeued = r.requeued,
@@ -104,6 +111,7 @@ impl Domain {
         let now = now_micros();
 
         report.streams_ended = self.check_streams().await?;
+        report.approvals_expired = self.expire_approvals().await?;
         let (alive, silent) = self.sessions.sweep(l.offline_after());
         self.store.touch_daemons(&alive, now).await?;
         let offline = self

@@ -4,8 +4,9 @@
 //!
 //! - [`error`], [`validate`]: the error enum and the checks on input.
 //! - [`workspaces`], [`tokens`]: tenancy and authentication.
-//! - [`tasks`], [`transition`], [`watch`], [`attempts`]: the task API, the
-//!   state machine, watching output, and new attempts after the fact.
+//! - [`tasks`], [`transition`], [`watch`], [`attempts`], [`approvals`]: the
+//!   task API, the state machine, watching output, new attempts after the
+//!   fact, and permissions agents ask a person for.
 //! - [`registry`], [`dispatch`], [`reports`], [`ingest`], [`outbox`]: the
 //!   daemon side: who is connected, handing out work, lifecycle reports,
 //!   output, and durable commands.
@@ -16,6 +17,7 @@
 //!   session registry, the ingest fast path's marks.
 //! - [`redact`]: secrets out of everything derived from agent output.
 
+mod approvals;
 mod attempts;
 mod dispatch;
 mod error;
@@ -41,6 +43,7 @@ use std::sync::{Arc, OnceLock};
 
 use crate::store::{Backend, Store};
 
+pub use approvals::Decision;
 pub use dispatch::Assignment;
 pub use error::{Error, Result, SHUTTING_DOWN, invalid};
 use error::{shutting_down, version_conflict};
@@ -54,7 +57,7 @@ pub use tasks::{ListTasks, NewTask, TaskPatch};
 pub use tokens::hash_secret;
 pub use validate::{
     MAX_DEPTH, MAX_NAME_CHARS, MAX_PLAN_BYTES, check_runtime, page_size, parse_id,
-    parse_optional_id,
+    parse_optional_id, quote,
 };
 pub use workspaces::{DEFAULT_WORKSPACE, require_user};
 

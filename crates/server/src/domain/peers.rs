@@ -188,5 +188,8 @@ fn tombstone(id: String, workspace_id: String, status: TaskStatus) -> Task {
         progress_summary: String::new(),
         progress_percent: -1,
         plan_truncated: false,
+        model: String::new(),
+        permission_mode: String::new(),
+        pending_approvals: 0,
     }
 }

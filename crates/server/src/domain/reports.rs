@@ -143,6 +143,7 @@ impl Domain {
         task_id: &str,
         usage: Vec<Usage>,
         attempt: i64,
+        cost: Option<(f64, i64)>,
     ) -> Result<()> {
         if usage.len() > MAX_USAGE_MODELS {
             return Err(invalid(
@@ -165,8 +166,18 @@ impl Domain {
                 ..u
             });
         }
+        if let Some((cost_usd, turns)) = cost
+            && (!cost_usd.is_finite() || cost_usd < 0.0 || turns < 0)
+        {
+            return Err(invalid(
+                "cost_usd",
+                "cost and turns must be finite and not negative",
+            ));
+        }
         let task = self.reported_task(p, task_id, attempt).await?;
-        self.store.upsert_usage(&task.id, &clean).await?;
+        self.store
+            .upsert_usage(&task.id, task.attempt, &clean, cost)
+            .await?;
         Ok(())
     }
 
@@ -234,6 +245,14 @@ impl Domain {
                 }
             })
             .await?;
+        if self
+            .store
+            .close_approvals(&task.id, "the task ended before anyone answered")
+            .await?
+            > 0
+        {
+            self.recount_approvals(&task.id).await?;
+        }
         if let Some(d) = daemon_id {
             self.dispatch_to(&d).await?;
         }

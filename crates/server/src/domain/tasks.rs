@@ -17,6 +17,8 @@ pub struct NewTask {
     pub runtime: String,
     pub repository: String,
     pub branch: String,
+    pub model: String,
+    pub permission_mode: String,
 }
 
 /// The fields UpdateTask may change; `None` leaves a field as it is.
@@ -27,6 +29,8 @@ pub struct TaskPatch {
     pub runtime: Option<String>,
     pub repository: Option<String>,
     pub branch: Option<String>,
+    pub model: Option<String>,
+    pub permission_mode: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -55,6 +59,8 @@ impl Domain {
         let runtime = check_runtime("runtime", &new.runtime)?;
         let repository = check_text("repository", &new.repository, 2048)?;
         let branch = check_text("branch", &new.branch, 256)?;
+        let model = check_model("model", &new.model)?;
+        let permission_mode = check_permission_mode("permission_mode", &new.permission_mode)?;
         let depth = match &new.parent_id {
             None => 0,
             Some(parent_id) => {
@@ -104,6 +110,9 @@ impl Domain {
             progress_summary: String::new(),
             progress_percent: -1,
             plan_truncated: false,
+            model,
+            permission_mode,
+            pending_approvals: 0,
         };
         let event = NewEvent {
             from: None,
@@ -179,6 +188,12 @@ impl Domain {
         if let Some(branch) = patch.branch {
             next.branch = check_text("task.branch", &branch, 256)?;
         }
+        if let Some(model) = patch.model {
+            next.model = check_model("task.model", &model)?;
+        }
+        if let Some(mode) = patch.permission_mode {
+            next.permission_mode = check_permission_mode("task.permission_mode", &mode)?;
+        }
         next.version = task.version + 1;
         next.updated_at = now_micros();
         if self.store.save_task(&mut next, task.version, None).await? {
@@ -218,6 +233,24 @@ impl Domain {
             .await?;
         self.dispatch_workspace(&task.workspace_id).await?;
         Ok(self.store.get_task(&task.id).await?.unwrap_or(task))
+    }
+
+    /// Why a started task may wait a long time: no daemon of its workspace
+    /// has ever offered its runtime.
+    pub async fn runtime_warning(&self, task: &Task) -> Result<Option<String>> {
+        if task.status != TaskStatus::Queued
+            || self
+                .store
+                .runtime_offered(&task.workspace_id, &task.runtime)
+                .await?
+        {
+            return Ok(None);
+        }
+        Ok(Some(format!(
+            "no daemon of this workspace has offered the runtime \"{}\"; the task waits \
+             until one does (start a daemon with --runtime {})",
+            task.runtime, task.runtime
+        )))
     }
 
     /// A daemon a task is pinned to must exist in the task's workspace.
@@ -349,9 +382,9 @@ impl Domain {
         Ok((messages, task.last_seq))
     }
 
-    pub async fn task_usage(&self, p: &Principal, task_id: &str) -> Result<Vec<Usage>> {
+    pub async fn task_usage(&self, p: &Principal, task_id: &str) -> Result<TaskUsage> {
         let task = self.load_task(p, task_id).await?;
-        Ok(self.store.list_usage(&task.id).await?)
+        Ok(self.store.task_usage(&task.id).await?)
     }
 }
 

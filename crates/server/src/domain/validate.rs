@@ -120,6 +120,47 @@ pub(super) fn check_workspace_name(name: &str) -> Result<String> {
     Ok(name.to_string())
 }
 
+/// A model name for an agent (`claude-sonnet-4-5`, `gpt-5-codex`); empty
+/// means the daemon's default.
+pub(super) fn check_model(field: &'static str, model: &str) -> Result<String> {
+    let model = model.trim();
+    if model.is_empty() {
+        return Ok(String::new());
+    }
+    let ok = model.len() <= 128
+        && model
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:/[]@".contains(&b));
+    if !ok {
+        return Err(invalid(
+            field,
+            format!(
+                "{} must be 1-128 characters of letters, digits and -_.:/[]@",
+                quote(model)
+            ),
+        ));
+    }
+    Ok(model.to_string())
+}
+
+/// The permission modes agents accept (Claude Code's names).
+pub const PERMISSION_MODES: &[&str] = &["default", "acceptEdits", "plan", "bypassPermissions"];
+
+pub(super) fn check_permission_mode(field: &'static str, mode: &str) -> Result<String> {
+    let mode = mode.trim();
+    if mode.is_empty() || PERMISSION_MODES.contains(&mode) {
+        return Ok(mode.to_string());
+    }
+    Err(invalid(
+        field,
+        format!(
+            "{} is not one of {}",
+            quote(mode),
+            PERMISSION_MODES.join(", ")
+        ),
+    ))
+}
+
 /// Free text of at most `max` bytes, NUL bytes stripped.
 pub fn text(field: &'static str, value: &str, max: usize) -> Result<String> {
     if value.len() > max {

@@ -309,4 +309,24 @@ impl Store {
         }
         Ok(blocked)
     }
+
+    /// Whether any daemon of the workspace (that has not deregistered)
+    /// offers `runtime`.
+    pub async fn runtime_offered(&self, workspace_id: &str, runtime: &str) -> Result<bool> {
+        let rows =
+            sqlx::query("SELECT runtimes FROM daemons WHERE workspace_id = $1 AND state <> 'gone'")
+                .bind(workspace_id)
+                .fetch_all(&self.reader)
+                .await?;
+        for row in &rows {
+            let runtimes: String = row.try_get(0)?;
+            if runtimes_from_json(&runtimes)?
+                .iter()
+                .any(|r| r.name == runtime)
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
 }

@@ -16,6 +16,8 @@ pub struct NewMessage {
     pub content: String,
     pub tool_name: String,
     pub tool_input_json: String,
+    /// For an approval message: the approval it opened.
+    pub approval_id: String,
 }
 
 impl NewMessage {
@@ -25,7 +27,7 @@ impl NewMessage {
     }
 }
 
-/// Rows per INSERT of output: 9 parameters each stays far below SQLite's
+/// Rows per INSERT of output: 10 parameters each stays far below SQLite's
 /// parameter limit and keeps statements a manageable size.
 /// Moves a mark only from the value the caller saw, for the same daemon
 /// and attempt, while the task is on that daemon.
@@ -74,8 +76,9 @@ impl Store {
             return Ok(Vec::new());
         };
         let rows = sqlx::query(
-            "SELECT task_id, seq, kind, content, tool_name, tool_input_json, attempt, created_at \
-             FROM task_messages WHERE task_id = $1 AND seq > $2 AND seq <= $3 ORDER BY seq",
+            "SELECT task_id, seq, kind, content, tool_name, tool_input_json, attempt, created_at, \
+             approval_id FROM task_messages WHERE task_id = $1 AND seq > $2 AND seq <= $3 \
+             ORDER BY seq",
         )
         .bind(task_id)
         .bind(since_seq)
@@ -93,6 +96,7 @@ impl Store {
                     tool_input_json: r.try_get("tool_input_json")?,
                     attempt: r.try_get("attempt")?,
                     created_at: r.try_get("created_at")?,
+                    approval_id: r.try_get("approval_id")?,
                 })
             })
             .collect()
@@ -110,7 +114,8 @@ impl Store {
     ) -> Result<Vec<TaskMessage>> {
         let rows = sqlx::query(
             "SELECT task_id, seq, kind, SUBSTR(content, 1, CAST($4 AS INTEGER)) AS content, tool_name, \
-             SUBSTR(tool_input_json, 1, CAST($4 AS INTEGER)) AS tool_input_json, attempt, created_at \
+             SUBSTR(tool_input_json, 1, CAST($4 AS INTEGER)) AS tool_input_json, attempt, created_at, \
+             approval_id \
              FROM task_messages WHERE task_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3",
         )
         .bind(task_id)
@@ -130,6 +135,7 @@ impl Store {
                     tool_input_json: r.try_get("tool_input_json")?,
                     attempt: r.try_get("attempt")?,
                     created_at: r.try_get("created_at")?,
+                    approval_id: r.try_get("approval_id")?,
                 })
             })
             .collect()
@@ -149,7 +155,7 @@ impl Store {
             let mut n = 0;
             let values: Vec<String> = (0..chunk.len())
                 .map(|_| {
-                    let row: Vec<String> = (0..9)
+                    let row: Vec<String> = (0..10)
                         .map(|_| {
                             n += 1;
                             self.placeholder(n)
@@ -160,7 +166,7 @@ impl Store {
                 .collect();
             let sql = format!(
                 "INSERT INTO task_messages (task_id, seq, kind, content, tool_name, \
-                 tool_input_json, attempt, created_at, size) VALUES {} \
+                 tool_input_json, attempt, created_at, size, approval_id) VALUES {} \
                  ON CONFLICT (task_id, seq) DO NOTHING",
                 values.join(", ")
             );
@@ -175,7 +181,8 @@ impl Store {
                     .bind(m.tool_input_json.clone())
                     .bind(attempt)
                     .bind(now)
-                    .bind(m.size() as i64);
+                    .bind(m.size() as i64)
+                    .bind(m.approval_id.clone());
             }
             q.execute(&mut **tx).await?;
         }

@@ -5,6 +5,7 @@
 //! connecting, pragmas, migrations and locking, is in `sqlite.rs` and
 //! `postgres.rs`, selected by [`Backend`].
 
+mod approvals;
 mod attempts;
 mod daemons;
 mod messages;

@@ -32,22 +32,23 @@ pub struct TaskFilter {
     pub limit: i64,
 }
 
-/// The task columns a row write sets, in `bind_task` order.
+/// The task columns a row write sets, in `bind_task` order ($1..$27).
 macro_rules! task_write_columns {
     () => {
         "id, workspace_id, parent_id, depth, name, plan, status, version, \
     runtime, repository, branch, daemon_id, pinned_daemon_id, attempt, status_reason, \
     agent_session_id, working_directory, created_by, created_at, updated_at, queued_at, \
-    started_at, ended_at, last_seq, stop_requested_at"
+    started_at, ended_at, last_seq, stop_requested_at, model, permission_mode"
     };
 }
 
 const TASK_WRITE_COLUMNS: &str = task_write_columns!();
 
-/// Every task column a read answers; progress is written on its own.
-const TASK_COLUMNS: &str = concat!(
+/// Every task column a read answers; progress and the count of pending
+/// approvals are written on their own.
+pub(super) const TASK_COLUMNS: &str = concat!(
     task_write_columns!(),
-    ", progress_summary, progress_percent"
+    ", progress_summary, progress_percent, pending_approvals"
 );
 
 async fn insert_event(
@@ -98,6 +99,8 @@ fn bind_task<'q>(q: AnyQuery<'q>, t: &Task) -> AnyQuery<'q> {
         .bind(t.ended_at)
         .bind(t.last_seq)
         .bind(t.stop_requested_at)
+        .bind(t.model.clone())
+        .bind(t.permission_mode.clone())
 }
 
 /// The task columns with the plan cut to its first 4097 characters: enough
@@ -113,7 +116,7 @@ fn preview_from_row(r: &AnyRow) -> Result<Task> {
     Ok(t)
 }
 
-fn task_from_row(r: &AnyRow) -> Result<Task> {
+pub(super) fn task_from_row(r: &AnyRow) -> Result<Task> {
     Ok(Task {
         id: r.try_get("id")?,
         workspace_id: r.try_get("workspace_id")?,
@@ -142,6 +145,9 @@ fn task_from_row(r: &AnyRow) -> Result<Task> {
         stop_requested_at: r.try_get("stop_requested_at")?,
         progress_summary: r.try_get("progress_summary")?,
         progress_percent: r.try_get("progress_percent")?,
+        model: r.try_get("model")?,
+        permission_mode: r.try_get("permission_mode")?,
+        pending_approvals: r.try_get("pending_approvals")?,
         plan_truncated: false,
     })
 }
@@ -159,7 +165,7 @@ impl Store {
         let mut tx = self.writer.begin().await?;
         bind_task(sqlx::query(&format!(
             "INSERT INTO tasks ({TASK_WRITE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, \
-             $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25)"
+             $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27)"
         )), task)
         .execute(&mut *tx)
         .await?;
@@ -277,9 +283,10 @@ impl Store {
                  branch = $11, daemon_id = $12, pinned_daemon_id = $13, attempt = $14, \
                  status_reason = $15, agent_session_id = $16, working_directory = $17, \
                  created_by = $18, created_at = $19, updated_at = $20, queued_at = $21, \
-                 started_at = $22, ended_at = $23, stop_requested_at = $25 \
-                 WHERE id = $1 AND version = $26 \
-                 RETURNING last_seq, progress_summary, progress_percent",
+                 started_at = $22, ended_at = $23, stop_requested_at = $25, model = $26, \
+                 permission_mode = $27 \
+                 WHERE id = $1 AND version = $28 \
+                 RETURNING last_seq, progress_summary, progress_percent, pending_approvals",
             ),
             task,
         )
@@ -294,11 +301,21 @@ impl Store {
         task.last_seq = row.try_get(0)?;
         task.progress_summary = row.try_get(1)?;
         task.progress_percent = row.try_get(2)?;
+        task.pending_approvals = row.try_get(3)?;
         if let Some(event) = event {
             insert_event(&mut tx, task, event).await?;
         }
         tx.commit().await?;
         Ok(true)
+    }
+
+    /// Records an event that is not a transition (a decision on an
+    /// approval): from and to are the task's status.
+    pub async fn add_event(&self, task: &Task, event: &NewEvent) -> Result<()> {
+        let mut tx = self.writer.begin().await?;
+        insert_event(&mut tx, task, event).await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     /// Deletes a task; its subtasks, events and output go with it.
