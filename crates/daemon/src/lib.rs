@@ -1,12 +1,15 @@
 //! The reference daemon: registers with the server, holds one `Session`
 //! stream, and runs each task as a child process group.
 //!
-//! - [`output`]: splitting pipes into lines, typing Claude Code stream-json,
-//!   and the per-task buffer of unacknowledged output.
-//! - [`runner`]: one task's child process, from clone to exit.
+//! - [`client`]: reaching the server: the client, backoff, opening a
+//!   session.
 //! - [`session`]: the session loop (commands down; output, end reports,
 //!   heartbeats up; reconnects; graceful stop).
+//! - [`runner`]: one task's child process, from clone to exit.
+//! - [`output`]: splitting pipes into lines, typing Claude Code stream-json,
+//!   and the per-task buffer of unacknowledged output.
 
+mod client;
 mod output;
 mod runner;
 mod session;
@@ -23,14 +26,10 @@ use std::time::Duration;
 use tonic::transport::Endpoint;
 use tracing::info;
 
-use pb::daemon_service_client::DaemonServiceClient;
 use session::Session;
 use taskmesh_proto::Bearer;
 use taskmesh_proto::pb;
 
-/// Largest message accepted from the server (a plan is up to 1 MiB, plus
-/// the rebuilt context).
-const MAX_DECODING_MESSAGE: usize = 16 * 1024 * 1024;
 const VERSION_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Options of `taskmesh daemon`.
@@ -127,8 +126,9 @@ impl From<&str> for DaemonToken {
     }
 }
 
-/// Why the daemon could not start. Once running it only stops on shutdown:
-/// server trouble is retried.
+/// Why the daemon could not start, or had to stop: network and server
+/// trouble is retried, but a server that refuses the daemon's token (at
+/// Register) ends it.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
     #[error("invalid --server URL {url:?}: {source}")]
@@ -149,6 +149,10 @@ pub enum DaemonError {
     },
     #[error("{path} does not hold a machine id (a UUID); remove it to make a new one")]
     BadMachineId { path: PathBuf },
+    #[error(
+        "the server refused this daemon ({0}); check its token (a daemon token of the right workspace, not revoked) and --server"
+    )]
+    Refused(String),
 }
 
 /// A runtime the daemon advertises and runs.
@@ -180,15 +184,12 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), DaemonError> {
     let bearer = Bearer::new(args.token.expose()).map_err(|_| DaemonError::InvalidToken)?;
-    let endpoint = Endpoint::from_shared(args.server.clone())
-        .map_err(|source| DaemonError::InvalidServer {
+    let endpoint = Endpoint::from_shared(args.server.clone()).map_err(|source| {
+        DaemonError::InvalidServer {
             url: args.server.clone(),
             source,
-        })?
-        .http2_keep_alive_interval(Duration::from_secs(20))
-        .keep_alive_timeout(Duration::from_secs(20))
-        .keep_alive_while_idle(true)
-        .connect_timeout(Duration::from_secs(5));
+        }
+    })?;
     let config = resolve_config(&args).await?;
     info!(
         server = %args.server,
@@ -199,14 +200,11 @@ pub async fn run(
         max_tasks = config.max_tasks,
         "daemon starting"
     );
-    // The channel reconnects by itself on the next call after a failure.
-    let channel = endpoint.connect_lazy();
-    let client = DaemonServiceClient::with_interceptor(channel, bearer)
-        .max_decoding_message_size(MAX_DECODING_MESSAGE);
+    let client = client::connect(endpoint, bearer);
     Session::new(Arc::new(config), client, Box::pin(shutdown))
         .run()
-        .await;
-    Ok(())
+        .await
+        .map_err(|e| DaemonError::Refused(e.to_string()))
 }
 
 async fn resolve_config(args: &DaemonArgs) -> Result<Config, DaemonError> {

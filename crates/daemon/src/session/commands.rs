@@ -1,0 +1,301 @@
+//! Commands from the server, each answered once: a command id seen before
+//! is answered with the result it got, never run twice.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use super::shutdown::Phase;
+use super::{Session, TaskRecord, up};
+use crate::output::OutputBuffer;
+use crate::pb::session_request::Message as Up;
+use crate::pb::session_response::Message as Down;
+use crate::pb::{Command, CommandResult, CommandResultStatus, SpawnTask, command};
+use crate::runner::{self, Control, TaskSpec, send_control};
+
+/// Results of recent commands by id, so a redelivered command is answered
+/// again without running twice. `None` while the result is not known yet.
+pub(super) struct SeenCommands {
+    results: HashMap<String, Option<CommandResult>>,
+    order: VecDeque<String>,
+    cap: usize,
+}
+
+impl Default for SeenCommands {
+    fn default() -> Self {
+        Self {
+            results: HashMap::new(),
+            order: VecDeque::new(),
+            cap: SEEN_COMMANDS,
+        }
+    }
+}
+
+impl SeenCommands {
+    pub(super) fn get(&self, id: &str) -> Option<&Option<CommandResult>> {
+        self.results.get(id)
+    }
+
+    pub(super) fn insert(&mut self, id: &str) {
+        if self.results.insert(id.to_owned(), None).is_none() {
+            self.order.push_back(id.to_owned());
+            while self.order.len() > self.cap {
+                if let Some(old) = self.order.pop_front() {
+                    self.results.remove(&old);
+                }
+            }
+        }
+    }
+
+    pub(super) fn record(&mut self, result: &CommandResult) {
+        if let Some(slot) = self.results.get_mut(&result.command_id) {
+            *slot = Some(result.clone());
+        }
+    }
+}
+
+/// How an answer to a command comes.
+pub(super) enum Reply {
+    Now(CommandResultStatus, String),
+    /// A runner answers later (spawn, input).
+    Later,
+}
+
+/// A task id names a directory: keep it to one plain path component.
+fn valid_task_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id != "."
+        && id != ".."
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// Command ids remembered for redelivery.
+const SEEN_COMMANDS: usize = 10_000;
+
+const CONTROL_CAPACITY: usize = 16;
+
+const MAX_INTERRUPT_GRACE: Duration = Duration::from_secs(3600);
+
+impl Session {
+    pub(super) fn finish_command(
+        &mut self,
+        command_id: &str,
+        status: CommandResultStatus,
+        message: String,
+    ) {
+        if status != CommandResultStatus::Ok {
+            info!(%command_id, ?status, %message, "command not done");
+        }
+        let result = CommandResult {
+            command_id: command_id.to_owned(),
+            status: status as i32,
+            message,
+            result_json: String::new(),
+        };
+        self.seen.record(&result);
+        self.control_out.push_back(up(Up::CommandResult(result)));
+    }
+
+    pub(super) fn on_response(&mut self, message: Option<Down>) {
+        match message {
+            Some(Down::Command(cmd)) => self.on_command(cmd),
+            Some(Down::OutputAck(ack)) => self.on_ack(ack),
+            Some(Down::Error(err)) => self.on_session_error(err),
+            Some(Down::Ready(_)) => debug!("repeated SessionReady ignored"),
+            Some(Down::StartedAck(ack)) => debug!(task_id = %ack.task_id, "started acknowledged"),
+            None => debug!("empty SessionResponse ignored"),
+        }
+    }
+
+    pub(super) fn on_command(&mut self, cmd: Command) {
+        if cmd.id.is_empty() {
+            warn!(task_id = %cmd.task_id, "command without an id ignored: it cannot be acknowledged");
+            return;
+        }
+        if let Some(seen) = self.seen.get(&cmd.id) {
+            debug!(command_id = %cmd.id, "command delivered again; replaying its result");
+            let Some(result) = seen.clone() else {
+                return; // still running; its result follows
+            };
+            // A lost CommandResult means the started report before it may
+            // be lost too.
+            if let Some(command::Kind::SpawnTask(_)) = &cmd.kind
+                && let Some(rec) = self
+                    .tasks
+                    .values()
+                    .find(|r| r.spawn_command_id == cmd.id && r.is_live())
+                && let Some(started) = &rec.started
+            {
+                self.control_out.push_back(up(Up::Started(started.clone())));
+            }
+            self.control_out.push_back(up(Up::CommandResult(result)));
+            return;
+        }
+        self.seen.insert(&cmd.id);
+        let reply = match cmd.kind {
+            Some(command::Kind::SpawnTask(spawn)) => self.spawn(&cmd.id, &cmd.task_id, spawn),
+            Some(command::Kind::InterruptTask(i)) => {
+                let grace = Duration::from_secs(u64::try_from(i.grace_seconds).unwrap_or(0))
+                    .min(MAX_INTERRUPT_GRACE);
+                match self
+                    .tasks
+                    .get(&cmd.task_id)
+                    .and_then(|r| r.control.as_ref())
+                {
+                    Some(control) if send_control(control, Control::Interrupt { grace }) => {
+                        Reply::Now(CommandResultStatus::Ok, "interrupting".into())
+                    }
+                    _ => Reply::Now(
+                        CommandResultStatus::Failed,
+                        format!("task {} is not running", cmd.task_id),
+                    ),
+                }
+            }
+            Some(command::Kind::SendInput(input)) => {
+                match self
+                    .tasks
+                    .get(&cmd.task_id)
+                    .and_then(|r| r.control.as_ref())
+                {
+                    Some(control) => {
+                        let ctrl = Control::Input {
+                            command_id: cmd.id.clone(),
+                            text: input.text,
+                        };
+                        match control.try_send(ctrl) {
+                            Ok(()) => Reply::Later,
+                            Err(mpsc::error::TrySendError::Full(_)) => Reply::Now(
+                                CommandResultStatus::Failed,
+                                "the task is busy; try again".into(),
+                            ),
+                            Err(mpsc::error::TrySendError::Closed(_)) => Reply::Now(
+                                CommandResultStatus::Failed,
+                                format!("task {} is not running", cmd.task_id),
+                            ),
+                        }
+                    }
+                    None => Reply::Now(
+                        CommandResultStatus::Failed,
+                        format!("task {} is not running", cmd.task_id),
+                    ),
+                }
+            }
+            Some(
+                command::Kind::CloneWorktree(_)
+                | command::Kind::CheckTargetExists(_)
+                | command::Kind::RetryCompletionAction(_)
+                | command::Kind::ApprovalDecision(_),
+            ) => Reply::Now(
+                CommandResultStatus::Unsupported,
+                "the reference daemon does not implement this command".into(),
+            ),
+            None => Reply::Now(
+                CommandResultStatus::Unsupported,
+                "unknown command kind (newer server?)".into(),
+            ),
+        };
+        if let Reply::Now(status, message) = reply {
+            self.finish_command(&cmd.id, status, message);
+        }
+    }
+
+    pub(super) fn spawn(&mut self, command_id: &str, cmd_task_id: &str, spawn: SpawnTask) -> Reply {
+        let failed = |m: String| Reply::Now(CommandResultStatus::Failed, m);
+        let Some(task) = spawn.task else {
+            return failed("spawn_task carries no task".into());
+        };
+        let task_id = if task.id.is_empty() {
+            cmd_task_id.to_owned()
+        } else {
+            task.id.clone()
+        };
+        // Rejected, not failed: the task is fine, it just has to run elsewhere.
+        let rejected = |m: String| Reply::Now(CommandResultStatus::Rejected, m);
+        if self.phase != Phase::Running {
+            return rejected("daemon is shutting down".into());
+        }
+        if !valid_task_id(&task_id) {
+            return failed(format!("invalid task id {task_id:?}"));
+        }
+        if self.tasks.get(&task_id).is_some_and(TaskRecord::is_live) {
+            return failed(format!("task {task_id} is already running on this daemon"));
+        }
+        let live = self.tasks.values().filter(|r| r.is_live()).count();
+        if live >= self.cfg.max_tasks {
+            return rejected(format!(
+                "daemon is at its limit of {} concurrent tasks",
+                self.cfg.max_tasks
+            ));
+        }
+        let runtime_name = if task.runtime.is_empty() {
+            "shell"
+        } else {
+            task.runtime.as_str()
+        };
+        let Some(runtime) = self.cfg.runtimes.iter().find(|r| r.name == runtime_name) else {
+            let known: Vec<&str> = self.cfg.runtimes.iter().map(|r| r.name.as_str()).collect();
+            return failed(format!(
+                "unknown runtime {runtime_name:?}; this daemon runs: {}",
+                known.join(", ")
+            ));
+        };
+        // The server numbers messages from 1.
+        let first_seq = spawn.first_seq.max(1);
+        let run_id = self.next_run_id;
+        self.next_run_id += 1;
+        let spec = TaskSpec {
+            run_id,
+            task_id: task_id.clone(),
+            // A continued attempt runs its follow-up prompt.
+            plan: if spawn.prompt.is_empty() {
+                task.plan
+            } else {
+                spawn.prompt
+            },
+            command_template: runtime.template.clone(),
+            repository: task.repository,
+            branch: task.branch,
+            dir: self.cfg.work_dir.join(&task_id),
+            first_seq,
+            default_grace: self.cfg.interrupt_grace,
+            attempt: task.attempt,
+            resume_session_id: spawn
+                .resume
+                .map(|r| r.agent_session_id)
+                .filter(|s| !s.is_empty()),
+            context: spawn.context,
+        };
+        let (control_tx, control_rx) = mpsc::channel(CONTROL_CAPACITY);
+        let (pressure_tx, pressure_rx) = watch::channel(false);
+        info!(task_id = %task_id, runtime = runtime_name, attempt = task.attempt, first_seq, "spawning task");
+        tokio::spawn(runner::run_task(
+            spec,
+            self.events_tx.clone(),
+            control_rx,
+            pressure_rx,
+        ));
+        let record = TaskRecord {
+            run_id,
+            spawn_command_id: command_id.to_owned(),
+            control: Some(control_tx),
+            attempt: task.attempt,
+            started: None,
+            buffer: OutputBuffer::new(first_seq),
+            pressure: pressure_tx,
+            end: None,
+            end_sent: false,
+            last_sent: Instant::now(),
+        };
+        if let Some(old) = self.tasks.insert(task_id.clone(), record) {
+            // The server started a new attempt, so it is done with the old.
+            debug!(task_id = %task_id, unacked = old.buffer.len(), "replacing an ended attempt");
+        }
+        Reply::Later
+    }
+}
