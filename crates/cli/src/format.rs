@@ -87,16 +87,66 @@ pub fn status_line(task: &pb::Task) -> String {
 }
 
 /// A stop either ends the task at once or asks its daemon to interrupt it.
-pub fn stop_line(task: &pb::Task) -> String {
-    if is_finished(task.status()) {
-        status_line(task)
-    } else {
-        format!(
+pub fn stop_line(task: &pb::Task, outcome: pb::StopOutcome) -> String {
+    match outcome {
+        pb::StopOutcome::AlreadyStopping => format!(
+            "task {} is already stopping: its daemon was asked before (still {})",
+            task.id,
+            status_name(task.status)
+        ),
+        pb::StopOutcome::AlreadyCancelled => format!("task {} was already cancelled", task.id),
+        _ if is_finished(task.status()) => status_line(task),
+        _ => format!(
             "task {} stopping: its daemon was asked to interrupt it (still {})",
             task.id,
             status_name(task.status)
-        )
+        ),
     }
+}
+
+fn approval_state(state: i32) -> String {
+    pb::ApprovalState::try_from(state)
+        .map(|s| {
+            s.as_str_name()
+                .trim_start_matches("APPROVAL_STATE_")
+                .to_ascii_lowercase()
+        })
+        .unwrap_or_else(|_| state.to_string())
+}
+
+/// One line for a decided approval.
+pub fn approval_line(a: &pb::Approval) -> String {
+    let mut line = format!(
+        "approval {} ({}) {} by {}",
+        a.id,
+        a.tool_name,
+        approval_state(a.state),
+        a.decided_by
+    );
+    if !a.message.is_empty() {
+        let _ = write!(line, ": {}", a.message);
+    }
+    line
+}
+
+pub fn approval_table(approvals: &[pb::Approval], now: i64) -> String {
+    let rows: Vec<[String; 6]> = approvals
+        .iter()
+        .map(|a| {
+            [
+                a.id.clone(),
+                approval_state(a.state),
+                a.tool_name.clone(),
+                cell(&a.tool_input_json),
+                ago(a.create_time.as_ref(), now),
+                or_dash(&a.decided_by).to_string(),
+            ]
+        })
+        .collect();
+    table(
+        ["ID", "STATE", "TOOL", "INPUT", "ASKED", "DECIDED BY"],
+        &rows,
+    )
 }
 
 pub fn is_finished(status: TaskStatus) -> bool {
@@ -288,24 +338,40 @@ pub fn daemon_table(daemons: &[pb::Daemon], now: i64) -> String {
 
 /// `task get`: one field per line, empty ones left out, the plan last (it
 /// may be long).
-pub fn task_details(task: &pb::Task, usage: Option<&pb::TaskUsage>, now: i64) -> String {
+pub fn task_details(task: &pb::Task, usage: &pb::GetTaskUsageResponse, now: i64) -> String {
     let time = |ts: &Option<Timestamp>| ts.as_ref().map(|t| when(t, now)).unwrap_or_default();
     let attempt = if task.attempt > 0 {
         task.attempt.to_string()
     } else {
         String::new()
     };
-    let usage = usage
-        .filter(|u| {
-            u.input_tokens + u.output_tokens + u.cache_read_tokens + u.cache_write_tokens > 0
-        })
-        .map(|u| {
-            format!(
-                "{} input, {} output, {} cache read, {} cache write tokens",
-                u.input_tokens, u.output_tokens, u.cache_read_tokens, u.cache_write_tokens
-            )
-        })
+    let tokens = |u: &pb::TaskUsage| {
+        format!(
+            "{} input, {} output, {} cache read, {} cache write tokens",
+            u.input_tokens, u.output_tokens, u.cache_read_tokens, u.cache_write_tokens
+        )
+    };
+    let used = |u: &pb::TaskUsage| {
+        u.input_tokens
+            .saturating_add(u.output_tokens)
+            .saturating_add(u.cache_read_tokens)
+            .saturating_add(u.cache_write_tokens)
+            > 0
+    };
+    let total = usage
+        .total
+        .as_ref()
+        .filter(|u| used(u))
+        .map(tokens)
         .unwrap_or_default();
+    let cost = match (usage.cost_usd > 0.0, usage.turns > 0) {
+        (false, false) => String::new(),
+        _ => format!("${:.4} over {} turns", usage.cost_usd, usage.turns),
+    };
+    let approvals = match task.pending_approvals {
+        0 => String::new(),
+        n => format!("{n} waiting (taskmesh task approvals {})", task.id),
+    };
     let fields: Vec<(&str, String)> = [
         ("id", task.id.clone()),
         ("name", task.name.clone()),
@@ -313,6 +379,9 @@ pub fn task_details(task: &pb::Task, usage: Option<&pb::TaskUsage>, now: i64) ->
         ("reason", task.status_reason.clone()),
         ("attempt", attempt),
         ("runtime", task.runtime.clone()),
+        ("model", task.model.clone()),
+        ("permission mode", task.permission_mode.clone()),
+        ("approvals", approvals),
         ("repository", task.repository.clone()),
         ("branch", task.branch.clone()),
         ("parent", task.parent_task_id.clone()),
@@ -326,7 +395,8 @@ pub fn task_details(task: &pb::Task, usage: Option<&pb::TaskUsage>, now: i64) ->
         ("started", time(&task.start_time)),
         ("ended", time(&task.end_time)),
         ("output", format!("{} messages", task.last_seq)),
-        ("usage", usage),
+        ("usage", total),
+        ("cost", cost),
     ]
     .into_iter()
     .filter(|(_, v)| !v.is_empty())
@@ -335,6 +405,12 @@ pub fn task_details(task: &pb::Task, usage: Option<&pb::TaskUsage>, now: i64) ->
     let mut out = String::new();
     for (name, value) in &fields {
         let _ = writeln!(out, "{:<width$} {value}", format!("{name}:"), width = width);
+    }
+    if usage.usage.len() > 1 {
+        out.push_str("\nusage by model:\n");
+        for u in &usage.usage {
+            let _ = writeln!(out, "  {}: {}", u.model, tokens(u));
+        }
     }
     if !task.subtasks.is_empty() {
         out.push_str("\nsubtasks:\n");

@@ -13,10 +13,10 @@ mod watch;
 use std::io::Write as _;
 use std::time::Duration;
 
-use taskmesh_proto::{Bearer, pb};
+use taskmesh_proto::{Bearer, ClientTls, pb};
 use tonic::Status;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::pb::TaskStatus;
 use crate::pb::task_service_client::TaskServiceClient;
@@ -51,6 +51,17 @@ pub struct ServerArgs {
         help_heading = "Server"
     )]
     pub token: Option<String>,
+
+    /// With an https:// server: trust this CA certificate (PEM) instead of
+    /// the system's roots.
+    #[arg(
+        long,
+        env = "TASKMESH_CA_CERT",
+        global = true,
+        value_name = "FILE",
+        help_heading = "Server"
+    )]
+    pub ca_cert: Option<std::path::PathBuf>,
 }
 
 /// Options of `taskmesh task`.
@@ -114,6 +125,43 @@ pub enum TaskCommand {
     ///
     /// Example: taskmesh task watch $ID
     Watch(WatchArgs),
+    /// Allow what the agent asked permission for (its pending approval).
+    ///
+    /// Example: taskmesh task approve $ID
+    Approve(ApproveArgs),
+    /// Deny what the agent asked permission for, telling it why.
+    ///
+    /// Example: taskmesh task deny $ID --message 'not on main'
+    Deny(DenyArgs),
+    /// List a task's approvals, waiting ones first.
+    ///
+    /// Example: taskmesh task approvals $ID
+    Approvals(IdArg),
+}
+
+#[derive(clap::Args)]
+pub struct ApproveArgs {
+    /// The task's id.
+    pub id: String,
+    /// The approval to answer; needed only when several are waiting.
+    #[arg(long, value_name = "APPROVAL_ID")]
+    pub approval: Option<String>,
+    /// Run the tool with this input instead (a JSON object, the tool's
+    /// whole input).
+    #[arg(long, value_name = "JSON")]
+    pub input: Option<String>,
+}
+
+#[derive(clap::Args)]
+pub struct DenyArgs {
+    /// The task's id.
+    pub id: String,
+    /// The approval to answer; needed only when several are waiting.
+    #[arg(long, value_name = "APPROVAL_ID")]
+    pub approval: Option<String>,
+    /// Why, for the agent.
+    #[arg(long)]
+    pub message: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -130,6 +178,13 @@ pub struct CreateArgs {
     /// The agent runtime to run it with, such as `claude`, `codex` or `shell`.
     #[arg(long, default_value = "shell")]
     pub runtime: String,
+    /// The model an agent runtime uses; the daemon's default when unset.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// What an agent may do without asking: default, acceptEdits, plan or
+    /// bypassPermissions; the daemon's default when unset.
+    #[arg(long, value_name = "MODE")]
+    pub permission_mode: Option<String>,
     /// A git repository URL to clone for the task.
     #[arg(long)]
     pub repository: Option<String>,
@@ -214,13 +269,28 @@ pub struct WatchArgs {
 
 /// Options of `taskmesh daemons`.
 #[derive(clap::Args)]
-#[command(after_help = "Example:\n  taskmesh daemons --workspace lab")]
+#[command(after_help = "Example:\n  taskmesh daemons --workspace lab\n  \
+    taskmesh daemons disconnect $DAEMON_ID")]
 pub struct DaemonsArgs {
     #[command(flatten)]
     pub server: ServerArgs,
     /// Workspace id or name; needed when the token sees several.
     #[arg(long)]
     pub workspace: Option<String>,
+    #[command(subcommand)]
+    pub command: Option<DaemonsCommand>,
+}
+
+#[derive(clap::Subcommand)]
+pub enum DaemonsCommand {
+    /// End a daemon's session now and refuse the token it used for it,
+    /// until it comes back with a new daemon token.
+    ///
+    /// Example: taskmesh daemons disconnect $DAEMON_ID
+    Disconnect {
+        /// The daemon's id.
+        id: String,
+    },
 }
 
 fn parse_status(s: &str) -> Result<TaskStatus, String> {
@@ -245,8 +315,8 @@ pub enum CliError {
     MissingToken,
     #[error("invalid token: it must be printable ASCII")]
     InvalidToken,
-    #[error("invalid --server URL {0:?}: expected something like http://127.0.0.1:7070")]
-    InvalidServer(String),
+    #[error(transparent)]
+    Server(#[from] taskmesh_proto::EndpointError),
     #[error("cannot reach the server at {url}: {cause}")]
     Unreachable { url: String, cause: String },
     #[error("{}", format::status(.0))]
@@ -297,9 +367,15 @@ impl ServerArgs {
             return Err(CliError::MissingToken);
         }
         let auth = Bearer::new(token).map_err(|_| CliError::InvalidToken)?;
-        let endpoint = Endpoint::from_shared(self.server.clone())
-            .map_err(|_| CliError::InvalidServer(self.server.clone()))?
-            .connect_timeout(CONNECT_TIMEOUT);
+        let tls = ClientTls {
+            ca_cert: self.ca_cert.clone(),
+            identity: None,
+        };
+        let (endpoint, warning) = taskmesh_proto::endpoint(&self.server, &tls)?;
+        if let Some(warning) = warning {
+            note(&format!("warning: {warning}"));
+        }
+        let endpoint = endpoint.connect_timeout(CONNECT_TIMEOUT);
         let channel = endpoint
             .connect()
             .await
@@ -336,6 +412,27 @@ pub async fn task(args: TaskArgs) -> Result<()> {
         TaskCommand::Reassign(a) => reassign(&server.connect().await?, a).await,
         TaskCommand::Continue(a) => continue_task(&server.connect().await?, a).await,
         TaskCommand::Watch(a) => watch::run(server, a).await,
+        TaskCommand::Approve(a) => {
+            let decision = pb::DecideApprovalRequest {
+                task_id: a.id,
+                approval_id: a.approval.unwrap_or_default(),
+                decision: pb::Decision::Allow as i32,
+                updated_input_json: a.input.unwrap_or_default(),
+                message: String::new(),
+            };
+            decide(&server.connect().await?, decision).await
+        }
+        TaskCommand::Deny(a) => {
+            let decision = pb::DecideApprovalRequest {
+                task_id: a.id,
+                approval_id: a.approval.unwrap_or_default(),
+                decision: pb::Decision::Deny as i32,
+                updated_input_json: String::new(),
+                message: a.message.unwrap_or_default(),
+            };
+            decide(&server.connect().await?, decision).await
+        }
+        TaskCommand::Approvals(a) => approvals(&server.connect().await?, a).await,
     }
 }
 
@@ -350,7 +447,8 @@ async fn create(conn: &Connection, a: CreateArgs) -> Result<()> {
             runtime: a.runtime,
             repository: a.repository.unwrap_or_default(),
             branch: a.branch.unwrap_or_default(),
-            ..Default::default()
+            model: a.model.unwrap_or_default(),
+            permission_mode: a.permission_mode.unwrap_or_default(),
         })
         .await?
         .into_inner()
@@ -404,21 +502,23 @@ async fn get(conn: &Connection, a: IdArg) -> Result<()> {
     let usage = client
         .get_task_usage(pb::GetTaskUsageRequest { task_id: a.id })
         .await?
-        .into_inner()
-        .total;
-    say(&format::task_details(&task, usage.as_ref(), format::now()))
+        .into_inner();
+    say(&format::task_details(&task, &usage, format::now()))
 }
 
 async fn start_task(conn: &Connection, id: String, daemon: Option<String>) -> Result<pb::Task> {
-    conn.tasks()
+    let started = conn
+        .tasks()
         .start_task(pb::StartTaskRequest {
             id,
             daemon_id: daemon.unwrap_or_default(),
         })
         .await?
-        .into_inner()
-        .task
-        .ok_or(CliError::Incomplete("task"))
+        .into_inner();
+    if !started.warning.is_empty() {
+        note(&format!("warning: {}", started.warning));
+    }
+    started.task.ok_or(CliError::Incomplete("task"))
 }
 
 async fn start(conn: &Connection, a: StartArgs) -> Result<()> {
@@ -427,14 +527,14 @@ async fn start(conn: &Connection, a: StartArgs) -> Result<()> {
 }
 
 async fn stop(conn: &Connection, a: IdArg) -> Result<()> {
-    let task = conn
+    let stopped = conn
         .tasks()
         .stop_task(pb::StopTaskRequest { id: a.id })
         .await?
-        .into_inner()
-        .task
-        .ok_or(CliError::Incomplete("task"))?;
-    say(&format!("{}\n", format::stop_line(&task)))
+        .into_inner();
+    let outcome = stopped.outcome();
+    let task = stopped.task.ok_or(CliError::Incomplete("task"))?;
+    say(&format!("{}\n", format::stop_line(&task, outcome)))
 }
 
 async fn send(conn: &Connection, a: SendArgs) -> Result<()> {
@@ -478,10 +578,43 @@ async fn continue_task(conn: &Connection, a: ContinueArgs) -> Result<()> {
     say(&format!("{}\n", format::status_line(&task)))
 }
 
+async fn decide(conn: &Connection, decision: pb::DecideApprovalRequest) -> Result<()> {
+    let approval = conn
+        .tasks()
+        .decide_approval(decision)
+        .await?
+        .into_inner()
+        .approval
+        .ok_or(CliError::Incomplete("approval"))?;
+    say(&format!("{}\n", format::approval_line(&approval)))
+}
+
+async fn approvals(conn: &Connection, a: IdArg) -> Result<()> {
+    let approvals = conn
+        .tasks()
+        .list_approvals(pb::ListApprovalsRequest { task_id: a.id })
+        .await?
+        .into_inner()
+        .approvals;
+    say(&format::approval_table(&approvals, format::now()))
+}
+
 /// Runs `taskmesh daemons`.
 pub async fn daemons(args: DaemonsArgs) -> Result<()> {
     let conn = args.server.connect().await?;
     let mut client = conn.workspaces();
+    if let Some(DaemonsCommand::Disconnect { id }) = args.command {
+        let daemon = client
+            .disconnect_daemon(pb::DisconnectDaemonRequest { id })
+            .await?
+            .into_inner()
+            .daemon
+            .ok_or(CliError::Incomplete("daemon"))?;
+        return say(&format!(
+            "disconnected daemon {} ({}); its token no longer works for it\n",
+            daemon.id, daemon.hostname
+        ));
+    }
     let mut daemons = Vec::new();
     let mut page_token = String::new();
     loop {

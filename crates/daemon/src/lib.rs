@@ -23,12 +23,11 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tonic::transport::Endpoint;
 use tracing::info;
 
 use session::Session;
-use taskmesh_proto::Bearer;
 use taskmesh_proto::pb;
+use taskmesh_proto::{Bearer, ClientTls};
 
 const VERSION_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -40,8 +39,42 @@ pub struct DaemonArgs {
     pub server: String,
 
     /// Daemon token (`tmd_…`), sent as `authorization: Bearer <token>`.
-    #[arg(long, env = "TASKMESH_TOKEN", hide_env_values = true)]
-    pub token: DaemonToken,
+    /// Prefer --token-file: a flag shows in `ps`. Never passed on to agents.
+    #[arg(
+        long,
+        env = "TASKMESH_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "token_file"
+    )]
+    pub token: Option<DaemonToken>,
+
+    /// A file holding the daemon token (its first line).
+    #[arg(long, env = "TASKMESH_TOKEN_FILE", value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+
+    /// With an https:// server: trust this CA certificate (PEM) instead of
+    /// the system's roots.
+    #[arg(long, env = "TASKMESH_CA_CERT", value_name = "FILE")]
+    pub ca_cert: Option<PathBuf>,
+
+    /// With an https:// server that asks for one (serve --client-ca): this
+    /// daemon's certificate (PEM). Needs --client-key.
+    #[arg(
+        long,
+        env = "TASKMESH_CLIENT_CERT",
+        value_name = "FILE",
+        requires = "client_key"
+    )]
+    pub client_cert: Option<PathBuf>,
+
+    /// The private key of --client-cert (PEM).
+    #[arg(
+        long,
+        env = "TASKMESH_CLIENT_KEY",
+        value_name = "FILE",
+        requires = "client_cert"
+    )]
+    pub client_key: Option<PathBuf>,
 
     /// Directory for the daemon's state (its machine id); defaults to
     /// `$HOME/.local/state/taskmesh-daemon`, or `./.taskmesh-daemon`
@@ -131,13 +164,17 @@ impl From<&str> for DaemonToken {
 /// Register) ends it.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
-    #[error("invalid --server URL {url:?}: {source}")]
-    InvalidServer {
-        url: String,
+    #[error(transparent)]
+    Server(#[from] taskmesh_proto::EndpointError),
+    #[error("no daemon token: pass --token-file FILE (or --token, or TASKMESH_TOKEN)")]
+    NoToken,
+    #[error("cannot read the token file {path}: {source}")]
+    TokenFile {
+        path: PathBuf,
         #[source]
-        source: tonic::transport::Error,
+        source: io::Error,
     },
-    #[error("invalid --token: it must be non-empty printable ASCII")]
+    #[error("invalid daemon token: it must be non-empty printable ASCII")]
     InvalidToken,
     #[error("invalid --runtime {spec:?}: {reason}")]
     InvalidRuntime { spec: String, reason: String },
@@ -174,6 +211,21 @@ pub(crate) struct Config {
     pub max_tasks: usize,
     pub interrupt_grace: Duration,
     pub shutdown_grace: Duration,
+    /// Values no agent may see in its environment (the daemon's token).
+    pub hidden_secrets: Vec<String>,
+}
+
+/// The daemon token, from --token or the first line of --token-file.
+fn token(args: &DaemonArgs) -> Result<DaemonToken, DaemonError> {
+    if let Some(path) = &args.token_file {
+        let text = std::fs::read_to_string(path).map_err(|source| DaemonError::TokenFile {
+            path: path.clone(),
+            source,
+        })?;
+        let line = text.lines().next().unwrap_or_default().trim();
+        return Ok(DaemonToken::new(line));
+    }
+    args.token.clone().ok_or(DaemonError::NoToken)
 }
 
 /// Runs the daemon until `shutdown` completes and the graceful stop is
@@ -183,14 +235,18 @@ pub async fn run(
     args: DaemonArgs,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), DaemonError> {
-    let bearer = Bearer::new(args.token.expose()).map_err(|_| DaemonError::InvalidToken)?;
-    let endpoint = Endpoint::from_shared(args.server.clone()).map_err(|source| {
-        DaemonError::InvalidServer {
-            url: args.server.clone(),
-            source,
-        }
-    })?;
-    let config = resolve_config(&args).await?;
+    let token = token(&args)?;
+    let bearer = Bearer::new(token.expose()).map_err(|_| DaemonError::InvalidToken)?;
+    let tls = ClientTls {
+        ca_cert: args.ca_cert.clone(),
+        identity: args.client_cert.clone().zip(args.client_key.clone()),
+    };
+    let (endpoint, warning) = taskmesh_proto::endpoint(&args.server, &tls)?;
+    if let Some(warning) = warning {
+        tracing::warn!("{warning}");
+    }
+    let mut config = resolve_config(&args).await?;
+    config.hidden_secrets.push(token.expose().to_string());
     info!(
         server = %args.server,
         machine_id = %config.machine_id,
@@ -246,6 +302,7 @@ async fn resolve_config(args: &DaemonArgs) -> Result<Config, DaemonError> {
         max_tasks: usize::try_from(args.max_tasks).unwrap_or(1).max(1),
         interrupt_grace: Duration::from_secs(args.interrupt_grace_secs),
         shutdown_grace: Duration::from_secs(args.shutdown_secs),
+        hidden_secrets: Vec::new(),
     })
 }
 
@@ -430,9 +487,28 @@ mod tests {
         assert_eq!(cli.args.max_tasks, 4);
         assert_eq!(cli.args.interrupt_grace_secs, 10);
         assert_eq!(cli.args.shutdown_secs, 30);
-        assert_eq!(cli.args.token.expose(), "tmd_secret");
+        assert_eq!(token(&cli.args).unwrap().expose(), "tmd_secret");
         assert!(!format!("{:?}", cli.args).contains("tmd_secret"));
         assert!(Cli::try_parse_from(["daemon", "--token", "t", "--max-tasks", "0"]).is_err());
+        // Only one way to pass the token; without one it says how.
+        assert!(Cli::try_parse_from(["daemon", "--token", "t", "--token-file", "f"]).is_err());
+        let none = Cli::try_parse_from(["daemon"]).expect("parses");
+        assert!(
+            token(&none.args)
+                .unwrap_err()
+                .to_string()
+                .contains("--token-file")
+        );
+    }
+
+    #[test]
+    fn the_token_file_gives_its_first_line() {
+        let path = std::env::temp_dir().join(format!("taskmesh-token-{}", uuid::Uuid::new_v4()));
+        std::fs::write(&path, "tmd_from_file\nignored\n").unwrap();
+        let p = path.display().to_string();
+        let cli = Cli::try_parse_from(["daemon", "--token-file", &p]).expect("parses");
+        assert_eq!(token(&cli.args).unwrap().expose(), "tmd_from_file");
+        let _ = std::fs::remove_file(path);
     }
 
     #[tokio::test]

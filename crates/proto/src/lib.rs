@@ -1,7 +1,8 @@
 //! The `taskmesh.v1` protocol, shared by every program: the generated
 //! messages, clients and servers ([`pb`]), the encoded descriptor set that
-//! server reflection serves, and [`Bearer`], the one interceptor every
-//! client uses to send its token.
+//! server reflection serves, [`Bearer`], the one interceptor every client
+//! uses to send its token, and [`endpoint`], how every client reaches a
+//! server (TLS for `https://`, never a fallback to cleartext).
 
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
@@ -59,6 +60,104 @@ impl Interceptor for Bearer {
     }
 }
 
+/// How a client proves who the server is, and optionally who it is.
+#[derive(Debug, Clone, Default)]
+pub struct ClientTls {
+    /// Trust this CA (PEM) instead of the system's roots.
+    pub ca_cert: Option<std::path::PathBuf>,
+    /// Present this certificate and key (PEM) for mTLS.
+    pub identity: Option<(std::path::PathBuf, std::path::PathBuf)>,
+}
+
+/// Why a server URL cannot be reached as given.
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointError {
+    #[error("invalid server URL {url:?}: use http://host:port or https://host:port")]
+    InvalidUrl { url: String },
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what} only goes with an https:// server URL")]
+    TlsOnPlain { what: &'static str },
+    #[error("TLS setup for {url}: {source}")]
+    Tls {
+        url: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+}
+
+/// An endpoint for `url`: TLS for `https://` (the system's roots, or
+/// `tls.ca_cert`; a client certificate when `tls.identity` is given),
+/// cleartext for `http://`. The second value is a warning for the user
+/// when the token would travel in cleartext to another machine.
+pub fn endpoint(
+    url: &str,
+    tls: &ClientTls,
+) -> Result<(tonic::transport::Endpoint, Option<String>), EndpointError> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    let invalid = || EndpointError::InvalidUrl {
+        url: url.to_string(),
+    };
+    let uri: http::Uri = url.parse().map_err(|_| invalid())?;
+    let host = uri.host().ok_or_else(invalid)?.to_string();
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).map_err(|source| EndpointError::Read {
+            path: path.to_path_buf(),
+            source,
+        })
+    };
+    let endpoint = Endpoint::from_shared(url.to_string()).map_err(|_| invalid())?;
+    match uri.scheme_str() {
+        Some("https") => {
+            let mut config = ClientTlsConfig::new().domain_name(host.trim_matches(['[', ']']));
+            config = match &tls.ca_cert {
+                Some(ca) => config.ca_certificate(Certificate::from_pem(read(ca)?)),
+                None => config.with_native_roots(),
+            };
+            if let Some((cert, key)) = &tls.identity {
+                config = config.identity(Identity::from_pem(read(cert)?, read(key)?));
+            }
+            let endpoint = endpoint
+                .tls_config(config)
+                .map_err(|source| EndpointError::Tls {
+                    url: url.to_string(),
+                    source,
+                })?;
+            Ok((endpoint, None))
+        }
+        Some("http") => {
+            if tls.ca_cert.is_some() {
+                return Err(EndpointError::TlsOnPlain { what: "--ca-cert" });
+            }
+            if tls.identity.is_some() {
+                return Err(EndpointError::TlsOnPlain {
+                    what: "a client certificate",
+                });
+            }
+            let warning = (!is_loopback(&host)).then(|| {
+                format!(
+                    "{url} is plain http to another machine: the token travels in cleartext; \
+                     serve with --tls-cert/--tls-key and use https://"
+                )
+            });
+            Ok((endpoint, warning))
+        }
+        _ => Err(invalid()),
+    }
+}
+
+fn is_loopback(host: &str) -> bool {
+    let host = host.trim_matches(['[', ']']);
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -78,5 +177,43 @@ mod tests {
         assert_eq!(req.metadata().get("authorization").unwrap(), "Bearer t");
         let req = Bearer::none().call(Request::new(())).unwrap();
         assert!(req.metadata().get("authorization").is_none());
+    }
+
+    #[test]
+    fn plain_http_elsewhere_is_warned_about_and_https_never_falls_back() {
+        let none = ClientTls::default();
+        assert!(
+            endpoint("http://127.0.0.1:7070", &none)
+                .unwrap()
+                .1
+                .is_none()
+        );
+        assert!(
+            endpoint("http://localhost:7070", &none)
+                .unwrap()
+                .1
+                .is_none()
+        );
+        assert!(endpoint("http://[::1]:7070", &none).unwrap().1.is_none());
+        let warned = endpoint("http://10.0.0.5:7070", &none).unwrap().1.unwrap();
+        assert!(warned.contains("cleartext"), "{warned}");
+        assert!(
+            endpoint("https://example.com:7070", &none)
+                .unwrap()
+                .1
+                .is_none()
+        );
+        let ca = ClientTls {
+            ca_cert: Some("ca.pem".into()),
+            identity: None,
+        };
+        assert!(matches!(
+            endpoint("http://10.0.0.5:7070", &ca),
+            Err(EndpointError::TlsOnPlain { .. })
+        ));
+        assert!(matches!(
+            endpoint("ftp://x", &none),
+            Err(EndpointError::InvalidUrl { .. })
+        ));
     }
 }

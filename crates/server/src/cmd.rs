@@ -2,15 +2,17 @@
 //! their flags (with env fallbacks) and their startup checklist.
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Subcommand, ValueEnum};
 use tokio::net::TcpListener;
 
-use crate::domain::{Domain, Liveness};
+use crate::domain::{self, Domain, Liveness};
 use crate::model::TokenKind;
 use crate::server::{self, ServerConfig};
 use crate::store::Store;
+use crate::tls::{ServerTls, TlsFiles};
 
 #[derive(clap::Args)]
 pub struct DatabaseArg {
@@ -58,6 +60,55 @@ pub struct ServeArgs {
     /// before it is queued again.
     #[arg(long, env = "TASKMESH_DISPATCH_TIMEOUT", default_value = "1m", value_parser = parse_duration)]
     pub dispatch_timeout: Duration,
+    /// How long an agent's permission request waits for a person
+    /// (DecideApproval, `taskmesh task approve`) before it is denied.
+    #[arg(long, env = "TASKMESH_APPROVAL_TIMEOUT", default_value = "10m", value_parser = parse_duration)]
+    pub approval_timeout: Duration,
+    /// Serve over TLS with this certificate chain (PEM). Needs --tls-key.
+    /// Reloaded on SIGHUP and when the file changes.
+    #[arg(long, env = "TASKMESH_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "TASKMESH_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// With TLS: clients may present certificates signed by this CA (PEM),
+    /// and DaemonService calls must (mTLS for daemons; browsers need none).
+    #[arg(long, env = "TASKMESH_CLIENT_CA", requires = "tls_cert")]
+    pub client_ca: Option<PathBuf>,
+    /// Largest request a client may send. Units: B, KiB, MiB.
+    #[arg(long, env = "TASKMESH_MAX_MESSAGE_BYTES", default_value = "4MiB", value_parser = parse_bytes)]
+    pub max_message_bytes: usize,
+    /// HTTP/2 streams one connection may hold open at once.
+    #[arg(long, env = "TASKMESH_MAX_STREAMS_PER_CONNECTION", default_value_t = server::DEFAULT_MAX_STREAMS_PER_CONNECTION)]
+    pub max_streams_per_connection: u32,
+    /// Sessions and watches one token may hold open on this server; past
+    /// it, new ones answer RESOURCE_EXHAUSTED.
+    #[arg(long, env = "TASKMESH_MAX_STREAMS_PER_TOKEN", default_value_t = domain::Limits::default().max_streams_per_token)]
+    pub max_streams_per_token: usize,
+    /// Output one watcher may hold undelivered before it falls back to
+    /// catching up from the database. Units: B, KiB, MiB.
+    #[arg(long, env = "TASKMESH_WATCHER_BUDGET", default_value = "8MiB", value_parser = parse_bytes)]
+    pub watcher_budget: usize,
+}
+
+/// `4MiB`, `512KiB`, `1048576`: a size in bytes.
+fn parse_bytes(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: usize = n
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 4MiB, 512KiB or 1048576"))?;
+    let scale = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "K" | "KB" => 1 << 10,
+        "MiB" | "M" | "MB" => 1 << 20,
+        "GiB" | "G" | "GB" => 1 << 30,
+        other => return Err(format!("unknown unit {other:?}; use B, KiB, MiB or GiB")),
+    };
+    n.checked_mul(scale)
+        .filter(|b| *b > 0)
+        .ok_or_else(|| format!("{s:?} must be more than zero and fit in memory"))
 }
 
 /// `500ms`, `15s`, `2m`, `1h`; a bare number is seconds.
@@ -132,14 +183,31 @@ pub async fn serve(
     args: ServeArgs,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> CliResult {
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(ServerTls::load(TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: args.client_ca.clone(),
+        })?),
+        _ => None,
+    };
     let store = connect(&args.database.database_url).await?;
+    // The address first: a second server on a busy port fails here, before
+    // it mints a first-start token nobody could use.
+    let listener = TcpListener::bind(&args.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     let liveness = Liveness {
         heartbeat: args.heartbeat,
         grace: args.offline_grace,
         dispatch_timeout: args.dispatch_timeout,
-        ..Liveness::default()
+        approval_timeout: args.approval_timeout,
     };
-    let domain = Domain::with_liveness(store.clone(), liveness);
+    let limits = domain::Limits {
+        max_streams_per_token: args.max_streams_per_token,
+        watcher_budget_bytes: args.watcher_budget,
+    };
+    let domain = Domain::with_limits(store.clone(), liveness, limits);
     if let Some(secret) = domain.bootstrap().await? {
         println!(
             "\nFirst start: created a user token for workspace \"default\". It is shown once:\n\n    {secret}\n\n\
@@ -147,12 +215,10 @@ pub async fn serve(
              and send it as `authorization: Bearer $TASKMESH_TOKEN`. More tokens: `taskmesh token create`.\n"
         );
     }
-    let listener = TcpListener::bind(&args.listen)
-        .await
-        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     let addr = listener.local_addr()?;
     tracing::info!(backend = ?store.backend(), "database ready");
-    println!("taskmesh listening on http://{addr}  (gRPC, gRPC-web and the dashboard)");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    println!("taskmesh listening on {scheme}://{addr}  (gRPC, gRPC-web and the dashboard)");
 
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
@@ -164,6 +230,9 @@ pub async fn serve(
     let config = ServerConfig {
         cors_origins: args.cors_origins,
         keepalive: Duration::from_secs(args.keepalive_secs),
+        tls,
+        max_message_bytes: args.max_message_bytes,
+        max_streams_per_connection: args.max_streams_per_connection,
     };
     let server = server::run(listener, domain, config, async move {
         let _ = stopped.wait_for(|s| *s).await;
@@ -204,6 +273,16 @@ pub async fn token_create(args: TokenCreateArgs) -> CliResult {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_take_units() {
+        assert_eq!(parse_bytes("4MiB"), Ok(4 << 20));
+        assert_eq!(parse_bytes("512KiB"), Ok(512 << 10));
+        assert_eq!(parse_bytes("1048576"), Ok(1 << 20));
+        assert!(parse_bytes("0").is_err());
+        assert!(parse_bytes("4 parsecs").is_err());
+        assert!(parse_bytes("99999999999999999999GiB").is_err());
+    }
 
     #[test]
     fn durations_take_units() {

@@ -9,6 +9,7 @@
 //!   `tonic::Status` there, once.
 //! - [`cluster`]: replicas on one PostgreSQL database (LISTEN/NOTIFY).
 //! - [`server`]: one port for gRPC, gRPC-web, reflection, health and the page.
+//! - [`tls`]: rustls for the one port, reloaded when the files change.
 //! - [`cmd`]: `taskmesh serve` and `taskmesh token create`: flags and startup.
 //!
 //! ARCHITECTURE.md tells how a request and a daemon's stream flow through them.
@@ -20,6 +21,7 @@ pub mod domain;
 pub mod model;
 pub mod server;
 pub mod store;
+pub mod tls;
 pub mod wire;
 
 pub use taskmesh_proto::pb;

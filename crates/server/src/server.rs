@@ -24,8 +24,9 @@ use crate::pb::daemon_service_server::DaemonServiceServer;
 use crate::pb::task_service_server::TaskServiceServer;
 use crate::pb::workspace_service_server::WorkspaceServiceServer;
 use crate::store::Backend;
+use crate::tls::ServerTls;
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ServerConfig {
     /// Origins browsers may call from; empty allows any (tokens travel in a
     /// header, never in cookies, so `*` grants a page nothing by itself).
@@ -33,13 +34,26 @@ pub struct ServerConfig {
     /// HTTP/2 keepalive ping interval and timeout, to catch half-open
     /// connections sooner than heartbeats do.
     pub keepalive: Duration,
+    /// Serve over TLS with this; plaintext when `None`.
+    pub tls: Option<ServerTls>,
+    /// Largest request message a service decodes.
+    pub max_message_bytes: usize,
+    /// HTTP/2 streams one connection may hold open at once.
+    pub max_streams_per_connection: u32,
 }
+
+/// gRPC's own default: every client library accepts this much.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 4 << 20;
+pub const DEFAULT_MAX_STREAMS_PER_CONNECTION: u32 = 1024;
 
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             cors_origins: Vec::new(),
             keepalive: Duration::from_secs(20),
+            tls: None,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            max_streams_per_connection: DEFAULT_MAX_STREAMS_PER_CONNECTION,
         }
     }
 }
@@ -85,18 +99,18 @@ pub async fn run(
     };
     let web = GrpcWebLayer::new();
     // Inside gRPC-web, so a refusal reaches a browser as gRPC-web.
-    let access = AccessLayer::new(domain.clone());
-    let guarded = |s| web.layer(access.layer(s));
+    let verifies_clients = config.tls.as_ref().is_some_and(ServerTls::verifies_clients);
+    let access = AccessLayer::new(domain.clone(), verifies_clients);
+    let max = config.max_message_bytes;
+    let tasks = TaskServiceServer::new(TaskApi::new(domain.clone())).max_decoding_message_size(max);
+    let daemons =
+        DaemonServiceServer::new(DaemonApi::new(domain.clone())).max_decoding_message_size(max);
+    let workspaces =
+        WorkspaceServiceServer::new(WorkspaceApi::new(domain)).max_decoding_message_size(max);
     let routes = Routes::builder()
-        .add_service(guarded(TaskServiceServer::new(TaskApi::new(
-            domain.clone(),
-        ))))
-        .add_service(
-            web.layer(access.layer(DaemonServiceServer::new(DaemonApi::new(domain.clone())))),
-        )
-        .add_service(
-            web.layer(access.layer(WorkspaceServiceServer::new(WorkspaceApi::new(domain)))),
-        )
+        .add_service(web.layer(access.layer(tasks)))
+        .add_service(web.layer(access.layer(daemons)))
+        .add_service(web.layer(access.layer(workspaces)))
         .add_service(web.layer(health_service))
         .add_service(web.layer(reflection().build_v1()?))
         .add_service(web.layer(reflection().build_v1alpha()?))
@@ -115,22 +129,37 @@ pub async fn run(
         Backend::Sqlite => None,
     };
     let liveness = sweeper.spawn_liveness();
-    let served = tonic::transport::Server::builder()
+    let reloader = config.tls.as_ref().map(ServerTls::spawn_reloader);
+    let router = tonic::transport::Server::builder()
         .accept_http1(true)
         .http2_keepalive_interval(Some(config.keepalive))
         .http2_keepalive_timeout(Some(config.keepalive))
+        .max_concurrent_streams(config.max_streams_per_connection)
         .layer(cors(&config.cors_origins)?)
         .layer(RpcLogLayer)
-        .add_routes(Routes::from(routes))
+        .add_routes(Routes::from(routes));
+    let served = match &config.tls {
+        Some(tls) => {
+            router
+                .serve_with_incoming_shutdown(tls.incoming(listener), shutdown)
+                .await
+        }
         // With a listener of our own tonic applies none of its socket
         // defaults: without TCP_NODELAY, a small frame written while the
         // previous one awaits a delayed ACK waits ~40 ms (Nagle).
-        .serve_with_incoming_shutdown(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown,
-        )
-        .await;
+        None => {
+            router
+                .serve_with_incoming_shutdown(
+                    TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    shutdown,
+                )
+                .await
+        }
+    };
     liveness.abort();
+    if let Some(reloader) = reloader {
+        reloader.abort();
+    }
     if let Some(peers) = peers {
         peers.abort();
     }

@@ -636,7 +636,7 @@ both_backends!(
 
 #[test]
 fn every_verb_explains_itself_with_an_example() {
-    let verbs: [&[&str]; 11] = [
+    let verbs: [&[&str]; 15] = [
         &["task"],
         &["task", "create"],
         &["task", "list"],
@@ -647,7 +647,11 @@ fn every_verb_explains_itself_with_an_example() {
         &["task", "reassign"],
         &["task", "continue"],
         &["task", "watch"],
+        &["task", "approve"],
+        &["task", "deny"],
+        &["task", "approvals"],
         &["daemons"],
+        &["daemons", "disconnect"],
     ];
     for verb in verbs {
         let out = std::process::Command::new(BIN)

@@ -59,10 +59,12 @@ pub struct ServeProcess {
     pub addr: SocketAddr,
     /// The first-start token; `None` on a restart over an existing database.
     pub token: Option<String>,
+    /// `http://ADDR`, or `https://ADDR` when it serves TLS.
+    url: String,
 }
 
-/// What `taskmesh serve` prints once it listens, before the address.
-pub const SERVE_LISTENING: &str = "taskmesh listening on http://";
+/// What `taskmesh serve` prints once it listens, before its URL.
+pub const SERVE_LISTENING: &str = "taskmesh listening on ";
 
 impl ServeProcess {
     /// Starts `serve` on `listen` (`127.0.0.1:0` for any port) and waits for
@@ -102,20 +104,35 @@ impl ServeProcess {
                     token = Some(line.to_string());
                 }
                 if let Some(rest) = line.strip_prefix(listening) {
-                    let addr = rest.split_whitespace().next().unwrap_or_default();
-                    return Ok::<_, Error>(addr.parse::<SocketAddr>()?);
+                    let url = rest.split_whitespace().next().unwrap_or_default();
+                    let (scheme, addr) = match url.split_once("://") {
+                        Some((scheme, addr)) => (scheme, addr),
+                        None => ("http", url),
+                    };
+                    let addr = addr.parse::<SocketAddr>()?;
+                    return Ok::<_, Error>((addr, format!("{scheme}://{addr}")));
                 }
             }
             Err("the server exited before listening".into())
         })
         .await
         .map_err(|_| "the server did not start listening within 60 s")??;
+        let (addr, url) = addr;
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Ok(ServeProcess { child, addr, token })
+        Ok(ServeProcess {
+            child,
+            addr,
+            token,
+            url,
+        })
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        self.url.clone()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("the server runs")
     }
 
     /// Resident memory of the server process.

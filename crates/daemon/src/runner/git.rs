@@ -7,7 +7,7 @@ use tokio::process::Command;
 use tokio::sync::mpsc;
 use tracing::info;
 
-use super::process::{describe_status, exit_code_of};
+use super::process::{describe_status, exit_code_of, scrub_env};
 use super::{Control, RunnerEvent, StartError, TaskSpec};
 
 /// `git clone --branch <branch> --depth 50 -- <repository> <dir>`, which an
@@ -18,6 +18,7 @@ pub(super) async fn clone_repository(
     events: &mpsc::Sender<RunnerEvent>,
 ) -> Result<(), StartError> {
     let mut cmd = Command::new("git");
+    scrub_env(&mut cmd, &spec.hidden_secrets);
     cmd.arg("clone");
     if !spec.branch.is_empty() {
         cmd.arg("--branch").arg(&spec.branch);

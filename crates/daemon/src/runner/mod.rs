@@ -21,7 +21,9 @@ use tokio::time::{Instant, sleep_until};
 use tracing::{debug, info, warn};
 
 use git::clone_repository;
-use process::{agent_command, describe_status, outcome_of, signal_group, spawn_stdin_writer};
+use process::{
+    agent_command, describe_status, outcome_of, scrub_env, signal_group, spawn_stdin_writer,
+};
 
 use super::output::{LineReader, StreamParser};
 use crate::pb::{AgentResume, MessageKind, TaskMessageInput};
@@ -56,6 +58,8 @@ pub(crate) struct TaskSpec {
     pub attempt: i32,
     pub resume_session_id: Option<String>,
     pub context: String,
+    /// Values no child may see in its environment (the daemon's token).
+    pub hidden_secrets: Vec<String>,
 }
 
 /// Instructions from the session loop.
@@ -202,6 +206,7 @@ async fn start(
     }
 
     let mut cmd = agent_command(spec.command_template.as_deref(), &spec.plan);
+    scrub_env(&mut cmd, &spec.hidden_secrets);
     cmd.current_dir(&spec.dir)
         .env("TASKMESH_TASK_ID", &spec.task_id)
         .env("TASKMESH_PLAN", &spec.plan)

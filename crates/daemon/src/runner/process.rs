@@ -28,6 +28,26 @@ pub(super) fn agent_command(template: Option<&str>, plan: &str) -> Command {
     cmd
 }
 
+/// Variables the daemon's own access may travel in; no child inherits them.
+const DAEMON_ONLY_VARS: &[&str] = &["TASKMESH_TOKEN", "TASKMESH_TOKEN_FILE"];
+
+/// Keeps the daemon's token out of a child's environment: the variables
+/// that carry it, and any variable whose value holds one of `secrets`.
+pub(crate) fn scrub_env(cmd: &mut Command, secrets: &[String]) {
+    for var in DAEMON_ONLY_VARS {
+        cmd.env_remove(var);
+    }
+    for (name, value) in std::env::vars_os() {
+        let value = value.to_string_lossy();
+        if secrets
+            .iter()
+            .any(|s| !s.is_empty() && value.contains(s.as_str()))
+        {
+            cmd.env_remove(name);
+        }
+    }
+}
+
 /// Sends `sig` to every process in the group led by `pgid`.
 pub(super) fn signal_group(pgid: i32, sig: libc::c_int) {
     // pgid 0 or 1 would signal our own group or every process we may signal.

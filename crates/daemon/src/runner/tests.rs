@@ -37,6 +37,7 @@ fn spec(plan: &str, first_seq: i64, dir: &TempDir) -> TaskSpec {
         attempt: 1,
         resume_session_id: None,
         context: String::new(),
+        hidden_secrets: Vec::new(),
     }
 }
 

@@ -270,6 +270,7 @@ impl Session {
                 .map(|r| r.agent_session_id)
                 .filter(|s| !s.is_empty()),
             context: spawn.context,
+            hidden_secrets: self.cfg.hidden_secrets.clone(),
         };
         let (control_tx, control_rx) = mpsc::channel(CONTROL_CAPACITY);
         let (pressure_tx, pressure_rx) = watch::channel(false);

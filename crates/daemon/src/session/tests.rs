@@ -35,6 +35,7 @@ fn test_config(max_tasks: usize) -> (Arc<Config>, PathBuf) {
         max_tasks,
         interrupt_grace: Duration::from_secs(1),
         shutdown_grace: Duration::from_secs(5),
+        hidden_secrets: Vec::new(),
     };
     (Arc::new(cfg), dir)
 }
@@ -309,6 +310,7 @@ async fn shutdown_interrupts_running_tasks_and_reports_them() {
         work_dir: cfg.work_dir.clone(),
         runtimes: cfg.runtimes.clone(),
         max_tasks: cfg.max_tasks,
+        hidden_secrets: Vec::new(),
     });
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let session = Session::new(

@@ -21,7 +21,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use tonic::Status;
-use tonic::transport::server::TcpConnectInfo;
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tower::{Layer, Service};
 
 use crate::domain::{Domain, Error, hash_secret};
@@ -157,13 +157,17 @@ impl Limiter {
 pub struct AccessLayer {
     domain: Arc<Domain>,
     limiter: Arc<Mutex<Limiter>>,
+    /// With `--client-ca`: DaemonService needs a verified client
+    /// certificate as well as a daemon token.
+    daemons_need_certificates: bool,
 }
 
 impl AccessLayer {
-    pub fn new(domain: Arc<Domain>) -> Self {
+    pub fn new(domain: Arc<Domain>, daemons_need_certificates: bool) -> Self {
         AccessLayer {
             domain,
             limiter: Arc::default(),
+            daemons_need_certificates,
         }
     }
 
@@ -172,13 +176,22 @@ impl AccessLayer {
         &self,
         path: &str,
         headers: &http::HeaderMap,
-        ip: Option<IpAddr>,
+        peer: Peer,
     ) -> Result<Principal, Status> {
         let Some(kinds) = kinds_for(path) else {
             return Err(Status::permission_denied(format!(
                 "{path} has no access rule"
             )));
         };
+        if self.daemons_need_certificates
+            && path.starts_with("/taskmesh.v1.DaemonService/")
+            && !peer.certified
+        {
+            return Err(Status::unauthenticated(
+                "DaemonService needs a client certificate signed by --client-ca",
+            ));
+        }
+        let ip = peer.ip;
         let secret = bearer(headers)?;
         let hash = hash_secret(secret);
         let now = Instant::now();
@@ -233,13 +246,29 @@ fn bearer(headers: &http::HeaderMap) -> Result<&str, Status> {
         .ok_or_else(|| Status::unauthenticated("authorization must be `Bearer <token>`"))
 }
 
-/// The client's address, when the connection tells it.
-fn peer_ip<B>(req: &http::Request<B>) -> Option<IpAddr> {
+/// What the connection tells of the client.
+#[derive(Debug, Clone, Copy, Default)]
+struct Peer {
+    ip: Option<IpAddr>,
+    /// It presented a certificate the server verified (mTLS).
+    certified: bool,
+}
+
+fn peer<B>(req: &http::Request<B>) -> Peer {
     let ext = req.extensions();
-    ext.get::<TcpConnectInfo>()
-        .and_then(TcpConnectInfo::remote_addr)
-        .or_else(|| ext.get::<std::net::SocketAddr>().copied())
-        .map(|a| a.ip())
+    if let Some(tls) = ext.get::<TlsConnectInfo<TcpConnectInfo>>() {
+        return Peer {
+            ip: tls.get_ref().remote_addr().map(|a| a.ip()),
+            certified: tls.peer_certs().is_some_and(|c| !c.is_empty()),
+        };
+    }
+    Peer {
+        ip: ext
+            .get::<TcpConnectInfo>()
+            .and_then(TcpConnectInfo::remote_addr)
+            .map(|a| a.ip()),
+        certified: false,
+    }
 }
 
 impl<S> Layer<S> for AccessLayer {
@@ -286,8 +315,8 @@ where
         let layer = self.layer.clone();
         Box::pin(async move {
             let path = req.uri().path().to_string();
-            let ip = peer_ip(&req);
-            match layer.check(&path, req.headers(), ip).await {
+            let peer = peer(&req);
+            match layer.check(&path, req.headers(), peer).await {
                 Ok(principal) => {
                     req.extensions_mut().insert(principal);
                     let mut res = inner.call(req).await?;
