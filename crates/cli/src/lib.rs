@@ -31,7 +31,10 @@ const MAX_PAGE: u32 = 1000;
 /// Where the server is and who is asking; every verb takes these.
 #[derive(clap::Args, Clone)]
 pub struct ServerArgs {
-    /// URL of the taskmesh server.
+    /// URL of the taskmesh server. `https://` is TLS, checked against the
+    /// system's roots or --ca-cert, and never falls back to cleartext; a
+    /// plain `http://` URL to another machine sends the token in cleartext
+    /// (a warning says so).
     #[arg(
         long,
         env = "TASKMESH_SERVER",
@@ -53,7 +56,7 @@ pub struct ServerArgs {
     pub token: Option<String>,
 
     /// With an https:// server: trust this CA certificate (PEM) instead of
-    /// the system's roots.
+    /// the system's roots, e.g. the CA that signed `serve --tls-cert`.
     #[arg(
         long,
         env = "TASKMESH_CA_CERT",
@@ -372,8 +375,10 @@ impl ServerArgs {
             identity: None,
         };
         let (endpoint, warning) = taskmesh_proto::endpoint(&self.server, &tls)?;
+        // Once per run, though `task watch` connects again after a drop.
+        static WARNED: std::sync::Once = std::sync::Once::new();
         if let Some(warning) = warning {
-            note(&format!("warning: {warning}"));
+            WARNED.call_once(|| note(&format!("warning: {warning}")));
         }
         let endpoint = endpoint.connect_timeout(CONNECT_TIMEOUT);
         let channel = endpoint

@@ -64,29 +64,57 @@ pub struct ServeArgs {
     /// (DecideApproval, `taskmesh task approve`) before it is denied.
     #[arg(long, env = "TASKMESH_APPROVAL_TIMEOUT", default_value = "10m", value_parser = parse_duration)]
     pub approval_timeout: Duration,
-    /// Serve over TLS with this certificate chain (PEM). Needs --tls-key.
-    /// Reloaded on SIGHUP and when the file changes.
-    #[arg(long, env = "TASKMESH_TLS_CERT", requires = "tls_key")]
+    /// Serve HTTPS: gRPC, gRPC-web, reflection, health and the page over
+    /// TLS on the same port, with this certificate chain (PEM, the server's
+    /// certificate first). Needs --tls-key. Reloaded on SIGHUP and when the
+    /// file changes; a bad new one keeps the old and logs why.
+    #[arg(
+        long,
+        env = "TASKMESH_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
     pub tls_cert: Option<PathBuf>,
-    /// The private key of --tls-cert (PEM).
-    #[arg(long, env = "TASKMESH_TLS_KEY", requires = "tls_cert")]
+    /// The private key of --tls-cert (PEM: PKCS#8, RSA or EC).
+    #[arg(
+        long,
+        env = "TASKMESH_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
     pub tls_key: Option<PathBuf>,
-    /// With TLS: clients may present certificates signed by this CA (PEM),
-    /// and DaemonService calls must (mTLS for daemons; browsers need none).
-    #[arg(long, env = "TASKMESH_CLIENT_CA", requires = "tls_cert")]
+    /// With TLS: clients may present a certificate signed by this CA (PEM),
+    /// and DaemonService calls need one (mTLS for daemons). Never required
+    /// at the handshake, so browsers and the CLI connect without one.
+    #[arg(
+        long,
+        env = "TASKMESH_CLIENT_CA",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
     pub client_ca: Option<PathBuf>,
-    /// Largest request a client may send. Units: B, KiB, MiB.
+    /// Largest request message a client may send, on every service; larger
+    /// ones answer OUT_OF_RANGE. Units: B, KiB, MiB, GiB.
     #[arg(long, env = "TASKMESH_MAX_MESSAGE_BYTES", default_value = "4MiB", value_parser = parse_bytes)]
     pub max_message_bytes: usize,
-    /// HTTP/2 streams one connection may hold open at once.
-    #[arg(long, env = "TASKMESH_MAX_STREAMS_PER_CONNECTION", default_value_t = server::DEFAULT_MAX_STREAMS_PER_CONNECTION)]
+    /// HTTP/2 streams (calls) one connection may have open at once; a
+    /// client past it waits for one to finish.
+    #[arg(long, env = "TASKMESH_MAX_STREAMS_PER_CONNECTION", default_value_t = server::DEFAULT_MAX_STREAMS_PER_CONNECTION,
+          value_parser = clap::value_parser!(u32).range(1..))]
     pub max_streams_per_connection: u32,
+    /// Close a connection that has carried no call for this long (open
+    /// streams count as calls, keepalive pings do not); clients reconnect
+    /// by themselves. Units: ms, s, m, h.
+    #[arg(long, env = "TASKMESH_IDLE_TIMEOUT", default_value = "10m", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
     /// Sessions and watches one token may hold open on this server; past
     /// it, new ones answer RESOURCE_EXHAUSTED.
-    #[arg(long, env = "TASKMESH_MAX_STREAMS_PER_TOKEN", default_value_t = domain::Limits::default().max_streams_per_token)]
+    #[arg(long, env = "TASKMESH_MAX_STREAMS_PER_TOKEN", default_value_t = domain::Limits::default().max_streams_per_token,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub max_streams_per_token: usize,
     /// Output one watcher may hold undelivered before it falls back to
-    /// catching up from the database. Units: B, KiB, MiB.
+    /// catching up from the database, so a slow watcher costs this much
+    /// memory at most. Units: B, KiB, MiB, GiB.
     #[arg(long, env = "TASKMESH_WATCHER_BUDGET", default_value = "8MiB", value_parser = parse_bytes)]
     pub watcher_budget: usize,
 }
@@ -217,6 +245,9 @@ pub async fn serve(
     }
     let addr = listener.local_addr()?;
     tracing::info!(backend = ?store.backend(), "database ready");
+    // Before the line that says it is up: from then on a SIGHUP reloads
+    // the certificate and never ends the process.
+    let reloader = tls.as_ref().map(ServerTls::spawn_reloader);
     let scheme = if tls.is_some() { "https" } else { "http" };
     println!("taskmesh listening on {scheme}://{addr}  (gRPC, gRPC-web and the dashboard)");
 
@@ -233,6 +264,7 @@ pub async fn serve(
         tls,
         max_message_bytes: args.max_message_bytes,
         max_streams_per_connection: args.max_streams_per_connection,
+        idle_timeout: Some(args.idle_timeout),
     };
     let server = server::run(listener, domain, config, async move {
         let _ = stopped.wait_for(|s| *s).await;
@@ -243,6 +275,9 @@ pub async fn serve(
         _ = async { let _ = stop_rx.wait_for(|s| *s).await; tokio::time::sleep(drain).await } => {
             tracing::warn!("drain deadline passed; closing the remaining streams");
         }
+    }
+    if let Some(reloader) = reloader {
+        reloader.abort();
     }
     store.close().await;
     tracing::info!("stopped");

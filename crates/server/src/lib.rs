@@ -9,6 +9,8 @@
 //!   `tonic::Status` there, once.
 //! - [`cluster`]: replicas on one PostgreSQL database (LISTEN/NOTIFY).
 //! - [`server`]: one port for gRPC, gRPC-web, reflection, health and the page.
+//! - [`conn`]: accepted connections: TCP_NODELAY, TLS handshakes off the
+//!   accept loop, what a request knows of its connection, idle ones closed.
 //! - [`tls`]: rustls for the one port, reloaded when the files change.
 //! - [`cmd`]: `taskmesh serve` and `taskmesh token create`: flags and startup.
 //!
@@ -17,6 +19,7 @@
 pub mod api;
 pub mod cluster;
 pub mod cmd;
+pub mod conn;
 pub mod domain;
 pub mod model;
 pub mod server;

@@ -11,13 +11,13 @@ use axum::response::{Html, IntoResponse};
 use http::{HeaderName, HeaderValue, Method, StatusCode, Uri};
 use tokio::net::TcpListener;
 use tonic::service::Routes;
-use tonic::transport::server::TcpIncoming;
 use tonic_web::GrpcWebLayer;
 use tower::{Layer, Service};
 use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
 
 use crate::api::{AccessLayer, DaemonApi, TaskApi, WorkspaceApi};
 use crate::cluster;
+use crate::conn::{self, ActivityLayer};
 use crate::domain::Domain;
 use crate::pb;
 use crate::pb::daemon_service_server::DaemonServiceServer;
@@ -34,17 +34,21 @@ pub struct ServerConfig {
     /// HTTP/2 keepalive ping interval and timeout, to catch half-open
     /// connections sooner than heartbeats do.
     pub keepalive: Duration,
-    /// Serve over TLS with this; plaintext when `None`.
+    /// Serve over TLS with this; plaintext when `None`. (`serve` reloads
+    /// its certificate: see [`ServerTls::spawn_reloader`].)
     pub tls: Option<ServerTls>,
     /// Largest request message a service decodes.
     pub max_message_bytes: usize,
     /// HTTP/2 streams one connection may hold open at once.
     pub max_streams_per_connection: u32,
+    /// Close a connection that has carried no request for this long.
+    pub idle_timeout: Option<Duration>,
 }
 
 /// gRPC's own default: every client library accepts this much.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 4 << 20;
 pub const DEFAULT_MAX_STREAMS_PER_CONNECTION: u32 = 1024;
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 
 impl Default for ServerConfig {
     fn default() -> Self {
@@ -54,6 +58,7 @@ impl Default for ServerConfig {
             tls: None,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             max_streams_per_connection: DEFAULT_MAX_STREAMS_PER_CONNECTION,
+            idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
         }
     }
 }
@@ -129,37 +134,25 @@ pub async fn run(
         Backend::Sqlite => None,
     };
     let liveness = sweeper.spawn_liveness();
-    let reloader = config.tls.as_ref().map(ServerTls::spawn_reloader);
-    let router = tonic::transport::Server::builder()
+    // Our own listener (tonic applies its socket options only to its own):
+    // TCP_NODELAY, and the TLS handshakes off the accept loop; see `conn`.
+    let incoming = conn::incoming(
+        listener,
+        config.tls.as_ref().map(ServerTls::acceptor),
+        config.idle_timeout,
+    );
+    let served = tonic::transport::Server::builder()
         .accept_http1(true)
         .http2_keepalive_interval(Some(config.keepalive))
         .http2_keepalive_timeout(Some(config.keepalive))
         .max_concurrent_streams(config.max_streams_per_connection)
+        .layer(ActivityLayer)
         .layer(cors(&config.cors_origins)?)
         .layer(RpcLogLayer)
-        .add_routes(Routes::from(routes));
-    let served = match &config.tls {
-        Some(tls) => {
-            router
-                .serve_with_incoming_shutdown(tls.incoming(listener), shutdown)
-                .await
-        }
-        // With a listener of our own tonic applies none of its socket
-        // defaults: without TCP_NODELAY, a small frame written while the
-        // previous one awaits a delayed ACK waits ~40 ms (Nagle).
-        None => {
-            router
-                .serve_with_incoming_shutdown(
-                    TcpIncoming::from(listener).with_nodelay(Some(true)),
-                    shutdown,
-                )
-                .await
-        }
-    };
+        .add_routes(Routes::from(routes))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await;
     liveness.abort();
-    if let Some(reloader) = reloader {
-        reloader.abort();
-    }
     if let Some(peers) = peers {
         peers.abort();
     }

@@ -3,14 +3,12 @@
 //! keeps the old one, and says why), and optionally client certificates
 //! checked against `--client-ca` (asked for, never required at the TLS
 //! level: browsers have none; DaemonService refuses connections without
-//! one, see `api::access`).
-//!
-//! Handshakes run per connection off the accept loop, so a slow client
-//! never holds up the others.
+//! one, see `api::access`). `conn` performs the handshakes, each on a task
+//! of its own.
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
 use rustls::crypto::CryptoProvider;
@@ -18,17 +16,10 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
-use tokio_rustls::server::TlsStream;
 
 /// How often the certificate files are checked for changes.
 const WATCH_EVERY: Duration = Duration::from_secs(5);
-/// A client gets this long to finish its handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Handshaken connections waiting for the server to take them.
-const BACKLOG: usize = 128;
 
 /// What `serve` was given for TLS.
 #[derive(Debug, Clone)]
@@ -39,17 +30,27 @@ pub struct TlsFiles {
     pub client_ca: Option<PathBuf>,
 }
 
+/// What is wrong with a TLS file, naming the flag and the file.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("cannot read {path}: {source}")]
+    #[error("{flag} {}: cannot read it: {source}", path.display())]
     Read {
+        flag: &'static str,
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("{path}: {reason}")]
-    Invalid { path: PathBuf, reason: String },
-    #[error("{cert} and {key} do not belong together: {reason}")]
+    #[error("{flag} {}: {reason}", path.display())]
+    Invalid {
+        flag: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error(
+        "--tls-key {} is not the key of --tls-cert {}: {reason}",
+        key.display(),
+        cert.display()
+    )]
     Mismatch {
         cert: PathBuf,
         key: PathBuf,
@@ -63,44 +64,73 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+fn read(flag: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
     std::fs::read(path).map_err(|source| TlsError::Read {
+        flag,
         path: path.to_path_buf(),
         source,
     })
 }
 
-fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let pem = read(path)?;
+fn invalid(flag: &'static str, path: &Path, reason: impl Into<String>) -> TlsError {
+    TlsError::Invalid {
+        flag,
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
+/// The PEM certificates in `path`; at least one.
+fn certificates(flag: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = read(flag, path)?;
     let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| TlsError::Invalid {
-            path: path.to_path_buf(),
-            reason: format!("not PEM certificates: {e}"),
-        })?;
+        .map_err(|e| invalid(flag, path, format!("unreadable PEM: {e}")))?;
     if certs.is_empty() {
-        return Err(TlsError::Invalid {
-            path: path.to_path_buf(),
-            reason: "holds no certificate (expected PEM `BEGIN CERTIFICATE` blocks)".into(),
-        });
+        return Err(invalid(
+            flag,
+            path,
+            "holds no certificate (expected PEM `BEGIN CERTIFICATE` blocks)",
+        ));
     }
     Ok(certs)
 }
 
 /// The certificate chain and key as one, checked to belong together.
 fn certified_key(files: &TlsFiles) -> Result<Arc<CertifiedKey>, TlsError> {
-    let certs = certificates(&files.cert)?;
-    let pem = read(&files.key)?;
-    let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| TlsError::Invalid {
-        path: files.key.clone(),
-        reason: format!("no PEM private key: {e}"),
+    let certs = certificates("--tls-cert", &files.cert)?;
+    let pem = read("--tls-key", &files.key)?;
+    let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {
+        invalid(
+            "--tls-key",
+            &files.key,
+            format!("holds no PEM private key (`BEGIN PRIVATE KEY`, `BEGIN RSA PRIVATE KEY` or `BEGIN EC PRIVATE KEY`): {e}"),
+        )
     })?;
-    let key = CertifiedKey::from_der(certs, key, &provider()).map_err(|e| TlsError::Mismatch {
-        cert: files.cert.clone(),
-        key: files.key.clone(),
-        reason: e.to_string(),
+    let key = provider().key_provider.load_private_key(key).map_err(|e| {
+        invalid(
+            "--tls-key",
+            &files.key,
+            format!("unusable private key: {e}"),
+        )
     })?;
-    Ok(Arc::new(key))
+    let pair = CertifiedKey::new(certs, key);
+    match pair.keys_match() {
+        // A key that cannot tell its public half is taken, as rustls does.
+        Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {
+            Ok(Arc::new(pair))
+        }
+        Err(rustls::Error::InconsistentKeys(_)) => Err(TlsError::Mismatch {
+            cert: files.cert.clone(),
+            key: files.key.clone(),
+            reason: "the certificate was issued for another key".into(),
+        }),
+        Err(e) => Err(invalid(
+            "--tls-cert",
+            &files.cert,
+            format!("the first certificate is unusable: {e}"),
+        )),
+    }
 }
 
 /// Answers every handshake with the current certificate; swapped when the
@@ -118,6 +148,8 @@ impl ResolvesServerCert for Current {
 #[derive(Clone)]
 pub struct ServerTls {
     files: TlsFiles,
+    /// The files' modification times when they were last read.
+    loaded: Arc<Mutex<Stamp>>,
     current: Arc<Current>,
     acceptor: TlsAcceptor,
 }
@@ -126,6 +158,7 @@ impl ServerTls {
     /// Loads the certificate, key and client CA; a problem is reported with
     /// the file it is in.
     pub fn load(files: TlsFiles) -> Result<ServerTls, TlsError> {
+        let loaded = Arc::new(Mutex::new(stamp(&files)));
         let current = Arc::new(Current(RwLock::new(certified_key(&files)?)));
         let builder = rustls::ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
@@ -134,20 +167,16 @@ impl ServerTls {
             None => builder.with_no_client_auth(),
             Some(ca) => {
                 let mut roots = rustls::RootCertStore::empty();
-                for cert in certificates(ca)? {
-                    roots.add(cert).map_err(|e| TlsError::Invalid {
-                        path: ca.clone(),
-                        reason: e.to_string(),
-                    })?;
+                for cert in certificates("--client-ca", ca)? {
+                    roots
+                        .add(cert)
+                        .map_err(|e| invalid("--client-ca", ca, e.to_string()))?;
                 }
                 let verifier =
                     WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
                         .allow_unauthenticated()
                         .build()
-                        .map_err(|e| TlsError::Invalid {
-                            path: ca.clone(),
-                            reason: e.to_string(),
-                        })?;
+                        .map_err(|e| invalid("--client-ca", ca, e.to_string()))?;
                 builder.with_client_cert_verifier(verifier)
             }
         };
@@ -156,6 +185,7 @@ impl ServerTls {
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(ServerTls {
             files,
+            loaded,
             current,
             acceptor: TlsAcceptor::from(Arc::new(config)),
         })
@@ -168,6 +198,8 @@ impl ServerTls {
 
     /// Loads the files again; on failure the current certificate stays.
     pub fn reload(&self) -> Result<(), TlsError> {
+        // Taken before reading: a write during the read shows as a change.
+        *self.lock_loaded() = stamp(&self.files);
         let key = certified_key(&self.files)?;
         *self.current.0.write().unwrap_or_else(|e| e.into_inner()) = key;
         Ok(())
@@ -181,18 +213,14 @@ impl ServerTls {
         // and never takes the default action (ending the process).
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         tokio::spawn(async move {
-            let stamp = |t: &ServerTls| (modified(&t.files.cert), modified(&t.files.key));
-            let mut seen = stamp(&tls);
             let mut tick = tokio::time::interval(WATCH_EVERY);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 let why = tokio::select! {
                     _ = tick.tick() => {
-                        let now = stamp(&tls);
-                        if now == seen {
+                        if stamp(&tls.files) == *tls.lock_loaded() {
                             continue;
                         }
-                        seen = now;
                         "the certificate files changed"
                     }
                     Some(()) = async { hup.as_mut()?.recv().await } => "SIGHUP",
@@ -209,44 +237,20 @@ impl ServerTls {
         })
     }
 
-    /// Accepts TCP connections (with TCP_NODELAY), finishes each handshake
-    /// on its own task, and yields the TLS streams.
-    pub fn incoming(
-        &self,
-        listener: TcpListener,
-    ) -> tokio_stream::wrappers::ReceiverStream<io::Result<TlsStream<TcpStream>>> {
-        let (tx, rx) = mpsc::channel(BACKLOG);
-        let acceptor = self.acceptor.clone();
-        tokio::spawn(async move {
-            loop {
-                let (tcp, peer) = match listener.accept().await {
-                    Ok(conn) => conn,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let _ = tcp.set_nodelay(true);
-                let (acceptor, handed) = (acceptor.clone(), tx.clone());
-                tokio::spawn(async move {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                        Ok(Ok(tls)) => {
-                            let _ = handed.send(Ok(tls)).await;
-                        }
-                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                    }
-                });
-                if tx.is_closed() {
-                    return;
-                }
-            }
-        });
-        tokio_stream::wrappers::ReceiverStream::new(rx)
+    fn lock_loaded(&self) -> std::sync::MutexGuard<'_, Stamp> {
+        self.loaded.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// What performs each connection's handshake.
+    pub fn acceptor(&self) -> TlsAcceptor {
+        self.acceptor.clone()
     }
 }
 
-fn modified(path: &Path) -> Option<SystemTime> {
-    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+/// The modification times of the certificate and the key.
+type Stamp = (Option<SystemTime>, Option<SystemTime>);
+
+fn stamp(files: &TlsFiles) -> Stamp {
+    let modified = |path: &Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    (modified(&files.cert), modified(&files.key))
 }

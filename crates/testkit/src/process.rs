@@ -127,6 +127,26 @@ impl ServeProcess {
         })
     }
 
+    /// Starts `serve` like [`ServeProcess::start`], with its log at
+    /// `rust_log` coming back as lines through [`ServeLog`] (and still
+    /// copied to this process's stderr).
+    pub async fn start_logged(
+        database_url: &str,
+        listen: &str,
+        extra: &[&str],
+        rust_log: &str,
+    ) -> (ServeProcess, ServeLog) {
+        let mut cmd = serve_command(database_url, listen, extra);
+        cmd.env("RUST_LOG", rust_log)
+            .env("NO_COLOR", "1")
+            .stderr(Stdio::piped());
+        let mut server = ServeProcess::spawn(cmd, SERVE_LISTENING)
+            .await
+            .unwrap_or_else(|e| panic!("start taskmesh serve: {e}"));
+        let stderr = server.child.stderr.take().expect("stderr is piped");
+        (server, ServeLog::follow(stderr))
+    }
+
     pub fn url(&self) -> String {
         self.url.clone()
     }
@@ -143,6 +163,48 @@ impl ServeProcess {
     /// SIGKILL: no graceful anything.
     pub async fn kill(mut self) {
         self.child.kill().await.expect("kill serve");
+    }
+}
+
+/// A child's log, line by line, from the moment it was started.
+pub struct ServeLog {
+    lines: tokio::sync::mpsc::UnboundedReceiver<String>,
+}
+
+impl ServeLog {
+    fn follow(stderr: tokio::process::ChildStderr) -> ServeLog {
+        let (tx, lines) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut stderr = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = stderr.next_line().await {
+                eprintln!("{line}");
+                if tx.send(line).is_err() {
+                    // Nobody reads any more; keep draining the pipe.
+                    while let Ok(Some(_)) = stderr.next_line().await {}
+                    return;
+                }
+            }
+        });
+        ServeLog { lines }
+    }
+
+    /// The next line containing every one of `texts`, skipping the others;
+    /// panics after `patience` or when the log ends first.
+    pub async fn wait_for(&mut self, texts: &[&str], patience: Duration) -> String {
+        let found = tokio::time::timeout(patience, async {
+            while let Some(line) = self.lines.recv().await {
+                if texts.iter().all(|t| line.contains(t)) {
+                    return Some(line);
+                }
+            }
+            None
+        })
+        .await;
+        match found {
+            Ok(Some(line)) => line,
+            Ok(None) => panic!("the server's log ended without {texts:?}"),
+            Err(_) => panic!("no line with {texts:?} in the server's log within {patience:?}"),
+        }
     }
 }
 

@@ -24,6 +24,7 @@ use tonic::Status;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tower::{Layer, Service};
 
+use crate::conn::ConnInfo;
 use crate::domain::{Domain, Error, hash_secret};
 use crate::model::{Principal, StoredEnum, TokenKind};
 
@@ -254,8 +255,16 @@ struct Peer {
     certified: bool,
 }
 
+/// From `serve`'s own connections ([`ConnInfo`]), or from tonic's when
+/// the services run under a plain tonic server (TCP, or TLS over TCP).
 fn peer<B>(req: &http::Request<B>) -> Peer {
     let ext = req.extensions();
+    if let Some(conn) = ext.get::<ConnInfo>() {
+        return Peer {
+            ip: Some(conn.remote_addr.ip()),
+            certified: conn.client_certified,
+        };
+    }
     if let Some(tls) = ext.get::<TlsConnectInfo<TcpConnectInfo>>() {
         return Peer {
             ip: tls.get_ref().remote_addr().map(|a| a.ip()),
