@@ -193,6 +193,27 @@ impl Session {
             other => panic!("expected an ack, got {other:?}"),
         }
     }
+
+    /// Sends `messages` for `task_id` and answers the server's reply.
+    pub async fn report(&mut self, task_id: &str, messages: Vec<pb::TaskMessageInput>) -> Down {
+        self.send(Up::Messages(pb::ReportTaskMessagesRequest {
+            task_id: task_id.into(),
+            messages,
+            ..Default::default()
+        }))
+        .await;
+        self.next().await
+    }
+}
+
+/// A stdout message.
+pub fn stdout(seq: i64, content: &str) -> pb::TaskMessageInput {
+    pb::TaskMessageInput {
+        seq,
+        kind: MessageKind::Stdout as i32,
+        content: content.into(),
+        ..Default::default()
+    }
 }
 
 pub fn spawn_of(c: &pb::Command) -> &pb::SpawnTask {

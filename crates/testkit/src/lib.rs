@@ -19,7 +19,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 pub use taskmesh_proto::Bearer;
-use taskmesh_server::domain::{Domain, Liveness};
+use taskmesh_server::domain::{Domain, Limits, Liveness};
 use taskmesh_server::model::TokenKind;
 use taskmesh_server::pb::task_service_client::TaskServiceClient;
 use taskmesh_server::pb::workspace_service_client::WorkspaceServiceClient;
@@ -103,11 +103,31 @@ pub async fn start_replica(of: &TestServer) -> TestServer {
 /// Starts a server on `db` listening on `addr` (port 0: any). The token is
 /// the bootstrap token on a new database, else a new user token of
 /// workspace `default`.
+/// A server with its own per-caller limits.
+pub async fn start_server_with_limits(db: TestDb, limits: Limits) -> TestServer {
+    launch_with(
+        db,
+        "127.0.0.1:0".parse().unwrap(),
+        Liveness::default(),
+        limits,
+    )
+    .await
+}
+
 async fn launch(db: TestDb, addr: SocketAddr, liveness: Liveness) -> TestServer {
+    launch_with(db, addr, liveness, Limits::default()).await
+}
+
+async fn launch_with(
+    db: TestDb,
+    addr: SocketAddr,
+    liveness: Liveness,
+    limits: Limits,
+) -> TestServer {
     let store = Store::connect(&db.url)
         .await
         .expect("open the test database");
-    let domain = Domain::with_liveness(store.clone(), liveness);
+    let domain = Domain::with_limits(store.clone(), liveness, limits);
     let token = match domain.bootstrap().await.expect("bootstrap") {
         Some(token) => token,
         None => {

@@ -9,8 +9,8 @@
 //! missing from the table is refused: access fails closed.
 //!
 //! Failed authentications are counted per client address; past a burst,
-//! that address gets RESOURCE_EXHAUSTED for unknown tokens (without a
-//! database read) while tokens that authenticated recently keep working.
+//! that address's wrong tokens are answered RESOURCE_EXHAUSTED (with the
+//! time to wait) after a pause, while valid tokens pass as always.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -104,6 +104,8 @@ pub fn principal<T>(req: &tonic::Request<T>) -> Result<Principal, Status> {
 /// slowed down, and how fast that allowance refills.
 const FAILURE_BURST: f64 = 20.0;
 const FAILURES_PER_SEC: f64 = 2.0;
+/// How long a throttled address waits for each refusal.
+const THROTTLED_ANSWER: Duration = Duration::from_millis(250);
 /// Addresses and recently valid tokens remembered at most.
 const MAX_TRACKED: usize = 100_000;
 
@@ -142,8 +144,8 @@ impl Limiter {
         self.valid.insert(hash.to_string(), now);
     }
 
-    /// How long `ip` must wait before presenting an unknown token, if it
-    /// spent its allowance.
+    /// How long `ip` must wait before its next failure counts again, if it
+    /// spent its allowance; `None` for a token known to be valid.
     fn wait(&mut self, ip: IpAddr, hash: &str, now: Instant) -> Option<Duration> {
         if self.valid.contains_key(hash) {
             return None;
@@ -196,20 +198,20 @@ impl AccessLayer {
         let secret = bearer(headers)?;
         let hash = hash_secret(secret);
         let now = Instant::now();
-        if let Some(ip) = ip {
-            let wait = self.lock().wait(ip, &hash, now);
-            if let Some(wait) = wait {
-                return Err(Status::resource_exhausted(format!(
-                    "too many failed authentications from {ip}; retry in {} s",
-                    wait.as_secs().max(1)
-                )));
-            }
-        }
+        let throttled = ip.and_then(|ip| self.lock().wait(ip, &hash, now).map(|w| (ip, w)));
         let principal = match self.domain.authenticate(secret).await {
             Ok(p) => p,
             Err(e) => {
                 if let (Error::Unauthenticated(_), Some(ip)) = (&e, ip) {
                     self.lock().failed(ip, now);
+                }
+                // A throttled address learns nothing more, and waits.
+                if let (Error::Unauthenticated(_), Some((ip, wait))) = (&e, throttled) {
+                    tokio::time::sleep(THROTTLED_ANSWER).await;
+                    return Err(Status::resource_exhausted(format!(
+                        "too many failed authentications from {ip}; retry in {} s",
+                        wait.as_secs().max(1)
+                    )));
                 }
                 return Err(e.into());
             }
@@ -344,9 +346,11 @@ fn undecodable_is_invalid(headers: &mut http::HeaderMap) {
     let internal = headers
         .get("grpc-status")
         .is_some_and(|v| v.as_bytes() == b"13");
-    let decode = headers
-        .get("grpc-message")
-        .is_some_and(|v| v.as_bytes().starts_with(b"failed to decode"));
+    // grpc-message is percent-encoded.
+    let decode = headers.get("grpc-message").is_some_and(|v| {
+        let v = v.as_bytes();
+        v.starts_with(b"failed to decode") || v.starts_with(b"failed%20to%20decode")
+    });
     if internal && decode {
         headers.insert("grpc-status", http::HeaderValue::from_static("3"));
     }

@@ -99,8 +99,9 @@ impl Domain {
         let why = StreamEnd::Disconnected {
             daemon_id: daemon.id.clone(),
         };
+        // Its session ends through its stream guard, with this reason; the
+        // session's own close then forgets it here.
         self.streams.end_daemon(&daemon.id, why);
-        self.sessions.remove(&daemon.id);
         tracing::info!(daemon_id = %daemon.id, by = %p.subject, "daemon disconnected");
         Ok(daemon)
     }

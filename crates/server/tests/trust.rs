@@ -1,0 +1,504 @@
+//! Who may do what, and for how long: every RPC against every token kind;
+//! revocation, a removed membership and DisconnectDaemon ending open
+//! streams; the per-token stream cap; failed authentications throttled.
+
+use std::str::FromStr;
+
+use bytes::{Buf, BufMut};
+use http::uri::PathAndQuery;
+use prost::Message;
+use taskmesh_server::domain::Limits;
+use taskmesh_server::model::TokenKind;
+use taskmesh_server::pb;
+use taskmesh_testkit::daemon::*;
+use taskmesh_testkit::{
+    Backend, TestDb, TestServer, both_backends, start_replica, start_server,
+    start_server_with_limits,
+};
+use tokio_stream::StreamExt;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::metadata::MetadataValue;
+use tonic::{Code, Request, Status};
+
+/// Raw protobuf bytes both ways, to call any method by its path.
+#[derive(Clone, Copy, Default)]
+struct Raw;
+
+impl Codec for Raw {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = Raw;
+    type Decoder = Raw;
+    fn encoder(&mut self) -> Raw {
+        Raw
+    }
+    fn decoder(&mut self) -> Raw {
+        Raw
+    }
+}
+
+impl Encoder for Raw {
+    type Item = Vec<u8>;
+    type Error = Status;
+    fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl Decoder for Raw {
+    type Item = Vec<u8>;
+    type Error = Status;
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, Status> {
+        let mut out = vec![0; src.remaining()];
+        src.copy_to_slice(&mut out);
+        Ok(Some(out))
+    }
+}
+
+/// How a method is called.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Shape {
+    Unary,
+    ServerStream,
+    Bidi,
+}
+
+/// Every method of every taskmesh service, from the descriptor set.
+fn every_rpc() -> Vec<(String, Shape)> {
+    let set = prost_types::FileDescriptorSet::decode(pb::FILE_DESCRIPTOR_SET).unwrap();
+    let mut out = Vec::new();
+    for file in &set.file {
+        for service in &file.service {
+            for m in &service.method {
+                let shape = match (m.client_streaming(), m.server_streaming()) {
+                    (false, false) => Shape::Unary,
+                    (false, true) => Shape::ServerStream,
+                    _ => Shape::Bidi,
+                };
+                out.push((
+                    format!("/{}.{}/{}", file.package(), service.name(), m.name()),
+                    shape,
+                ));
+            }
+        }
+    }
+    assert!(
+        out.len() >= 38,
+        "the descriptor set lists {} methods",
+        out.len()
+    );
+    out
+}
+
+/// Calls `path` with `body` and `token`; answers the status the call (or
+/// its stream's first item) ends with, OK when it answered.
+async fn call(
+    s: &TestServer,
+    path: &str,
+    shape: Shape,
+    token: Option<&str>,
+    body: Vec<u8>,
+) -> Status {
+    let mut grpc = tonic::client::Grpc::new(s.channel().await);
+    grpc.ready().await.unwrap();
+    let path = PathAndQuery::from_str(path).unwrap();
+    fn auth<T>(req: &mut Request<T>, token: Option<&str>) {
+        if let Some(t) = token {
+            let v: MetadataValue<_> = format!("Bearer {t}").parse().unwrap();
+            req.metadata_mut().insert("authorization", v);
+        }
+    }
+    let result = match shape {
+        Shape::Unary => {
+            let mut req = Request::new(body);
+            auth(&mut req, token);
+            grpc.unary(req, path, Raw).await.map(|_| ())
+        }
+        Shape::ServerStream => {
+            let mut req = Request::new(body);
+            auth(&mut req, token);
+            // Refusals come before the stream; an open stream was let in.
+            grpc.server_streaming(req, path, Raw).await.map(|_| ())
+        }
+        Shape::Bidi => {
+            let mut req = Request::new(tokio_stream::once(body));
+            auth(&mut req, token);
+            grpc.streaming(req, path, Raw).await.map(|_| ())
+        }
+    };
+    result.err().unwrap_or_else(|| Status::ok(""))
+}
+
+/// The policy, written here apart from the server's table: users call
+/// TaskService and WorkspaceService; viewers only list, get and watch,
+/// except the workspace's tokens, which are an admin's business;
+/// daemons only DaemonService.
+fn may_call(kind: TokenKind, path: &str) -> bool {
+    let method = path.rsplit('/').next().unwrap();
+    let daemon_service = path.starts_with("/taskmesh.v1.DaemonService/");
+    match kind {
+        TokenKind::Daemon => daemon_service,
+        TokenKind::User => !daemon_service,
+        TokenKind::Viewer => {
+            !daemon_service
+                && method != "ListTokens"
+                && ["Get", "List", "Watch"]
+                    .iter()
+                    .any(|p| method.starts_with(p))
+        }
+    }
+}
+
+/// Every RPC with every kind of token: refused with PERMISSION_DENIED
+/// exactly where the policy says; without a token, UNAUTHENTICATED.
+async fn every_rpc_checks_the_token_kind(backend: Backend) {
+    let s = start_server(backend).await;
+    let tokens = [
+        (TokenKind::User, s.token.clone()),
+        (
+            TokenKind::Viewer,
+            s.token_in("default", TokenKind::Viewer).await,
+        ),
+        (
+            TokenKind::Daemon,
+            s.token_in("default", TokenKind::Daemon).await,
+        ),
+    ];
+    let mut checked = 0;
+    for (path, shape) in every_rpc() {
+        let anonymous = call(&s, &path, shape, None, Vec::new()).await;
+        assert_eq!(
+            anonymous.code(),
+            Code::Unauthenticated,
+            "{path} without a token: {anonymous:?}"
+        );
+        for (kind, token) in &tokens {
+            let got = call(&s, &path, shape, Some(token), Vec::new()).await;
+            if may_call(*kind, &path) {
+                assert!(
+                    !matches!(got.code(), Code::PermissionDenied | Code::Unauthenticated),
+                    "a {kind} token should reach {path}: {got:?}"
+                );
+            } else {
+                assert_eq!(
+                    got.code(),
+                    Code::PermissionDenied,
+                    "a {kind} token on {path}: {got:?}"
+                );
+                assert!(got.message().contains(kind.to_string().as_str()), "{got:?}");
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 38 * 3);
+    s.stop().await;
+}
+
+/// A request that does not decode is the caller's mistake.
+async fn undecodable_requests_are_invalid(backend: Backend) {
+    let s = start_server(backend).await;
+    let got = call(
+        &s,
+        "/taskmesh.v1.TaskService/GetTask",
+        Shape::Unary,
+        Some(&s.token),
+        vec![0xff, 0xff, 0xff],
+    )
+    .await;
+    assert_eq!(got.code(), Code::InvalidArgument, "{got:?}");
+    s.stop().await;
+}
+
+/// Past a burst of failed authentications an address waits; a token that
+/// works keeps working.
+async fn failed_authentications_are_throttled(backend: Backend) {
+    let s = start_server(backend).await;
+    let mut last = Status::ok("");
+    for _ in 0..25 {
+        last = call(
+            &s,
+            "/taskmesh.v1.TaskService/ListTasks",
+            Shape::Unary,
+            Some("tmu_wrong"),
+            Vec::new(),
+        )
+        .await;
+    }
+    assert_eq!(last.code(), Code::ResourceExhausted, "{last:?}");
+    assert!(last.message().contains("retry in"), "{last:?}");
+    let ok = call(
+        &s,
+        "/taskmesh.v1.TaskService/ListTasks",
+        Shape::Unary,
+        Some(&s.token),
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(ok.code(), Code::Ok, "{ok:?}");
+    s.stop().await;
+}
+
+/// Reads a stream until it ends with an error; answers it.
+async fn ended<T: std::fmt::Debug>(stream: &mut tonic::Streaming<T>) -> Status {
+    let read = async {
+        loop {
+            match stream.next().await {
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return e,
+                None => panic!("the stream ended without a status"),
+            }
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(30), read)
+        .await
+        .expect("the stream ends")
+}
+
+async fn watch(
+    s: &TestServer,
+    token: &str,
+    task_id: &str,
+) -> tonic::Streaming<pb::WatchTaskResponse> {
+    let mut w = s
+        .tasks_as(Some(token))
+        .await
+        .watch_task(pb::WatchTaskRequest {
+            task_id: task_id.into(),
+            since_seq: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    w.next().await.unwrap().unwrap();
+    w
+}
+
+async fn watch_all(s: &TestServer, token: &str) -> tonic::Streaming<pb::WatchTasksResponse> {
+    s.tasks_as(Some(token))
+        .await
+        .watch_tasks(pb::WatchTasksRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+async fn token_id(s: &TestServer, secret_name: &str) -> String {
+    s.workspaces()
+        .await
+        .list_tokens(pb::ListTokensRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .tokens
+        .into_iter()
+        .rev()
+        .find(|t| t.name == secret_name)
+        .expect("the token is listed")
+        .id
+}
+
+/// Revoking a token ends its open WatchTask, WatchTasks and Session with
+/// UNAUTHENTICATED, at once on this server.
+async fn revocation_ends_open_streams(backend: Backend) {
+    let s = start_server(backend).await;
+    let task = new_task(&s, "watched").await;
+    let mut ws = s.workspaces().await;
+    let created = ws
+        .create_token(pb::CreateTokenRequest {
+            kind: pb::TokenKind::User as i32,
+            name: "laptop".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut one = watch(&s, &created.secret, &task.id).await;
+    let mut all = watch_all(&s, &created.secret).await;
+    let daemon_token = ws
+        .create_token(pb::CreateTokenRequest {
+            kind: pb::TokenKind::Daemon as i32,
+            name: "worker".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .secret;
+    let mut dc = daemon_client(&s, &daemon_token).await;
+    let daemon_id = register(&mut dc, "m1", 1).await;
+    let mut session = Session::open(&mut dc, &daemon_id, vec![]).await;
+
+    ws.revoke_token(pb::RevokeTokenRequest {
+        id: created.token.unwrap().id,
+    })
+    .await
+    .unwrap();
+    for e in [ended(&mut one).await, ended(&mut all).await] {
+        assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+        assert!(e.message().contains("revoked"), "{e:?}");
+    }
+    ws.revoke_token(pb::RevokeTokenRequest {
+        id: token_id(&s, "worker").await,
+    })
+    .await
+    .unwrap();
+    let e = ended(&mut session.down).await;
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    // And the token cannot open a new one.
+    let e = dc
+        .register(pb::RegisterRequest {
+            machine_id: "m1".into(),
+            max_concurrent_tasks: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    s.stop().await;
+}
+
+/// A user removed from the workspace loses its streams at the next sweep.
+async fn a_removed_membership_ends_streams(backend: Backend) {
+    let s = start_server(backend).await;
+    let secret = s.token_in("default", TokenKind::User).await;
+    let mut all = watch_all(&s, &secret).await;
+    sqlx::any::install_default_drivers();
+    let mut db = <sqlx::AnyConnection as sqlx::Connection>::connect(&s.db.url)
+        .await
+        .unwrap();
+    sqlx::query(
+        "DELETE FROM memberships WHERE user_id = (SELECT id FROM users WHERE name = 'user-default')",
+    )
+    .execute(&mut db)
+    .await
+    .unwrap();
+    s.domain.sweep().await.unwrap();
+    let e = ended(&mut all).await;
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    assert!(e.message().contains("no longer belongs"), "{e:?}");
+    s.stop().await;
+}
+
+/// A revocation made on one replica ends streams held on another at its
+/// next sweep (PostgreSQL: replicas share the database).
+async fn revocation_reaches_every_replica(backend: Backend) {
+    if backend != Backend::Postgres {
+        return;
+    }
+    let a = start_server(backend).await;
+    let b = start_replica(&a).await;
+    let secret = a.token_in("default", TokenKind::Viewer).await;
+    let mut on_b = watch_all(&b, &secret).await;
+    let id = token_id(&a, "test").await;
+    a.workspaces()
+        .await
+        .revoke_token(pb::RevokeTokenRequest { id })
+        .await
+        .unwrap();
+    b.domain.sweep().await.unwrap();
+    let e = ended(&mut on_b).await;
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    b.stop().await;
+    a.stop().await;
+}
+
+/// DisconnectDaemon ends the daemon's session with PERMISSION_DENIED and
+/// refuses its token for it; a new token brings it back.
+async fn disconnect_cuts_a_daemon_off(backend: Backend) {
+    let s = start_server(backend).await;
+    let (mut dc, daemon_id) = connect_daemon(&s, "lab-1", 1).await;
+    let mut session = Session::open(&mut dc, &daemon_id, vec![]).await;
+    let daemon = s
+        .workspaces()
+        .await
+        .disconnect_daemon(pb::DisconnectDaemonRequest {
+            id: daemon_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .daemon
+        .unwrap();
+    assert_eq!(daemon.id, daemon_id);
+    let e = ended(&mut session.down).await;
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("disconnected"), "{e:?}");
+    let again = pb::RegisterRequest {
+        machine_id: "lab-1".into(),
+        hostname: "lab-1".into(),
+        max_concurrent_tasks: 1,
+        ..Default::default()
+    };
+    let e = dc.register(again.clone()).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let fresh = s.token_in("default", TokenKind::Daemon).await;
+    let mut dc2 = daemon_client(&s, &fresh).await;
+    let back = dc2
+        .register(again)
+        .await
+        .unwrap()
+        .into_inner()
+        .daemon
+        .unwrap();
+    assert_eq!(back.id, daemon_id, "the same machine, with a new token");
+    Session::open(&mut dc2, &daemon_id, vec![]).await;
+    s.stop().await;
+}
+
+/// One token holds at most --max-streams-per-token streams.
+async fn streams_per_token_are_capped(backend: Backend) {
+    let limits = Limits {
+        max_streams_per_token: 3,
+        ..Limits::default()
+    };
+    let s = start_server_with_limits(TestDb::new(backend).await, limits).await;
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        open.push(watch_all(&s, &s.token).await);
+    }
+    let e = s
+        .tasks()
+        .await
+        .watch_tasks(pb::WatchTasksRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("--max-streams-per-token"), "{e:?}");
+    // Another token is not held back by this one, and a closed stream
+    // makes room.
+    let other = s.token_in("default", TokenKind::Viewer).await;
+    open.push(watch_all(&s, &other).await);
+    drop(open.remove(0));
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        match s
+            .tasks()
+            .await
+            .watch_tasks(pb::WatchTasksRequest::default())
+            .await
+        {
+            Ok(_) => break,
+            Err(e) => {
+                assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the closed stream freed no room"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
+    }
+    s.stop().await;
+}
+
+both_backends!(
+    every_rpc_checks_the_token_kind,
+    undecodable_requests_are_invalid,
+    failed_authentications_are_throttled,
+    revocation_ends_open_streams,
+    a_removed_membership_ends_streams,
+    revocation_reaches_every_replica,
+    disconnect_cuts_a_daemon_off,
+    streams_per_token_are_capped,
+);
