@@ -65,7 +65,7 @@ fn spawn_cmd(id: &str, task_id: &str, plan: &str, first_seq: i64) -> Command {
                 id: task_id.into(),
                 plan: plan.into(),
                 runtime: "shell".into(),
-                attempt: 1,
+                attempt: 2,
                 ..Default::default()
             }),
             first_seq,
@@ -207,7 +207,7 @@ async fn session_runs_a_task_and_resends_after_a_reconnect() {
         .expect("send");
     match next_up(&mut mock, c1).await {
         Up::Started(s) => {
-            assert_eq!((s.task_id.as_str(), s.attempt), ("t1", 1));
+            assert_eq!((s.task_id.as_str(), s.attempt), ("t1", 2));
             assert!(s.pid > 0);
         }
         other => panic!("expected started, got {other:?}"),
@@ -222,9 +222,12 @@ async fn session_runs_a_task_and_resends_after_a_reconnect() {
     let mut seqs = Vec::new();
     loop {
         match next_up(&mut mock, c1).await {
-            Up::Messages(m) => seqs.extend(m.messages.iter().map(|m| m.seq)),
+            Up::Messages(m) => {
+                assert_eq!(m.attempt, 2, "output names its attempt");
+                seqs.extend(m.messages.iter().map(|m| m.seq));
+            }
             Up::Completed(c) => {
-                assert_eq!(c.task_id, "t1");
+                assert_eq!((c.task_id.as_str(), c.attempt), ("t1", 2));
                 break;
             }
             other => panic!("unexpected {other:?}"),

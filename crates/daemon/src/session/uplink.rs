@@ -24,12 +24,14 @@ pub(super) enum Source {
     End(String),
 }
 
-fn end_request(task_id: &str, end: TaskEnd) -> Up {
+/// The end report of one attempt; the server refuses it for any other.
+fn end_request(task_id: &str, attempt: i32, end: TaskEnd) -> Up {
     match end.outcome {
         Outcome::Completed { summary } => Up::Completed(CompleteTaskRequest {
             task_id: task_id.to_owned(),
             summary,
             resume: end.resume,
+            attempt,
             ..Default::default()
         }),
         Outcome::Failed { reason, exit_code } => Up::Failed(FailTaskRequest {
@@ -37,6 +39,7 @@ fn end_request(task_id: &str, end: TaskEnd) -> Up {
             reason,
             exit_code,
             resume: end.resume,
+            attempt,
             ..Default::default()
         }),
     }
@@ -87,6 +90,7 @@ impl Session {
                 Some(up(Up::Messages(ReportTaskMessagesRequest {
                     task_id: id,
                     messages,
+                    attempt: rec.attempt,
                     ..Default::default()
                 })))
             }
@@ -192,7 +196,7 @@ impl Session {
                     Outcome::Failed { reason, .. } => reason.clone(),
                     Outcome::Completed { .. } => String::new(),
                 };
-                rec.end = Some(end_request(&task_id, end));
+                rec.end = Some(end_request(&task_id, rec.attempt, end));
                 if before_start {
                     let command_id = rec.spawn_command_id.clone();
                     self.finish_command(&command_id, CommandResultStatus::Failed, reason);
