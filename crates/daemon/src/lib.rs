@@ -14,6 +14,9 @@ mod output;
 mod runner;
 mod session;
 
+/// The stream-json parser, public for the fuzz targets.
+pub use output::{MAX_LINE_BYTES, StreamParser};
+
 use std::fmt;
 use std::future::Future;
 use std::io;

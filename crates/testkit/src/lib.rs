@@ -12,6 +12,7 @@
 pub mod daemon;
 pub mod db;
 pub mod process;
+pub mod raw;
 
 pub use db::{Backend, DbKind, TestDb};
 

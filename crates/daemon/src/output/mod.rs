@@ -18,6 +18,12 @@ pub const MAX_UNACKED_BYTES: usize = 64 * 1024 * 1024;
 pub const BATCH_MAX_MESSAGES: usize = 200;
 pub const BATCH_MAX_BYTES: usize = 256 * 1024;
 
+/// The server's bounds on a message's tool fields: a longer tool name is
+/// cut, a larger tool input is replaced by a note of its size, so a batch
+/// is never refused for them.
+pub const MAX_TOOL_NAME_BYTES: usize = 256;
+pub const MAX_TOOL_INPUT_BYTES: usize = 256 * 1024;
+
 /// Reads a pipe line by line, splitting lines longer than `max` bytes.
 ///
 /// `next_line` is cancel-safe: the partial line lives in the struct, so a
@@ -199,8 +205,8 @@ impl StreamParser {
                     let name = block
                         .get("name")
                         .and_then(Value::as_str)
-                        .unwrap_or_default()
-                        .to_owned();
+                        .unwrap_or_default();
+                    let name = name[..name.floor_char_boundary(MAX_TOOL_NAME_BYTES)].to_owned();
                     if let Some(id) = block.get("id").and_then(Value::as_str) {
                         if self.tool_names.len() >= MAX_TOOL_IDS {
                             self.tool_names.clear();
@@ -208,10 +214,18 @@ impl StreamParser {
                         self.tool_names.insert(id.to_owned(), name.clone());
                     }
                     let input = block.get("input").cloned().unwrap_or(Value::Null);
+                    let mut input_json = input.to_string();
+                    if input_json.len() > MAX_TOOL_INPUT_BYTES {
+                        input_json = serde_json::json!({
+                            "truncated": true,
+                            "bytes": input_json.len(),
+                        })
+                        .to_string();
+                    }
                     out.push(TaskMessageInput {
                         kind: MessageKind::ToolUse as i32,
                         content: tool_summary(&input),
-                        tool_input_json: input.to_string(),
+                        tool_input_json: input_json,
                         tool_name: name,
                         seq: 0,
                         request_id: String::new(),

@@ -32,6 +32,29 @@ fn assistant_line_with_text_and_tool_use_blocks() {
 }
 
 #[test]
+fn tool_fields_stay_within_the_servers_bounds() {
+    let mut p = StreamParser::default();
+    let name = "é".repeat(300);
+    let input = "x".repeat(MAX_TOOL_INPUT_BYTES);
+    let line = serde_json::json!({
+        "type": "assistant",
+        "message": {"content": [{"type": "tool_use", "id": "big", "name": name,
+                                 "input": {"command": input}}]},
+    })
+    .to_string();
+    let ms = p.parse(&line);
+    assert_eq!(kinds(&ms), [MessageKind::ToolUse]);
+    assert!(ms[0].tool_name.len() <= MAX_TOOL_NAME_BYTES);
+    assert!(ms[0].tool_name.starts_with("éé"));
+    let input: serde_json::Value = serde_json::from_str(&ms[0].tool_input_json).unwrap();
+    assert_eq!(input["truncated"], true, "{input}");
+    // The result names the tool as cut.
+    let result = r#"{"type":"user","message":{"content":[{"type":"tool_result","tool_use_id":"big","content":"ok"}]}}"#;
+    let ms2 = p.parse(result);
+    assert_eq!(ms2[0].tool_name, ms[0].tool_name);
+}
+
+#[test]
 fn tool_result_string_and_array_content() {
     let mut p = StreamParser::default();
     p.parse(r#"{"type":"assistant","message":{"content":[{"type":"tool_use","id":"a","name":"Read","input":{}}]}}"#);

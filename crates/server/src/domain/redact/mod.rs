@@ -190,11 +190,24 @@ pub fn redact(text: &str) -> Cow<'_, str> {
     } else {
         Cow::Borrowed(text)
     };
-    match replace_secrets(&text) {
-        Some(replaced) => Cow::Owned(replaced),
-        None => text,
+    // A replacement can expose a secret the match before it swallowed the
+    // separator of (`Bearer abc=sk-…`): look again until nothing changes,
+    // so that redacting is idempotent.
+    let Some(mut out) = replace_secrets(&text) else {
+        return text;
+    };
+    for _ in 0..MAX_PASSES {
+        match replace_secrets(&out) {
+            Some(again) => out = again,
+            None => break,
+        }
     }
+    Cow::Owned(out)
 }
+
+/// Passes after the first; one only runs when the last replaced something,
+/// and markers are never matched again, so this is a bound, not a cost.
+const MAX_PASSES: usize = 8;
 
 static KEY_BEGIN: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(r"-----BEGIN[A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----").expect("pattern compiles")

@@ -407,3 +407,15 @@ fn a_mebibyte_of_clean_output() {
     assert!(out.ends_with("[REDACTED:api_key]\n"));
     assert_eq!(out.len(), text.len() + "[REDACTED:api_key]\n".len());
 }
+
+/// A secret glued to the end of another (here the bearer token's `=`
+/// padding took the separator the key needed) is found on a second pass,
+/// so redacting again never finds more.
+#[test]
+fn a_secret_right_after_another_is_redacted_too() {
+    let t = "Authorization: Bearer abcdefghmjklmnopqrstuvwxyz012345expoI_KEY=sk-ant-api03-abcdEfI_gSFODNN7EXAMPLE done";
+    let once = redact(t);
+    assert!(!once.contains("sk-ant-api03"), "{once}");
+    assert!(once.ends_with(" done"), "{once}");
+    assert_eq!(redact(&once), once);
+}
