@@ -163,6 +163,59 @@ async fn secrets_never_reach_the_status_reason(backend: Backend) {
     s.stop().await;
 }
 
+/// A private key printed a line at a time (one message each, across two
+/// batches) is hidden whole: every line from BEGIN to END is the marker.
+async fn a_private_key_printed_line_by_line_is_hidden_whole(backend: Backend) {
+    let s = start_server(backend).await;
+    let token = s.token_in("default", TokenKind::Daemon).await;
+    let mut dc = daemon_client(&s, &token).await;
+    let daemon_id = register(&mut dc, "keys", 1).await;
+    let id = claimed(&s, &mut dc, &daemon_id, "prints a key").await;
+    let lines = [
+        "cat id_ed25519",
+        "-----BEGIN OPENSSH PRIVATE KEY-----",
+        "b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAABAAAAMwAAAAtzc2gtZW",
+        "QyNTUxOQAAACDnQ2Fz5bL0f6Pp2c3Yk8oN8kE1y9yG0W3cVQmGzW2XHgAAAJg2gE5FNoBO",
+        "-----END OPENSSH PRIVATE KEY-----",
+        "done",
+    ];
+    for (range, seqs) in [(0..3, 1..=3), (3..6, 4..=6)] {
+        let messages = lines[range]
+            .iter()
+            .zip(seqs)
+            .map(|(line, seq)| stdout(seq, line))
+            .collect();
+        dc.report_task_messages(pb::ReportTaskMessagesRequest {
+            task_id: id.clone(),
+            messages,
+            daemon_id: daemon_id.clone(),
+            attempt: 1,
+        })
+        .await
+        .unwrap();
+    }
+    let stored: Vec<String> = s
+        .tasks()
+        .await
+        .list_task_messages(pb::ListTaskMessagesRequest {
+            task_id: id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .messages
+        .into_iter()
+        .map(|m| m.content)
+        .collect();
+    let marker = "[REDACTED:private_key]";
+    assert_eq!(
+        stored,
+        ["cat id_ed25519", marker, marker, marker, marker, "done"]
+    );
+    s.stop().await;
+}
+
 /// A NUL byte in any free text a client or daemon sends is stripped, the
 /// same on both databases, and never leaves a task stuck; in a name or an
 /// identifier it is refused with INVALID_ARGUMENT naming the field.
@@ -542,6 +595,7 @@ async fn subtasks_are_listed_up_to_a_bound(backend: Backend) {
 
 both_backends!(
     secrets_never_reach_the_status_reason,
+    a_private_key_printed_line_by_line_is_hidden_whole,
     nul_bytes_store_the_same_everywhere,
     register_is_bounded,
     errors_quote_little,

@@ -2,11 +2,12 @@
 //! revocation, a removed membership and DisconnectDaemon ending open
 //! streams; the per-token stream cap; failed authentications throttled.
 
+use prost::Message as _;
 use taskmesh_server::domain::Limits;
 use taskmesh_server::model::TokenKind;
 use taskmesh_server::pb;
 use taskmesh_testkit::daemon::*;
-use taskmesh_testkit::raw::{Shape, call, every_rpc};
+use taskmesh_testkit::raw::{Shape, call, every_rpc, stream_end};
 use taskmesh_testkit::{
     Backend, TestDb, TestServer, both_backends, start_replica, start_server,
     start_server_with_limits,
@@ -91,6 +92,25 @@ async fn undecodable_requests_are_invalid(backend: Backend) {
     )
     .await;
     assert_eq!(got.code(), Code::InvalidArgument, "{got:?}");
+
+    // On a Session: it opens, then a frame that does not decode ends it
+    // with INVALID_ARGUMENT, not OK.
+    let token = s.token_in("default", TokenKind::Daemon).await;
+    let daemon_id = register(&mut daemon_client(&s, &token).await, "m1", 1).await;
+    let open = pb::SessionRequest {
+        message: Some(pb::session_request::Message::Open(pb::SessionOpen {
+            daemon_id,
+            running_task_ids: vec![],
+        })),
+    };
+    let end = stream_end(
+        &s,
+        "/taskmesh.v1.DaemonService/Session",
+        Some(&token),
+        vec![open.encode_to_vec(), vec![0xff, 0xff, 0xff]],
+    )
+    .await;
+    assert_eq!(end.code(), Code::InvalidArgument, "{end:?}");
     s.stop().await;
 }
 

@@ -2,7 +2,8 @@
 //! running shell tasks against a real server, on SQLite and PostgreSQL:
 //! 10,000 lines reach a watcher once and in order; the server is SIGKILLed
 //! mid-task and restarted, and nothing is lost or doubled; an interrupt
-//! kills the task's whole process group; SendMessage reaches stdin.
+//! kills the task's whole process group; SendMessage reaches stdin; no
+//! task sees the daemon's token.
 
 use taskmesh_testkit as common;
 use taskmesh_testkit::both_backends;
@@ -328,7 +329,26 @@ async fn send_message_reaches_stdin(backend: Backend) {
     daemon.stop().await;
 }
 
+/// The daemon's token reaches it through `TASKMESH_TOKEN` here, as in a
+/// shell where an admin exported theirs; no task sees it, under that name
+/// or any other (checked inside the task: stored output would be redacted
+/// anyway).
+async fn tasks_never_see_the_daemons_token(backend: Backend) {
+    let s = start_server(backend).await;
+    let token = s.token_in("default", TokenKind::Daemon).await;
+    let daemon = DaemonProcess::start(&s.url(), &token, &[]);
+    let mut tasks = s.tasks().await;
+    let plan = r#"echo "TASKMESH_TOKEN:${TASKMESH_TOKEN:+set}"; echo "vars holding a token: $(env | grep -c tm[a-z]_)""#;
+    let task = create_and_start(&mut tasks, "looks around", plan).await;
+    let mut watch = Watch::open(&mut tasks, &task.id, 0).await;
+    watch.until_status(TaskStatus::Completed).await;
+    let contents: Vec<&str> = watch.messages.iter().map(|m| m.content.as_str()).collect();
+    assert_eq!(contents, ["TASKMESH_TOKEN:", "vars holding a token: 0"]);
+    daemon.stop().await;
+}
+
 both_backends!(
+    tasks_never_see_the_daemons_token,
     ten_thousand_lines_reach_a_watcher,
     server_killed_mid_task,
     interrupt_kills_the_process_group,

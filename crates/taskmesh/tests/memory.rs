@@ -7,6 +7,10 @@
 //!   a thousand watches, the server stays where the first round left it.
 //! - A watcher that never reads, while a task prints large output, holds
 //!   at most its byte budget, not the output.
+//! - Over 96 MiB of stored output, a watch from seq 0, ContinueTask's
+//!   context and ListTaskMessages each peak at a few MiB: they read in
+//!   byte-bounded pages (measured as the high-water mark, so no peak
+//!   between samples is missed).
 
 use std::time::Duration;
 
@@ -15,7 +19,7 @@ use taskmesh_server::pb::task_service_client::TaskServiceClient;
 use taskmesh_server::pb::workspace_service_client::WorkspaceServiceClient;
 use taskmesh_server::pb::{self, command::Kind};
 use taskmesh_testkit::daemon::{Daemons, Session, try_register};
-use taskmesh_testkit::process::ServeProcess;
+use taskmesh_testkit::process::{ServeProcess, peak_rss_bytes, reset_peak_rss};
 use taskmesh_testkit::{Backend, Bearer, TestDb, both_backends};
 use tokio_stream::StreamExt;
 use tonic::service::interceptor::InterceptedService;
@@ -57,6 +61,17 @@ impl Server {
 
     fn rss(&self) -> u64 {
         self.process.rss_bytes().expect("the server's RSS")
+    }
+
+    /// How far above its size before `work` the server's peak went.
+    async fn peak_during(&self, work: impl AsyncFnOnce()) -> u64 {
+        let pid = self.process.pid();
+        reset_peak_rss(pid).expect("reset the peak");
+        let before = self.rss();
+        work().await;
+        peak_rss_bytes(pid)
+            .expect("the peak")
+            .saturating_sub(before)
     }
 
     /// A daemon of workspace `default` with a session open.
@@ -239,7 +254,117 @@ async fn a_slow_watcher_holds_its_budget_not_the_output(backend: Backend) {
         .expect("the slow watcher catches up");
 }
 
+async fn large_output_is_read_in_pages(backend: Backend) {
+    let s = Server::start(backend).await;
+    let mut tasks = s.tasks().await;
+    let (mut session, _client) = s.daemon().await;
+    let id = create(&mut tasks, "verbose").await;
+    tasks
+        .start_task(pb::StartTaskRequest {
+            id: id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let spawn = session.command().await;
+    session.ack(&spawn.id).await;
+    session.started(&id, 1).await;
+    let chunk = "y".repeat(1 << 20);
+    for batch in 0..48 {
+        let first = batch * 2 + 1;
+        session
+            .output(&id, first..first + 2, |_| chunk.clone())
+            .await;
+    }
+    session
+        .send(pb::session_request::Message::Completed(
+            pb::CompleteTaskRequest {
+                task_id: id.clone(),
+                attempt: 1,
+                ..Default::default()
+            },
+        ))
+        .await;
+    // The end is confirmed by an ack that says the task ended.
+    loop {
+        if let pb::session_response::Message::OutputAck(a) = session.next().await
+            && a.task_ended
+        {
+            break;
+        }
+    }
+
+    let mib = |b: u64| b as f64 / MIB as f64;
+    // A watch from seq 0 that reads two messages and then stops reading:
+    // the server loaded a page, not the 96 MiB.
+    let mut watch = None;
+    let watching = s
+        .peak_during(async || {
+            let mut w = tasks
+                .watch_task(pb::WatchTaskRequest {
+                    task_id: id.clone(),
+                    since_seq: 0,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let mut messages = 0;
+            while messages < 2 {
+                if let Some(pb::watch_task_response::Event::Message(_)) =
+                    w.next().await.unwrap().unwrap().event
+                {
+                    messages += 1;
+                }
+            }
+            watch = Some(w);
+        })
+        .await;
+    let listing = s
+        .peak_during(async || {
+            let page = tasks
+                .list_task_messages(pb::ListTaskMessagesRequest {
+                    task_id: id.clone(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(page.messages.len() < 96);
+        })
+        .await;
+    let continuing = s
+        .peak_during(async || {
+            tasks
+                .continue_task(pb::ContinueTaskRequest {
+                    id: id.clone(),
+                    prompt: "and now?".into(),
+                    daemon_id: String::new(),
+                })
+                .await
+                .unwrap();
+        })
+        .await;
+    eprintln!(
+        "over 96 MiB of stored output, the peak rose by: {:.1} MiB (a watch from seq 0), \
+         {:.1} MiB (ListTaskMessages), {:.1} MiB (ContinueTask)",
+        mib(watching),
+        mib(listing),
+        mib(continuing)
+    );
+    // Pages of a few MiB and the buffers around them; reading whole
+    // messages by count took all 96 MiB (and more) for each.
+    for (what, peak) in [
+        ("a watch from seq 0", watching),
+        ("ListTaskMessages", listing),
+        ("ContinueTask", continuing),
+    ] {
+        assert!(peak < 40 * MIB, "{what} raised the peak by {peak} bytes");
+    }
+    drop(watch);
+}
+
 both_backends!(
     watches_leave_nothing_behind,
-    a_slow_watcher_holds_its_budget_not_the_output
+    a_slow_watcher_holds_its_budget_not_the_output,
+    large_output_is_read_in_pages,
 );

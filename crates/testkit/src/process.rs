@@ -218,12 +218,30 @@ pub fn serve_command(database_url: &str, listen: &str, extra: &[&str]) -> Comman
 
 /// Resident memory of a process, from /proc.
 pub fn rss_bytes(pid: u32) -> Result<u64, Error> {
+    status_bytes(pid, "VmRSS:")
+}
+
+/// The most a process was resident since it started or since
+/// [`reset_peak_rss`]: Linux's high-water mark, so a peak between two
+/// samples is not missed.
+pub fn peak_rss_bytes(pid: u32) -> Result<u64, Error> {
+    status_bytes(pid, "VmHWM:")
+}
+
+/// Starts a new high-water mark at the process's current size (Linux:
+/// `5` to /proc/PID/clear_refs, allowed for our own children).
+pub fn reset_peak_rss(pid: u32) -> Result<(), Error> {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5")?;
+    Ok(())
+}
+
+fn status_bytes(pid: u32, field: &str) -> Result<u64, Error> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kb = status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .ok_or("no VmRSS in /proc/<pid>/status")?;
+        .ok_or_else(|| format!("no {field} in /proc/{pid}/status"))?;
     Ok(kb * 1024)
 }
 

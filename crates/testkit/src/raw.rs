@@ -96,12 +96,6 @@ pub async fn call(
     let mut grpc = tonic::client::Grpc::new(s.channel().await);
     grpc.ready().await.unwrap();
     let path = PathAndQuery::from_str(path).unwrap();
-    fn auth<T>(req: &mut Request<T>, token: Option<&str>) {
-        if let Some(t) = token {
-            let v: MetadataValue<_> = format!("Bearer {t}").parse().unwrap();
-            req.metadata_mut().insert("authorization", v);
-        }
-    }
     let result = match shape {
         Shape::Unary => {
             let mut req = Request::new(body);
@@ -121,4 +115,38 @@ pub async fn call(
         }
     };
     result.err().unwrap_or_else(|| Status::ok(""))
+}
+
+fn auth<T>(req: &mut Request<T>, token: Option<&str>) {
+    if let Some(t) = token {
+        let v: MetadataValue<_> = format!("Bearer {t}").parse().unwrap();
+        req.metadata_mut().insert("authorization", v);
+    }
+}
+
+/// Opens the bidi method `path`, sends `frames` (raw protobuf, one message
+/// each) and answers the status the response stream ends with: OK for a
+/// clean end.
+pub async fn stream_end(
+    s: &TestServer,
+    path: &str,
+    token: Option<&str>,
+    frames: Vec<Vec<u8>>,
+) -> Status {
+    let mut grpc = tonic::client::Grpc::new(s.channel().await);
+    grpc.ready().await.unwrap();
+    let path = PathAndQuery::from_str(path).unwrap();
+    let mut req = Request::new(tokio_stream::iter(frames));
+    auth(&mut req, token);
+    let mut stream = match grpc.streaming(req, path, Raw).await {
+        Ok(response) => response.into_inner(),
+        Err(status) => return status,
+    };
+    loop {
+        match stream.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => return Status::ok(""),
+            Err(status) => return status,
+        }
+    }
 }
