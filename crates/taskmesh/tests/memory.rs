@@ -11,6 +11,9 @@
 //!   context and ListTaskMessages each peak at a few MiB: they read in
 //!   byte-bounded pages (measured as the high-water mark, so no peak
 //!   between samples is missed).
+//! - A WatchTasks client that never reads, while tasks with 1 MiB plans
+//!   are renamed 600 times, costs the server tens of MiB, not the 600 MiB
+//!   of plans: its channel holds 4 KiB previews, its stream a byte budget.
 
 use std::time::Duration;
 
@@ -363,8 +366,83 @@ async fn large_output_is_read_in_pages(backend: Backend) {
     drop(watch);
 }
 
+async fn a_silent_workspace_watcher_costs_little(backend: Backend) {
+    let s = Server::start(backend).await;
+    let mut tasks = s.tasks().await;
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let task = tasks
+            .create_task(pb::CreateTaskRequest {
+                name: format!("planned {i}"),
+                plan: "p".repeat(1 << 20),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .task
+            .unwrap();
+        ids.push(task.id);
+    }
+    let mut renames = s.tasks().await;
+    let rename_all = async |renames: &mut Tasks, rounds: std::ops::Range<i32>| {
+        for round in rounds {
+            for id in &ids {
+                renames
+                    .update_task(pb::UpdateTaskRequest {
+                        task: Some(pb::Task {
+                            id: id.clone(),
+                            name: format!("renamed {round}"),
+                            ..Default::default()
+                        }),
+                        update_mask: Some(prost_types::FieldMask {
+                            paths: vec!["name".into()],
+                        }),
+                        expected_version: 0,
+                    })
+                    .await
+                    .unwrap();
+            }
+        }
+    };
+    // What the renames cost with nobody watching (each loads and saves a
+    // 1 MiB plan), then the same with a watcher that never reads.
+    let alone = s
+        .peak_during(async || rename_all(&mut renames, 0..30).await)
+        .await;
+    let mut watcher = tasks
+        .watch_tasks(pb::WatchTasksRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let watched = s
+        .peak_during(async || rename_all(&mut renames, 30..60).await)
+        .await;
+    eprintln!(
+        "600 renames of tasks with 1 MiB plans: the peak rose by {:.1} MiB with nobody \
+         watching, {:.1} MiB past a WatchTasks client that does not read",
+        alone as f64 / MIB as f64,
+        watched as f64 / MIB as f64
+    );
+    // The workspace channel's 1024 previews, the watcher's 8 MiB budget and
+    // the connection's buffers; without previews and a budget the watcher
+    // held every update whole, 600 MiB here.
+    assert!(
+        watched < alone + 64 * MIB,
+        "the silent watcher raised the peak by {watched} bytes ({alone} without it)"
+    );
+    // It still hears of the renames once it reads.
+    let first = watcher.next().await.unwrap().unwrap().task.unwrap();
+    assert!(
+        first.plan.len() <= 4096 && first.plan_truncated,
+        "{}",
+        first.plan.len()
+    );
+}
+
 both_backends!(
     watches_leave_nothing_behind,
+    a_silent_workspace_watcher_costs_little,
     a_slow_watcher_holds_its_budget_not_the_output,
     large_output_is_read_in_pages,
 );
