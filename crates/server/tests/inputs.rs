@@ -8,7 +8,7 @@ use taskmesh_testkit as common;
 use taskmesh_testkit::both_backends;
 
 use common::daemon::*;
-use common::{Backend, TestServer, start_server};
+use common::{Backend, start_server};
 use prost::Message as _;
 use taskmesh_server::model::TokenKind;
 use taskmesh_server::pb::session_request::Message as Up;
@@ -48,21 +48,6 @@ fn secrets(daemon_token: &str) -> Vec<(String, String)> {
     .collect()
 }
 
-/// A task claimed over the unary path: (client, daemon id, task id).
-async fn claimed(s: &TestServer, dc: &mut Daemons, daemon_id: &str, name: &str) -> String {
-    let task = new_task(s, name).await;
-    start(s, &task.id).await;
-    let got = dc
-        .claim_task(pb::ClaimTaskRequest {
-            daemon_id: daemon_id.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(got.task.unwrap().id, task.id);
-    task.id
-}
-
 /// Every secret of the corpus through every field derived from agent
 /// output: the failure reason, the completion summary, the progress text,
 /// and a daemon's refusal of a SpawnTask. None is shown on the task.
@@ -78,7 +63,7 @@ async fn secrets_never_reach_the_status_reason(backend: Backend) {
             assert!(!shown.contains(&body), "secret {i} shown: {shown:?}");
             assert!(shown.contains("REDACTED"), "secret {i}: {shown:?}");
         };
-        let failed = claimed(&s, &mut dc, &daemon_id, &format!("fails {i}")).await;
+        let failed = claimed_task(&s, &mut dc, &daemon_id, &format!("fails {i}")).await;
         dc.report_task_progress(pb::ReportTaskProgressRequest {
             task_id: failed.clone(),
             summary: secret.lines().next().unwrap().into(),
@@ -107,7 +92,7 @@ async fn secrets_never_reach_the_status_reason(backend: Backend) {
             .unwrap();
         check(t);
 
-        let completed = claimed(&s, &mut dc, &daemon_id, &format!("completes {i}")).await;
+        let completed = claimed_task(&s, &mut dc, &daemon_id, &format!("completes {i}")).await;
         let t = dc
             .complete_task(pb::CompleteTaskRequest {
                 task_id: completed.clone(),
@@ -170,7 +155,7 @@ async fn a_private_key_printed_line_by_line_is_hidden_whole(backend: Backend) {
     let token = s.token_in("default", TokenKind::Daemon).await;
     let mut dc = daemon_client(&s, &token).await;
     let daemon_id = register(&mut dc, "keys", 1).await;
-    let id = claimed(&s, &mut dc, &daemon_id, "prints a key").await;
+    let id = claimed_task(&s, &mut dc, &daemon_id, "prints a key").await;
     let lines = [
         "cat id_ed25519",
         "-----BEGIN OPENSSH PRIVATE KEY-----",
@@ -194,17 +179,8 @@ async fn a_private_key_printed_line_by_line_is_hidden_whole(backend: Backend) {
         .await
         .unwrap();
     }
-    let stored: Vec<String> = s
-        .tasks()
+    let stored: Vec<String> = stored_messages(&s, &id)
         .await
-        .list_task_messages(pb::ListTaskMessagesRequest {
-            task_id: id.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .messages
         .into_iter()
         .map(|m| m.content)
         .collect();
@@ -296,7 +272,7 @@ async fn nul_bytes_store_the_same_everywhere(backend: Backend) {
     assert!(err.message().contains("machine_id"), "{err:?}");
 
     let daemon_id = daemon.id;
-    let id = claimed(&s, &mut dc, &daemon_id, "prints nul").await;
+    let id = claimed_task(&s, &mut dc, &daemon_id, "prints nul").await;
     dc.report_task_progress(pb::ReportTaskProgressRequest {
         task_id: id.clone(),
         summary: "half\0way".into(),
@@ -363,18 +339,10 @@ async fn nul_bytes_store_the_same_everywhere(backend: Backend) {
         .into_inner();
     let models: Vec<_> = usage.usage.iter().map(|u| u.model.as_str()).collect();
     assert_eq!(models, ["claude-sonnet"], "{usage:?}");
-    let stored = tasks
-        .list_task_messages(pb::ListTaskMessagesRequest {
-            task_id: id.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .messages;
+    let stored = stored_messages(&s, &id).await;
     assert_eq!(stored[0].content, "donetail\n");
 
-    let failed = claimed(&s, &mut dc, &daemon_id, "fails with nul").await;
+    let failed = claimed_task(&s, &mut dc, &daemon_id, "fails with nul").await;
     let t = dc
         .fail_task(pb::FailTaskRequest {
             task_id: failed,
@@ -497,7 +465,7 @@ async fn lists_are_bounded_in_bytes(backend: Backend) {
     let token = s.token_in("default", TokenKind::Daemon).await;
     let mut dc = daemon_client(&s, &token).await;
     let daemon_id = register(&mut dc, "big", 4).await;
-    let id = claimed(&s, &mut dc, &daemon_id, "big output").await;
+    let id = claimed_task(&s, &mut dc, &daemon_id, "big output").await;
     for seq in 1..=10 {
         let content = char::from(b'a' + seq as u8).to_string().repeat(1 << 20);
         dc.report_task_messages(pb::ReportTaskMessagesRequest {

@@ -143,17 +143,7 @@ async fn output_is_stored_exactly_once(backend: Backend) {
             prop_assert!(got >= acked, "the ack went back from {} to {}", acked, got);
             acked = got;
         }
-        let stored = s
-            .tasks()
-            .await
-            .list_task_messages(pb::ListTaskMessagesRequest {
-                task_id: task.id.clone(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .messages;
+        let stored = stored_messages(&s, &task.id).await;
         let want: Vec<_> = first
             .iter()
             .map(|(seq, i)| (*seq, format!("{seq} from report {i}")))

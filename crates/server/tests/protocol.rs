@@ -78,17 +78,7 @@ async fn a_lost_stream_after_start_never_runs_twice(backend: Backend) {
         (TaskStatus::Completed, 1),
         "{after:?}"
     );
-    let stored = s
-        .tasks()
-        .await
-        .list_task_messages(pb::ListTaskMessagesRequest {
-            task_id: task.id.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .messages;
+    let stored = stored_messages(&s, &task.id).await;
     assert_eq!(stored.len(), 200);
     let steps: Vec<_> = transitions(&s, &task.id)
         .await
@@ -145,17 +135,8 @@ async fn until_ended(s: &TestServer, id: &str) -> pb::Task {
 /// A claimed task for unary reports: (daemon client, daemon id, task id).
 async fn claimed(s: &TestServer, name: &str) -> (Daemons, String, String) {
     let (mut dc, daemon_id) = connect_daemon(s, name, 4).await;
-    let task = new_task(s, name).await;
-    start(s, &task.id).await;
-    let got = dc
-        .claim_task(pb::ClaimTaskRequest {
-            daemon_id: daemon_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(got.task.unwrap().id, task.id);
-    (dc, daemon_id, task.id)
+    let id = claimed_task(s, &mut dc, &daemon_id, name).await;
+    (dc, daemon_id, id)
 }
 
 /// Output that arrives before `started`, or an end that arrives before

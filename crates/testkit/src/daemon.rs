@@ -245,6 +245,40 @@ pub async fn connect_daemon(s: &TestServer, machine: &str, max: i32) -> (Daemons
     (client, id)
 }
 
+/// Creates and starts a task and takes it with ClaimTask as `daemon_id`,
+/// for tests of the unary reports; answers its id.
+pub async fn claimed_task(s: &TestServer, dc: &mut Daemons, daemon_id: &str, name: &str) -> String {
+    let task = new_task(s, name).await;
+    start(s, &task.id).await;
+    let got = dc
+        .claim_task(pb::ClaimTaskRequest {
+            daemon_id: daemon_id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        got.task.map(|t| t.id),
+        Some(task.id.clone()),
+        "claimed another task"
+    );
+    task.id
+}
+
+/// The first page of a task's stored output (ListTaskMessages' defaults).
+pub async fn stored_messages(s: &TestServer, task_id: &str) -> Vec<pb::TaskMessage> {
+    s.tasks()
+        .await
+        .list_task_messages(pb::ListTaskMessagesRequest {
+            task_id: task_id.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .messages
+}
+
 /// A task's audit trail.
 pub async fn events(s: &TestServer, task_id: &str) -> Vec<pb::TaskEvent> {
     s.tasks()
