@@ -9,6 +9,7 @@
 //! - [`output`]: splitting pipes into lines, typing Claude Code stream-json,
 //!   and the per-task buffer of unacknowledged output.
 
+mod agents;
 mod client;
 mod output;
 mod runner;
@@ -43,15 +44,12 @@ pub struct DaemonArgs {
 
     /// Daemon token (`tmd_…`), sent as `authorization: Bearer <token>`.
     /// Prefer --token-file: a flag shows in `ps`. Never passed on to agents.
-    #[arg(
-        long,
-        env = "TASKMESH_TOKEN",
-        hide_env_values = true,
-        conflicts_with = "token_file"
-    )]
+    #[arg(long, env = "TASKMESH_TOKEN", hide_env_values = true)]
     pub token: Option<DaemonToken>,
 
-    /// A file holding the daemon token (its first line).
+    /// A file holding the daemon token (its first line). It wins over
+    /// --token and TASKMESH_TOKEN, which in an admin's shell often holds
+    /// their user token.
     #[arg(long, env = "TASKMESH_TOKEN_FILE", value_name = "FILE")]
     pub token_file: Option<PathBuf>,
 
@@ -90,17 +88,44 @@ pub struct DaemonArgs {
     #[arg(long, env = "TASKMESH_DAEMON_WORK_DIR", value_name = "DIR")]
     pub work_dir: Option<PathBuf>,
 
-    /// An agent runtime: a command run with `sh -c`, with the task's plan in
-    /// `$TASKMESH_PLAN` and appended as a last quoted argument. Repeatable;
-    /// the environment variable takes a comma-separated list. Example:
-    /// `claude='claude -p --output-format stream-json --verbose'`. The
-    /// `shell` runtime (the plan is the script) always exists.
+    /// A runtime this daemon offers. `claude` is Claude Code driven in its
+    /// stream-json protocol (follow-ups, --resume, usage and cost,
+    /// permission requests as approvals; see the --claude-* flags).
+    /// `NAME=COMMAND` is any other command, run with `sh -c` with the plan
+    /// appended as a last quoted argument and in `$TASKMESH_PLAN` (also
+    /// `$TASKMESH_TASK_ID`, `$TASKMESH_ATTEMPT`, `$TASKMESH_CONTEXT`,
+    /// `$TASKMESH_AGENT_SESSION_ID`); follow-ups are written to its stdin.
+    /// Repeatable; the environment variable takes a comma-separated list.
+    /// A runtime whose program is not found is not offered (a warning says
+    /// so). The `shell` runtime (the plan is the script) always exists.
     #[arg(
         long = "runtime",
         env = "TASKMESH_DAEMON_RUNTIMES",
-        value_name = "NAME=COMMAND"
+        value_name = "claude|NAME=COMMAND"
     )]
     pub runtimes: Vec<String>,
+
+    /// The Claude Code executable for `--runtime claude`.
+    #[arg(long, env = "TASKMESH_CLAUDE_BIN", default_value = "claude")]
+    pub claude_bin: String,
+
+    /// Model for Claude tasks that name none (`--model`); Claude's own
+    /// default when unset.
+    #[arg(long, env = "TASKMESH_CLAUDE_MODEL")]
+    pub claude_model: Option<String>,
+
+    /// Permission mode for Claude tasks that name none: default,
+    /// acceptEdits, plan or bypassPermissions. In `default`, a tool Claude
+    /// may not use on its own becomes an approval a person answers
+    /// (`taskmesh task approve|deny`).
+    #[arg(long, env = "TASKMESH_CLAUDE_PERMISSION_MODE",
+          value_parser = ["default", "acceptEdits", "plan", "bypassPermissions"])]
+    pub claude_permission_mode: Option<String>,
+
+    /// Tools Claude may use without asking (its `--allowedTools`), e.g.
+    /// `Read,Grep,Bash(git status)`.
+    #[arg(long, env = "TASKMESH_CLAUDE_ALLOWED_TOOLS")]
+    pub claude_allowed_tools: Option<String>,
 
     /// Most tasks run at once.
     #[arg(long, env = "TASKMESH_DAEMON_MAX_TASKS", default_value_t = 4,
@@ -199,8 +224,7 @@ pub enum DaemonError {
 #[derive(Debug, Clone)]
 pub(crate) struct RuntimeDef {
     pub name: String,
-    /// `None` for the built-in `shell` runtime.
-    pub template: Option<String>,
+    pub agent: agents::AgentKind,
     pub version: String,
 }
 
@@ -284,18 +308,47 @@ async fn resolve_config(args: &DaemonArgs) -> Result<Config, DaemonError> {
 
     let mut runtimes = vec![RuntimeDef {
         name: "shell".into(),
-        template: None,
+        agent: agents::AgentKind::Shell,
         version: "builtin".into(),
     }];
-    let defined = parse_runtimes(&args.runtimes)?;
-    let versions =
-        futures_util::future::join_all(defined.iter().map(|(_, cmd)| probe_version(cmd))).await;
-    for ((name, template), version) in defined.into_iter().zip(versions) {
-        runtimes.push(RuntimeDef {
-            name,
-            template: Some(template),
-            version,
-        });
+    let claude = agents::claude::Settings {
+        binary: args.claude_bin.clone(),
+        model: args.claude_model.clone(),
+        permission_mode: args.claude_permission_mode.clone(),
+        allowed_tools: args.claude_allowed_tools.clone(),
+    };
+    let defined: Vec<(String, agents::AgentKind, String)> = parse_runtimes(&args.runtimes)?
+        .into_iter()
+        .map(|(name, command)| match command {
+            Some(command) => {
+                let program = command.split_whitespace().next().unwrap_or_default();
+                let program = program.to_owned();
+                (name, agents::AgentKind::Template(command), program)
+            }
+            None => (
+                name,
+                agents::AgentKind::Claude(claude.clone()),
+                claude.binary.clone(),
+            ),
+        })
+        .collect();
+    let versions = futures_util::future::join_all(
+        defined.iter().map(|(_, _, program)| probe_version(program)),
+    )
+    .await;
+    for ((name, agent, program), version) in defined.into_iter().zip(versions) {
+        match version {
+            Some(version) => runtimes.push(RuntimeDef {
+                name,
+                agent,
+                version,
+            }),
+            None => tracing::warn!(
+                runtime = %name,
+                %program,
+                "not offering this runtime: {program} was not found or did not answer --version"
+            ),
+        }
     }
     Ok(Config {
         machine_id,
@@ -360,8 +413,11 @@ fn hostname() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
-/// Does `piece` start a `NAME=COMMAND` entry?
+/// Does `piece` start a `NAME=COMMAND` entry (or name a built-in agent)?
 fn starts_entry(piece: &str) -> bool {
+    if BUILT_IN_AGENTS.contains(&piece.trim()) {
+        return true;
+    }
     let Some((name, _)) = piece.trim_start().split_once('=') else {
         return false;
     };
@@ -374,10 +430,14 @@ fn valid_runtime_name(name: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
-/// `NAME=COMMAND` entries from the flags. A value may hold several entries
-/// separated by commas (the environment variable form); a comma not
-/// followed by `NAME=` belongs to the command (`--allowedTools Read,Edit`).
-fn parse_runtimes(values: &[String]) -> Result<Vec<(String, String)>, DaemonError> {
+/// Agents built in, named by `--runtime NAME` alone.
+const BUILT_IN_AGENTS: &[&str] = &["claude"];
+
+/// `NAME=COMMAND` entries (and built-in agents, without a command) from
+/// the flags. A value may hold several entries separated by commas (the
+/// environment variable form); a comma not followed by `NAME=` or a
+/// built-in name belongs to the command (`--allowedTools Read,Edit`).
+fn parse_runtimes(values: &[String]) -> Result<Vec<(String, Option<String>)>, DaemonError> {
     let mut entries: Vec<String> = Vec::new();
     for value in values {
         let mut first = true;
@@ -392,7 +452,7 @@ fn parse_runtimes(values: &[String]) -> Result<Vec<(String, String)>, DaemonErro
             first = false;
         }
     }
-    let mut runtimes: Vec<(String, String)> = Vec::new();
+    let mut runtimes: Vec<(String, Option<String>)> = Vec::new();
     for entry in entries {
         if entry.trim().is_empty() {
             continue;
@@ -401,8 +461,16 @@ fn parse_runtimes(values: &[String]) -> Result<Vec<(String, String)>, DaemonErro
             spec: entry.clone(),
             reason: reason.into(),
         };
+        if BUILT_IN_AGENTS.contains(&entry.trim()) {
+            let name = entry.trim().to_owned();
+            runtimes.retain(|(n, _)| *n != name);
+            runtimes.push((name, None));
+            continue;
+        }
         let Some((name, command)) = entry.split_once('=') else {
-            return Err(invalid("expected NAME=COMMAND"));
+            return Err(invalid(
+                "expected NAME=COMMAND, or a built-in agent: claude",
+            ));
         };
         let (name, command) = (name.trim(), command.trim());
         if !valid_runtime_name(name) {
@@ -417,18 +485,16 @@ fn parse_runtimes(values: &[String]) -> Result<Vec<(String, String)>, DaemonErro
             return Err(invalid("the command is empty"));
         }
         match runtimes.iter_mut().find(|(n, _)| n == name) {
-            Some(existing) => existing.1 = command.to_owned(),
-            None => runtimes.push((name.to_owned(), command.to_owned())),
+            Some(existing) => existing.1 = Some(command.to_owned()),
+            None => runtimes.push((name.to_owned(), Some(command.to_owned()))),
         }
     }
     Ok(runtimes)
 }
 
-/// The first line of `<first word of the command> --version`, or "unknown".
-async fn probe_version(template: &str) -> String {
-    let Some(program) = template.split_whitespace().next() else {
-        return "unknown".into();
-    };
+/// The first line `program --version` prints ("unknown" when it prints
+/// nothing or fails), or `None` when the program cannot be started at all.
+async fn probe_version(program: &str) -> Option<String> {
     let output = tokio::process::Command::new(program)
         .arg("--version")
         .stdin(Stdio::null())
@@ -437,13 +503,17 @@ async fn probe_version(template: &str) -> String {
         .kill_on_drop(true)
         .output();
     match tokio::time::timeout(VERSION_PROBE_TIMEOUT, output).await {
-        Ok(Ok(out)) if out.status.success() => String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(str::trim)
-            .find(|l| !l.is_empty())
-            .map(|l| runner::truncate_chars(l, 100))
-            .unwrap_or_else(|| "unknown".into()),
-        _ => "unknown".into(),
+        Ok(Ok(out)) if out.status.success() => Some(
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(str::trim)
+                .find(|l| !l.is_empty())
+                .map(|l| runner::truncate_chars(l, 100))
+                .unwrap_or_else(|| "unknown".into()),
+        ),
+        Ok(Err(e)) if e.kind() == io::ErrorKind::NotFound => None,
+        Ok(Err(e)) if e.kind() == io::ErrorKind::PermissionDenied => None,
+        _ => Some("unknown".into()),
     }
 }
 
@@ -465,15 +535,25 @@ mod tests {
             "codex=codex exec, echo=echo hi".to_owned(),
         ];
         let rts = parse_runtimes(&values).expect("valid");
+        let some = |s: &str| Some(s.to_owned());
         assert_eq!(
             rts,
             [
                 (
                     "claude".to_owned(),
-                    "claude -p --allowedTools Read,Edit --output-format stream-json".to_owned()
+                    some("claude -p --allowedTools Read,Edit --output-format stream-json")
                 ),
-                ("codex".to_owned(), "codex exec".to_owned()),
-                ("echo".to_owned(), "echo hi".to_owned()),
+                ("codex".to_owned(), some("codex exec")),
+                ("echo".to_owned(), some("echo hi")),
+            ]
+        );
+        // A built-in agent by its name alone, also in a list.
+        let rts = parse_runtimes(&["claude,echo=echo a,b".to_owned()]).expect("valid");
+        assert_eq!(
+            rts,
+            [
+                ("claude".to_owned(), None),
+                ("echo".to_owned(), some("echo a,b"))
             ]
         );
         assert!(parse_runtimes(&["shell=bash".to_owned()]).is_err());
@@ -493,8 +573,7 @@ mod tests {
         assert_eq!(token(&cli.args).unwrap().expose(), "tmd_secret");
         assert!(!format!("{:?}", cli.args).contains("tmd_secret"));
         assert!(Cli::try_parse_from(["daemon", "--token", "t", "--max-tasks", "0"]).is_err());
-        // Only one way to pass the token; without one it says how.
-        assert!(Cli::try_parse_from(["daemon", "--token", "t", "--token-file", "f"]).is_err());
+        // Without a token it says how to pass one.
         let none = Cli::try_parse_from(["daemon"]).expect("parses");
         assert!(
             token(&none.args)
@@ -511,6 +590,11 @@ mod tests {
         let p = path.display().to_string();
         let cli = Cli::try_parse_from(["daemon", "--token-file", &p]).expect("parses");
         assert_eq!(token(&cli.args).unwrap().expose(), "tmd_from_file");
+        // The file wins over a token from the flag or TASKMESH_TOKEN (an
+        // admin's shell exports their user token there).
+        let both = Cli::try_parse_from(["daemon", "--token", "tmu_user", "--token-file", &p])
+            .expect("parses");
+        assert_eq!(token(&both.args).unwrap().expose(), "tmd_from_file");
         let _ = std::fs::remove_file(path);
     }
 
@@ -530,9 +614,10 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn version_probe_takes_the_first_line_or_unknown() {
-        assert_eq!(probe_version("no-such-program-xyz --flag").await, "unknown");
-        let v = probe_version("git clone").await;
+    async fn version_probe_takes_the_first_line_or_nothing_for_a_missing_program() {
+        assert_eq!(probe_version("no-such-program-xyz").await, None);
+        let v = probe_version("git").await.expect("git is installed");
         assert!(v.starts_with("git version"), "{v}");
+        assert_eq!(probe_version("false").await.as_deref(), Some("unknown"));
     }
 }

@@ -11,85 +11,13 @@ use taskmesh_testkit::both_backends;
 use std::time::Duration;
 
 use common::process::{DaemonProcess, ServeProcess, create_token, is_dead};
+use common::watch::{PATIENCE, Watch};
 use common::{Backend, Tasks, TestDb, start_server};
 use taskmesh_server::model::TokenKind;
 use taskmesh_server::pb::task_service_client::TaskServiceClient;
 use taskmesh_server::pb::{self, TaskStatus, watch_task_response::Event};
 use tokio_stream::StreamExt;
 use tonic::transport::Endpoint;
-
-const PATIENCE: Duration = Duration::from_secs(60);
-
-/// A WatchTask stream and every message it delivered so far.
-struct Watch {
-    stream: tonic::Streaming<pb::WatchTaskResponse>,
-    messages: Vec<pb::TaskMessage>,
-}
-
-impl Watch {
-    async fn open(tasks: &mut Tasks, task_id: &str, since_seq: i64) -> Watch {
-        let stream = tasks
-            .watch_task(pb::WatchTaskRequest {
-                task_id: task_id.into(),
-                since_seq,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        Watch {
-            stream,
-            messages: Vec::new(),
-        }
-    }
-
-    /// Reads until a task event satisfies `done`; answers that task.
-    async fn until(
-        &mut self,
-        what: &str,
-        done: impl Fn(&pb::Task, &[pb::TaskMessage]) -> bool,
-    ) -> pb::Task {
-        let read = async {
-            while let Some(ev) = self.stream.next().await {
-                match ev.expect("watch event").event {
-                    Some(Event::Message(m)) => self.messages.push(m),
-                    Some(Event::Task(t)) if done(&t, &self.messages) => return t,
-                    _ => {}
-                }
-            }
-            panic!("the watch ended before {what}");
-        };
-        tokio::time::timeout(PATIENCE, read)
-            .await
-            .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
-    }
-
-    async fn until_status(&mut self, status: TaskStatus) -> pb::Task {
-        self.until(&format!("{status:?}"), |t, _| t.status == status as i32)
-            .await
-    }
-
-    /// Reads until a message with this exact content arrived.
-    async fn until_line(&mut self, line: &str) {
-        let read = async {
-            if self.messages.iter().any(|m| m.content == line) {
-                return;
-            }
-            while let Some(ev) = self.stream.next().await {
-                if let Some(Event::Message(m)) = ev.expect("watch event").event {
-                    let found = m.content == line;
-                    self.messages.push(m);
-                    if found {
-                        return;
-                    }
-                }
-            }
-            panic!("the watch ended before {line:?}");
-        };
-        tokio::time::timeout(PATIENCE, read)
-            .await
-            .unwrap_or_else(|_| panic!("timed out waiting for {line:?}"))
-    }
-}
 
 async fn create_and_start(tasks: &mut Tasks, name: &str, plan: &str) -> pb::Task {
     let task = tasks
@@ -325,7 +253,9 @@ async fn send_message_reaches_stdin(backend: Backend) {
     let done = watch.until_status(TaskStatus::Completed).await;
     assert_eq!(done.status, TaskStatus::Completed as i32);
     let contents: Vec<&str> = watch.messages.iter().map(|m| m.content.as_str()).collect();
-    assert_eq!(contents, ["got: hello agent"]);
+    // What was sent is in the transcript, as a user message, then the answer.
+    assert_eq!(contents, ["hello agent", "got: hello agent"]);
+    assert_eq!(watch.messages[0].kind(), pb::MessageKind::User);
     daemon.stop().await;
 }
 

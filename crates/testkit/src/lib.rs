@@ -13,6 +13,7 @@ pub mod daemon;
 pub mod db;
 pub mod process;
 pub mod raw;
+pub mod watch;
 
 pub use db::{Backend, DbKind, TestDb};
 

@@ -254,8 +254,20 @@ pub struct DaemonProcess {
 
 impl DaemonProcess {
     pub fn start(server_url: &str, token: &str, extra: &[&str]) -> DaemonProcess {
+        DaemonProcess::start_with_env(server_url, token, extra, &[])
+    }
+
+    /// [`DaemonProcess::start`] with more environment for the daemon (and
+    /// so for its agents).
+    pub fn start_with_env(
+        server_url: &str,
+        token: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> DaemonProcess {
         let dir = TempDir::new("daemon");
         let child = Command::new(bin())
+            .envs(env.iter().copied())
             .arg("daemon")
             .args(["--server", server_url])
             .arg("--state-dir")

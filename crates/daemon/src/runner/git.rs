@@ -60,7 +60,7 @@ pub(super) async fn clone_repository(
                 });
             }
             ctrl = control.recv() => match ctrl {
-                Some(Control::Input { command_id, .. }) => {
+                Some(Control::Input { command_id, .. } | Control::Decide { command_id, .. }) => {
                     let _ = events
                         .send(RunnerEvent::CommandDone {
                             command_id,

@@ -21,12 +21,11 @@ use tokio::time::{Instant, sleep_until};
 use tracing::{debug, info, warn};
 
 use git::clone_repository;
-use process::{
-    agent_command, describe_status, outcome_of, scrub_env, signal_group, spawn_stdin_writer,
-};
+use process::{describe_status, outcome_of, scrub_env, signal_group, spawn_stdin_writer};
 
-use super::output::{LineReader, StreamParser};
-use crate::pb::{AgentResume, MessageKind, TaskMessageInput};
+use super::output::LineReader;
+use crate::agents::{Agent, AgentKind, Turn, UsageReport};
+use crate::pb::{AgentResume, ApprovalDecision, MessageKind, TaskMessageInput};
 
 /// How long the pipes may stay open after the agent exits (a background
 /// grandchild holding them) before the rest of the group is killed.
@@ -38,6 +37,9 @@ const MAX_SUMMARY_CHARS: usize = 2000;
 /// The rebuilt context is passed in the environment only up to this size
 /// (Linux refuses single environment strings over 128 KiB).
 const MAX_ENV_CONTEXT: usize = 100 * 1024;
+/// How long an agent may linger after it was told it is done (its stdin
+/// closed) before its process group is killed.
+const EXIT_GRACE: Duration = Duration::from_secs(10);
 
 /// Everything a runner needs to run one attempt of a task.
 #[derive(Debug, Clone)]
@@ -45,9 +47,10 @@ pub(crate) struct TaskSpec {
     /// Tells this run's events from those of an earlier run of the same task.
     pub run_id: u64,
     pub task_id: String,
-    pub plan: String,
-    /// The runtime's command template; `None` runs the plan with `sh -c`.
-    pub command_template: Option<String>,
+    /// Which adapter runs the agent.
+    pub agent: AgentKind,
+    /// What the agent is asked: the prompt (plan), context, resume, model.
+    pub turn: Turn,
     pub repository: String,
     pub branch: String,
     /// `<work-dir>/<task_id>`.
@@ -56,8 +59,6 @@ pub(crate) struct TaskSpec {
     pub first_seq: i64,
     pub default_grace: Duration,
     pub attempt: i32,
-    pub resume_session_id: Option<String>,
-    pub context: String,
     /// Values no child may see in its environment (the daemon's token).
     pub hidden_secrets: Vec<String>,
 }
@@ -65,9 +66,15 @@ pub(crate) struct TaskSpec {
 /// Instructions from the session loop.
 #[derive(Debug)]
 pub(crate) enum Control {
-    /// Write `text` (plus a newline) to the agent's stdin; answered with
-    /// [`RunnerEvent::CommandDone`].
+    /// A person's follow-up, for the agent's stdin in its own format;
+    /// answered with [`RunnerEvent::CommandDone`].
     Input { command_id: String, text: String },
+    /// A person's answer to the agent's permission request; answered with
+    /// [`RunnerEvent::CommandDone`].
+    Decide {
+        command_id: String,
+        decision: ApprovalDecision,
+    },
     /// SIGINT the process group, then SIGKILL it after `grace`.
     Interrupt { grace: Duration },
     /// SIGKILL the process group now.
@@ -101,7 +108,13 @@ pub(crate) enum RunnerEvent {
         task_id: String,
         messages: Vec<TaskMessageInput>,
     },
-    /// The outcome of a [`Control::Input`].
+    /// The agent's usage so far (totals for this run).
+    Usage {
+        run_id: u64,
+        task_id: String,
+        report: UsageReport,
+    },
+    /// The outcome of a [`Control::Input`] or [`Control::Decide`].
     CommandDone {
         command_id: String,
         result: Result<(), String>,
@@ -156,8 +169,8 @@ pub(crate) async fn run_task(
     mut control: mpsc::Receiver<Control>,
     pressure: watch::Receiver<bool>,
 ) {
-    let child = match start(&spec, &mut control, &events).await {
-        Ok(child) => child,
+    let (child, agent) = match start(&spec, &mut control, &events).await {
+        Ok(started) => started,
         Err(e) => {
             warn!(reason = %e.reason, "task failed before its agent started");
             let end = TaskEnd {
@@ -178,7 +191,7 @@ pub(crate) async fn run_task(
             return;
         }
     };
-    TaskRunner::new(spec, child, events, control, pressure)
+    TaskRunner::new(spec, child, agent, events, control, pressure)
         .run()
         .await;
 }
@@ -189,7 +202,7 @@ async fn start(
     spec: &TaskSpec,
     control: &mut mpsc::Receiver<Control>,
     events: &mpsc::Sender<RunnerEvent>,
-) -> Result<Child, StartError> {
+) -> Result<(Child, Box<dyn Agent>), StartError> {
     if let Some(parent) = spec.dir.parent() {
         tokio::fs::create_dir_all(parent)
             .await
@@ -205,11 +218,12 @@ async fn start(
             .map_err(|e| StartError::new(format!("creating {} failed: {e}", spec.dir.display())))?;
     }
 
-    let mut cmd = agent_command(spec.command_template.as_deref(), &spec.plan);
+    let agent = spec.agent.build();
+    let mut cmd = agent.command(&spec.turn, &spec.dir);
     scrub_env(&mut cmd, &spec.hidden_secrets);
     cmd.current_dir(&spec.dir)
         .env("TASKMESH_TASK_ID", &spec.task_id)
-        .env("TASKMESH_PLAN", &spec.plan)
+        .env("TASKMESH_PLAN", &spec.turn.prompt)
         .env("TASKMESH_ATTEMPT", spec.attempt.to_string())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -218,22 +232,21 @@ async fn start(
         // interrupt reaches grandchildren too.
         .process_group(0)
         .kill_on_drop(true);
-    if let Some(id) = &spec.resume_session_id {
-        cmd.env("TASKMESH_AGENT_SESSION_ID", id);
-    }
-    if !spec.context.is_empty() {
-        if spec.context.len() <= MAX_ENV_CONTEXT {
-            cmd.env("TASKMESH_CONTEXT", &spec.context);
+    let context = &spec.turn.context;
+    if !context.is_empty() {
+        if context.len() <= MAX_ENV_CONTEXT {
+            cmd.env("TASKMESH_CONTEXT", context);
         } else {
             warn!(
-                bytes = spec.context.len(),
+                bytes = context.len(),
                 "context too large for the environment; not passed"
             );
         }
     }
-    let child = cmd
-        .spawn()
-        .map_err(|e| StartError::new(format!("starting the agent failed: {e}")))?;
+    let child = cmd.spawn().map_err(|e| {
+        let program = cmd.as_std().get_program().to_string_lossy().into_owned();
+        StartError::new(format!("starting the agent ({program}) failed: {e}"))
+    })?;
     let pid = child.id().unwrap_or_default();
     info!(pid, dir = %spec.dir.display(), "agent started");
     let _ = events
@@ -243,7 +256,7 @@ async fn start(
             pid,
         })
         .await;
-    Ok(child)
+    Ok((child, agent))
 }
 
 /// The loop that owns a running agent.
@@ -257,7 +270,8 @@ struct TaskRunner {
     stdout: Option<LineReader<ChildStdout>>,
     stderr: Option<LineReader<ChildStderr>>,
     stdin: Option<mpsc::Sender<(String, String)>>,
-    parser: StreamParser,
+    agent: Box<dyn Agent>,
+    turn: Turn,
     /// The seq of the next message. One counter for stdout and stderr
     /// together: the server wants seqs without gaps.
     next_seq: i64,
@@ -269,7 +283,11 @@ struct TaskRunner {
     pressure_open: bool,
     exit: Option<Result<ExitStatus, String>>,
     interrupted: bool,
+    /// When an agent asked to stop in its own protocol is sent SIGINT.
+    sigint_at: Option<Instant>,
     kill_at: Option<Instant>,
+    /// When an agent whose stdin was closed is killed if it has not exited.
+    linger_at: Option<Instant>,
     drain_at: Option<Instant>,
     drain_killed: bool,
     session_gone: bool,
@@ -279,6 +297,7 @@ impl TaskRunner {
     fn new(
         spec: TaskSpec,
         mut child: Child,
+        agent: Box<dyn Agent>,
         events: mpsc::Sender<RunnerEvent>,
         control: mpsc::Receiver<Control>,
         pressure: watch::Receiver<bool>,
@@ -297,7 +316,8 @@ impl TaskRunner {
             task_id: spec.task_id,
             dir: spec.dir,
             default_grace: spec.default_grace,
-            parser: StreamParser::default(),
+            agent,
+            turn: spec.turn,
             next_seq: spec.first_seq,
             events,
             control,
@@ -306,7 +326,9 @@ impl TaskRunner {
             pressure_open: true,
             exit: None,
             interrupted: false,
+            sigint_at: None,
             kill_at: None,
+            linger_at: None,
             drain_at: None,
             drain_killed: false,
             session_gone: false,
@@ -314,6 +336,11 @@ impl TaskRunner {
     }
 
     async fn run(mut self) {
+        let (lines, said) = self.agent.opening(&self.turn);
+        for line in lines {
+            self.write(String::new(), line);
+        }
+        self.emit(said).await;
         loop {
             if self.exit.is_some() && self.stdout.is_none() && self.stderr.is_none() {
                 break;
@@ -322,10 +349,7 @@ impl TaskRunner {
             tokio::select! {
                 line = next_line(&mut self.stdout), if self.stdout.is_some() && !paused => {
                     match line {
-                        Some(line) => {
-                            let messages = self.parser.parse(&line);
-                            self.emit(messages).await;
-                        }
+                        Some(line) => self.on_stdout(&line).await,
                         None => self.stdout = None,
                     }
                 }
@@ -350,7 +374,7 @@ impl TaskRunner {
                     self.exit = Some(status.map_err(|e| e.to_string()));
                     self.drain_at = Some(Instant::now() + PIPE_DRAIN);
                 }
-                ctrl = self.control.recv(), if self.control_open => self.on_control(ctrl),
+                ctrl = self.control.recv(), if self.control_open => self.on_control(ctrl).await,
                 changed = self.pressure.changed(), if paused => {
                     if changed.is_err() {
                         self.pressure_open = false;
@@ -362,6 +386,16 @@ impl TaskRunner {
                     if !self.pressure_open || !*self.pressure.borrow() {
                         self.drain_at = self.drain_at.map(|_| Instant::now() + PIPE_DRAIN);
                     }
+                }
+                _ = sleep_until(self.sigint_at.unwrap_or_else(Instant::now)), if self.sigint_at.is_some() => {
+                    info!("agent did not stop when asked; sending SIGINT to its process group");
+                    self.sigint_at = None;
+                    signal_group(self.pgid, libc::SIGINT);
+                }
+                _ = sleep_until(self.linger_at.unwrap_or_else(Instant::now)), if self.linger_at.is_some() && self.exit.is_none() => {
+                    warn!("agent lingers after its last turn; killing its process group");
+                    self.linger_at = None;
+                    signal_group(self.pgid, libc::SIGKILL);
                 }
                 _ = sleep_until(self.kill_at.unwrap_or_else(Instant::now)), if self.kill_at.is_some() => {
                     warn!("agent did not stop after SIGINT; sending SIGKILL to its process group");
@@ -376,44 +410,109 @@ impl TaskRunner {
         self.finish().await;
     }
 
-    fn on_control(&mut self, ctrl: Option<Control>) {
-        match ctrl {
-            Some(Control::Input { command_id, text }) => {
-                let sent = match &self.stdin {
-                    Some(tx) => tx.try_send((command_id, text)).map_err(|e| match e {
-                        mpsc::error::TrySendError::Full((id, _)) => {
-                            (id, "the agent's stdin is busy".to_owned())
-                        }
-                        mpsc::error::TrySendError::Closed((id, _)) => {
-                            (id, "the agent's stdin is closed".to_owned())
-                        }
-                    }),
-                    None => Err((command_id, "the agent's stdin is closed".to_owned())),
-                };
-                if let Err((command_id, message)) = sent {
-                    // The session loop drains events continuously; a full
-                    // channel only delays this answer.
-                    let events = self.events.clone();
-                    tokio::spawn(async move {
-                        let done = RunnerEvent::CommandDone {
-                            command_id,
-                            result: Err(message),
-                        };
-                        let _ = events.send(done).await;
-                    });
+    /// One line of the agent's stdout, as its adapter reads it.
+    async fn on_stdout(&mut self, line: &str) {
+        let reading = self.agent.read_line(line);
+        for reply in reading.replies {
+            self.write(String::new(), reply);
+        }
+        if let Some(report) = reading.usage
+            && !self.session_gone
+        {
+            let usage = RunnerEvent::Usage {
+                run_id: self.run_id,
+                task_id: self.task_id.clone(),
+                report,
+            };
+            let _ = self.events.send(usage).await;
+        }
+        self.emit(reading.messages).await;
+        if reading.close_stdin {
+            debug!("the agent's turns are done; closing its stdin");
+            self.stdin = None;
+            self.linger_at = Some(Instant::now() + EXIT_GRACE);
+        }
+    }
+
+    /// Queues `line` for the agent's stdin; a non-empty `command_id` is
+    /// answered once it is written. False when stdin is closed or busy
+    /// (then the command is answered with why).
+    fn write(&self, command_id: String, line: String) -> bool {
+        let sent = match &self.stdin {
+            Some(tx) => tx.try_send((command_id, line)).map_err(|e| match e {
+                mpsc::error::TrySendError::Full((id, _)) => (id, "the agent's stdin is busy"),
+                mpsc::error::TrySendError::Closed((id, _)) => (id, "the agent's stdin is closed"),
+            }),
+            None => Err((command_id, "the agent's stdin is closed")),
+        };
+        match sent {
+            Ok(()) => true,
+            Err((command_id, message)) => {
+                if command_id.is_empty() {
+                    warn!(message, "a line for the agent was not written");
+                } else {
+                    self.answer(command_id, Err(message.to_owned()));
                 }
+                false
             }
+        }
+    }
+
+    /// Answers a command off the loop (the session drains events
+    /// continuously; a full channel only delays the answer).
+    fn answer(&self, command_id: String, result: Result<(), String>) {
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            let _ = events
+                .send(RunnerEvent::CommandDone { command_id, result })
+                .await;
+        });
+    }
+
+    async fn on_control(&mut self, ctrl: Option<Control>) {
+        match ctrl {
+            Some(Control::Input { command_id, text }) => match self.agent.follow_up(&text) {
+                Ok((line, said)) => {
+                    if self.write(command_id, line) {
+                        self.emit(vec![said]).await;
+                    }
+                }
+                Err(why) => self.answer(command_id, Err(why)),
+            },
+            Some(Control::Decide {
+                command_id,
+                decision,
+            }) => match self.agent.decide(&decision) {
+                Ok(line) => {
+                    self.write(command_id, line);
+                }
+                Err(why) => self.answer(command_id, Err(why)),
+            },
             Some(Control::Interrupt { grace }) => {
                 let grace = if grace.is_zero() {
                     self.default_grace
                 } else {
                     grace
                 };
-                info!(?grace, "interrupting the agent's process group");
                 self.interrupted = true;
-                signal_group(self.pgid, libc::SIGINT);
-                let at = Instant::now() + grace;
-                self.kill_at = Some(self.kill_at.map_or(at, |k| k.min(at)));
+                let asked = match self.agent.interrupt() {
+                    Some(line) if self.stdin.is_some() => self.write(String::new(), line),
+                    _ => false,
+                };
+                let now = Instant::now();
+                if asked {
+                    // Asked in its own protocol: SIGINT after the grace,
+                    // SIGKILL after another.
+                    info!(?grace, "asking the agent to stop");
+                    self.sigint_at.get_or_insert(now + grace);
+                    let at = now + grace * 2;
+                    self.kill_at = Some(self.kill_at.map_or(at, |k| k.min(at)));
+                } else {
+                    info!(?grace, "interrupting the agent's process group");
+                    signal_group(self.pgid, libc::SIGINT);
+                    let at = now + grace;
+                    self.kill_at = Some(self.kill_at.map_or(at, |k| k.min(at)));
+                }
             }
             Some(Control::Kill) => self.kill(),
             None => {
@@ -447,6 +546,9 @@ impl TaskRunner {
 
     /// Numbers the messages of one line and hands them to the session loop.
     async fn emit(&mut self, mut messages: Vec<TaskMessageInput>) {
+        if messages.is_empty() {
+            return;
+        }
         for m in &mut messages {
             m.seq = self.next_seq;
             self.next_seq += 1;
@@ -469,18 +571,24 @@ impl TaskRunner {
     async fn finish(mut self) {
         // Closing stdin ends the writer task.
         self.stdin = None;
-        let summary = self
-            .parser
-            .last_result
-            .take()
+        let said = self.agent.end();
+        let summary = said
+            .summary
             .map(|s| truncate_chars(&s, MAX_SUMMARY_CHARS))
             .unwrap_or_default();
         let exit = self
             .exit
             .take()
             .unwrap_or_else(|| Err("no exit status".into()));
-        let outcome = outcome_of(&exit, self.interrupted, summary);
-        let resume = self.parser.session_id.take().map(|id| AgentResume {
+        let outcome = match (outcome_of(&exit, self.interrupted, summary), said.error) {
+            // It exited 0 but said it failed.
+            (Outcome::Completed { .. }, Some(error)) => Outcome::Failed {
+                reason: truncate_chars(&error, MAX_SUMMARY_CHARS),
+                exit_code: 1,
+            },
+            (outcome, _) => outcome,
+        };
+        let resume = said.session_id.map(|id| AgentResume {
             agent_session_id: id,
             working_directory: self.dir.display().to_string(),
         });

@@ -11,23 +11,6 @@ use tracing::warn;
 
 use super::{Outcome, RunnerEvent};
 
-/// Quotes `s` as one word for `sh`.
-pub(crate) fn shell_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', r"'\''"))
-}
-
-/// The agent's command line: the runtime template with the plan appended
-/// as a final quoted argument, or the plan itself for the shell runtime.
-pub(super) fn agent_command(template: Option<&str>, plan: &str) -> Command {
-    let mut cmd = Command::new("sh");
-    cmd.arg("-c");
-    match template {
-        Some(template) => cmd.arg(format!("{template} {}", shell_quote(plan))),
-        None => cmd.arg(plan),
-    };
-    cmd
-}
-
 /// Variables the daemon's own access may travel in; no child inherits them.
 const DAEMON_ONLY_VARS: &[&str] = &["TASKMESH_TOKEN", "TASKMESH_TOKEN_FILE"];
 
@@ -120,6 +103,13 @@ pub(super) fn spawn_stdin_writer(
                 Err(e) => Err(e),
             }
             .map_err(|e| format!("writing to the agent's stdin failed: {e}"));
+            // Lines of the agent's own protocol answer no command.
+            if command_id.is_empty() {
+                if let Err(e) = result {
+                    warn!(error = %e, "a line for the agent was not written");
+                }
+                continue;
+            }
             let done = RunnerEvent::CommandDone { command_id, result };
             if events.send(done).await.is_err() {
                 break;

@@ -4,8 +4,8 @@
 
 use std::os::unix::process::ExitStatusExt;
 
-use super::process::shell_quote;
 use super::*;
+use crate::agents::shell::shell_quote;
 
 struct Harness {
     events: mpsc::Receiver<RunnerEvent>,
@@ -27,16 +27,17 @@ fn spec(plan: &str, first_seq: i64, dir: &TempDir) -> TaskSpec {
     TaskSpec {
         run_id: 7,
         task_id: "t1".into(),
-        plan: plan.into(),
-        command_template: None,
+        agent: AgentKind::Shell,
+        turn: Turn {
+            prompt: plan.into(),
+            ..Turn::default()
+        },
         repository: String::new(),
         branch: String::new(),
         dir: dir.0.join("t1"),
         first_seq,
         default_grace: Duration::from_secs(10),
         attempt: 1,
-        resume_session_id: None,
-        context: String::new(),
         hidden_secrets: Vec::new(),
     }
 }
@@ -151,12 +152,19 @@ async fn send_input_reaches_stdin() {
             RunnerEvent::Output { messages, .. } => out.extend(messages),
             RunnerEvent::CommandDone { command_id, result } => done = Some((command_id, result)),
             RunnerEvent::Ended { end, .. } => break end,
-            RunnerEvent::Started { .. } => {}
+            RunnerEvent::Started { .. } | RunnerEvent::Usage { .. } => {}
         }
     };
     assert_eq!(done, Some(("c1".to_owned(), Ok(()))));
-    assert_eq!(out.len(), 1);
-    assert_eq!(out[0].content, "got:hello");
+    // What was sent is in the transcript, then the answer.
+    let said: Vec<_> = out.iter().map(|m| (m.kind(), m.content.as_str())).collect();
+    assert_eq!(
+        said,
+        [
+            (MessageKind::User, "hello"),
+            (MessageKind::Stdout, "got:hello")
+        ]
+    );
     assert_eq!(
         end.outcome,
         Outcome::Completed {
@@ -215,7 +223,7 @@ async fn interrupt_kills_grandchildren() {
 #[tokio::test]
 async fn runtime_template_gets_the_plan_as_env_and_last_argument() {
     let mut h = start_with(|d| TaskSpec {
-        command_template: Some(
+        agent: AgentKind::Template(
             r#"f() { echo "arg:$1"; echo "env:$TASKMESH_PLAN"; echo "id:$TASKMESH_TASK_ID"; }; f"#
                 .into(),
         ),

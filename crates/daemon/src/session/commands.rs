@@ -10,6 +10,7 @@ use tracing::{debug, info, warn};
 
 use super::shutdown::Phase;
 use super::{Session, TaskRecord, up};
+use crate::agents::Turn;
 use crate::output::OutputBuffer;
 use crate::pb::session_request::Message as Up;
 use crate::pb::session_response::Message as Down;
@@ -186,11 +187,36 @@ impl Session {
                     ),
                 }
             }
+            Some(command::Kind::ApprovalDecision(decision)) => {
+                match self
+                    .tasks
+                    .get(&cmd.task_id)
+                    .and_then(|r| r.control.as_ref())
+                {
+                    Some(control) => {
+                        let ctrl = Control::Decide {
+                            command_id: cmd.id.clone(),
+                            decision,
+                        };
+                        if send_control(control, ctrl) {
+                            Reply::Later
+                        } else {
+                            Reply::Now(
+                                CommandResultStatus::Failed,
+                                format!("task {} is not running", cmd.task_id),
+                            )
+                        }
+                    }
+                    None => Reply::Now(
+                        CommandResultStatus::Failed,
+                        format!("task {} is not running", cmd.task_id),
+                    ),
+                }
+            }
             Some(
                 command::Kind::CloneWorktree(_)
                 | command::Kind::CheckTargetExists(_)
-                | command::Kind::RetryCompletionAction(_)
-                | command::Kind::ApprovalDecision(_),
+                | command::Kind::RetryCompletionAction(_),
             ) => Reply::Now(
                 CommandResultStatus::Unsupported,
                 "the reference daemon does not implement this command".into(),
@@ -252,24 +278,28 @@ impl Session {
         let spec = TaskSpec {
             run_id,
             task_id: task_id.clone(),
-            // A continued attempt runs its follow-up prompt.
-            plan: if spawn.prompt.is_empty() {
-                task.plan
-            } else {
-                spawn.prompt
+            agent: runtime.agent.clone(),
+            turn: Turn {
+                // A continued attempt runs its follow-up prompt.
+                prompt: if spawn.prompt.is_empty() {
+                    task.plan
+                } else {
+                    spawn.prompt
+                },
+                context: spawn.context,
+                resume_session_id: spawn
+                    .resume
+                    .map(|r| r.agent_session_id)
+                    .filter(|s| !s.is_empty()),
+                model: task.model,
+                permission_mode: task.permission_mode,
             },
-            command_template: runtime.template.clone(),
             repository: task.repository,
             branch: task.branch,
             dir: self.cfg.work_dir.join(&task_id),
             first_seq,
             default_grace: self.cfg.interrupt_grace,
             attempt: task.attempt,
-            resume_session_id: spawn
-                .resume
-                .map(|r| r.agent_session_id)
-                .filter(|s| !s.is_empty()),
-            context: spawn.context,
             hidden_secrets: self.cfg.hidden_secrets.clone(),
         };
         let (control_tx, control_rx) = mpsc::channel(CONTROL_CAPACITY);

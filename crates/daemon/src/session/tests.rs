@@ -29,7 +29,7 @@ fn test_config(max_tasks: usize) -> (Arc<Config>, PathBuf) {
         work_dir: dir.clone(),
         runtimes: vec![RuntimeDef {
             name: "shell".into(),
-            template: None,
+            agent: crate::agents::AgentKind::Shell,
             version: "builtin".into(),
         }],
         max_tasks,

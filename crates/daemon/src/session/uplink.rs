@@ -13,7 +13,8 @@ use crate::output::{BATCH_MAX_BYTES, BATCH_MAX_MESSAGES};
 use crate::pb::session_request::Message as Up;
 use crate::pb::{
     CommandResultStatus, CompleteTaskRequest, FailTaskRequest, OutputAck,
-    ReportTaskMessagesRequest, ReportTaskStartedRequest, SessionError, SessionRequest,
+    ReportTaskMessagesRequest, ReportTaskStartedRequest, ReportTaskUsageRequest, SessionError,
+    SessionRequest,
 };
 use crate::runner::{Control, Outcome, RunnerEvent, TaskEnd, send_control};
 
@@ -177,6 +178,24 @@ impl Session {
                 if self.flush_at.is_none() {
                     self.flush_at = Some(Instant::now() + FLUSH_DELAY);
                 }
+            }
+            RunnerEvent::Usage {
+                run_id,
+                task_id,
+                report,
+            } => {
+                let Some(rec) = self.record(&task_id, run_id) else {
+                    return;
+                };
+                let usage = ReportTaskUsageRequest {
+                    task_id,
+                    usage: report.usage,
+                    attempt: rec.attempt,
+                    cost_usd: report.cost_usd,
+                    turns: report.turns,
+                    ..Default::default()
+                };
+                self.control_out.push_back(up(Up::Usage(usage)));
             }
             RunnerEvent::CommandDone { command_id, result } => match result {
                 Ok(()) => self.finish_command(&command_id, CommandResultStatus::Ok, String::new()),
