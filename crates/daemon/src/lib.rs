@@ -91,6 +91,8 @@ pub struct DaemonArgs {
     /// A runtime this daemon offers. `claude` is Claude Code driven in its
     /// stream-json protocol (follow-ups, --resume, usage and cost,
     /// permission requests as approvals; see the --claude-* flags).
+    /// `codex` is Codex in `codex exec --json` mode (resume, usage; see the
+    /// --codex-* flags).
     /// `NAME=COMMAND` is any other command, run with `sh -c` with the plan
     /// appended as a last quoted argument and in `$TASKMESH_PLAN` (also
     /// `$TASKMESH_TASK_ID`, `$TASKMESH_ATTEMPT`, `$TASKMESH_CONTEXT`,
@@ -101,7 +103,7 @@ pub struct DaemonArgs {
     #[arg(
         long = "runtime",
         env = "TASKMESH_DAEMON_RUNTIMES",
-        value_name = "claude|NAME=COMMAND"
+        value_name = "claude|codex|NAME=COMMAND"
     )]
     pub runtimes: Vec<String>,
 
@@ -126,6 +128,19 @@ pub struct DaemonArgs {
     /// `Read,Grep,Bash(git status)`.
     #[arg(long, env = "TASKMESH_CLAUDE_ALLOWED_TOOLS")]
     pub claude_allowed_tools: Option<String>,
+
+    /// The Codex executable for `--runtime codex`.
+    #[arg(long, env = "TASKMESH_CODEX_BIN", default_value = "codex")]
+    pub codex_bin: String,
+
+    /// Model for Codex tasks that name none; Codex's own default when unset.
+    #[arg(long, env = "TASKMESH_CODEX_MODEL")]
+    pub codex_model: Option<String>,
+
+    /// Codex's `--sandbox` for its commands.
+    #[arg(long, env = "TASKMESH_CODEX_SANDBOX",
+          value_parser = ["read-only", "workspace-write", "danger-full-access"])]
+    pub codex_sandbox: Option<String>,
 
     /// Most tasks run at once.
     #[arg(long, env = "TASKMESH_DAEMON_MAX_TASKS", default_value_t = 4,
@@ -317,6 +332,11 @@ async fn resolve_config(args: &DaemonArgs) -> Result<Config, DaemonError> {
         permission_mode: args.claude_permission_mode.clone(),
         allowed_tools: args.claude_allowed_tools.clone(),
     };
+    let codex = agents::codex::Settings {
+        binary: args.codex_bin.clone(),
+        model: args.codex_model.clone(),
+        sandbox: args.codex_sandbox.clone(),
+    };
     let defined: Vec<(String, agents::AgentKind, String)> = parse_runtimes(&args.runtimes)?
         .into_iter()
         .map(|(name, command)| match command {
@@ -324,6 +344,10 @@ async fn resolve_config(args: &DaemonArgs) -> Result<Config, DaemonError> {
                 let program = command.split_whitespace().next().unwrap_or_default();
                 let program = program.to_owned();
                 (name, agents::AgentKind::Template(command), program)
+            }
+            None if name == "codex" => {
+                let bin = codex.binary.clone();
+                (name, agents::AgentKind::Codex(codex.clone()), bin)
             }
             None => (
                 name,
@@ -431,7 +455,7 @@ fn valid_runtime_name(name: &str) -> bool {
 }
 
 /// Agents built in, named by `--runtime NAME` alone.
-const BUILT_IN_AGENTS: &[&str] = &["claude"];
+const BUILT_IN_AGENTS: &[&str] = &["claude", "codex"];
 
 /// `NAME=COMMAND` entries (and built-in agents, without a command) from
 /// the flags. A value may hold several entries separated by commas (the
@@ -469,7 +493,7 @@ fn parse_runtimes(values: &[String]) -> Result<Vec<(String, Option<String>)>, Da
         }
         let Some((name, command)) = entry.split_once('=') else {
             return Err(invalid(
-                "expected NAME=COMMAND, or a built-in agent: claude",
+                "expected NAME=COMMAND, or a built-in agent: claude or codex",
             ));
         };
         let (name, command) = (name.trim(), command.trim());

@@ -1,12 +1,14 @@
-//! Claude Code end to end, through a real server and a real `taskmesh
-//! daemon --runtime claude` process, on SQLite and PostgreSQL. The agent is
-//! the stand-in in tests/standins/claude, which speaks Claude Code's
-//! stream-json protocol both ways and refuses what the real CLI refuses:
+//! Claude Code and Codex end to end, through a real server and a real
+//! `taskmesh daemon --runtime claude|codex` process, on SQLite and
+//! PostgreSQL. The agents are the stand-ins in tests/standins/, which speak
+//! Claude Code's stream-json protocol both ways and `codex exec --json`'s
+//! events, and refuse what the real CLIs refuse. Claude:
 //! typed output, usage and cost per model, a follow-up answered by the same
 //! process, StopTask asking Claude first, permission requests approved,
 //! denied and timed out, an error result failing the task, ContinueTask
-//! resuming the same session in the same directory, and a missing binary
-//! not offered.
+//! resuming the same session in the same directory. Codex: a command
+//! execution, usage, a failed turn, resume. And missing binaries not
+//! offered.
 
 use taskmesh_testkit as common;
 use taskmesh_testkit::both_backends;
@@ -21,44 +23,49 @@ use taskmesh_server::domain::Liveness;
 use taskmesh_server::model::TokenKind;
 use taskmesh_server::pb::{self, MessageKind, TaskStatus};
 
-fn standin() -> String {
+fn standin(agent: &str) -> String {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/standins/claude")
+        .join("tests/standins")
+        .join(agent)
         .display()
         .to_string()
 }
 
-/// A daemon offering `claude` (the stand-in), with the stand-in's sessions
-/// and its log of command lines in a directory of its own.
-struct Claude {
+/// A daemon offering `claude` or `codex` (the stand-in), with the
+/// stand-in's sessions and its log of command lines in a directory of its
+/// own.
+struct Agent {
+    name: &'static str,
     daemon: DaemonProcess,
     home: TempDir,
 }
 
-impl Claude {
-    async fn start(s: &TestServer, extra: &[&str]) -> Claude {
+impl Agent {
+    async fn start(s: &TestServer, name: &'static str, extra: &[&str]) -> Agent {
         let token = s.token_in("default", TokenKind::Daemon).await;
-        let home = TempDir::new("claude-home");
-        let bin = standin();
-        let mut flags = vec!["--runtime", "claude", "--claude-bin", &bin];
+        let home = TempDir::new("agent-home");
+        let bin = standin(name);
+        let bin_flag = format!("--{name}-bin");
+        let mut flags = vec!["--runtime", name, bin_flag.as_str(), &bin];
         flags.extend_from_slice(extra);
         let home_dir = home.0.display().to_string();
-        let log = home.0.join("log.jsonl").display().to_string();
+        let log = home.0.join(format!("{name}.jsonl")).display().to_string();
+        let (home_var, log_var) = match name {
+            "claude" => ("CLAUDE_STANDIN_HOME", "CLAUDE_STANDIN_LOG"),
+            _ => ("CODEX_STANDIN_HOME", "CODEX_STANDIN_LOG"),
+        };
         let daemon = DaemonProcess::start_with_env(
             &s.url(),
             &token,
             &flags,
-            &[
-                ("CLAUDE_STANDIN_HOME", &home_dir),
-                ("CLAUDE_STANDIN_LOG", &log),
-            ],
+            &[(home_var, &home_dir), (log_var, &log)],
         );
-        Claude { daemon, home }
+        Agent { name, daemon, home }
     }
 
     /// Each start of the stand-in: its arguments and working directory.
     fn starts(&self) -> Vec<(Vec<String>, String)> {
-        std::fs::read_to_string(self.home.0.join("log.jsonl"))
+        std::fs::read_to_string(self.home.0.join(format!("{}.jsonl", self.name)))
             .unwrap_or_default()
             .lines()
             .map(|l| {
@@ -76,11 +83,15 @@ impl Claude {
 }
 
 async fn claude_task(tasks: &mut Tasks, plan: &str, model: &str) -> pb::Task {
+    agent_task(tasks, "claude", plan, model).await
+}
+
+async fn agent_task(tasks: &mut Tasks, runtime: &str, plan: &str, model: &str) -> pb::Task {
     let task = tasks
         .create_task(pb::CreateTaskRequest {
             name: plan.into(),
             plan: plan.into(),
-            runtime: "claude".into(),
+            runtime: runtime.into(),
             model: model.into(),
             ..Default::default()
         })
@@ -119,7 +130,12 @@ fn arg<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
 /// resumes the same conversation, in the same directory.
 async fn a_claude_task_runs_and_continues(backend: Backend) {
     let s = start_server(backend).await;
-    let claude = Claude::start(&s, &["--claude-permission-mode", "bypassPermissions"]).await;
+    let claude = Agent::start(
+        &s,
+        "claude",
+        &["--claude-permission-mode", "bypassPermissions"],
+    )
+    .await;
     let mut tasks = s.tasks().await;
     let task = claude_task(&mut tasks, "run: ls", "claude-opus-4-1").await;
     let mut watch = Watch::open(&mut tasks, &task.id, 0).await;
@@ -219,7 +235,7 @@ fn pid_in(text: &str) -> &str {
 /// both turns are done.
 async fn a_follow_up_reaches_the_same_process(backend: Backend) {
     let s = start_server(backend).await;
-    let claude = Claude::start(&s, &[]).await;
+    let claude = Agent::start(&s, "claude", &[]).await;
     let mut tasks = s.tasks().await;
     let task = claude_task(&mut tasks, "hold", "").await;
     let mut watch = Watch::open(&mut tasks, &task.id, 0).await;
@@ -273,7 +289,7 @@ async fn a_follow_up_reaches_the_same_process(backend: Backend) {
 /// (60 s here) would have it signalled, and the task is cancelled.
 async fn stop_asks_claude_first(backend: Backend) {
     let s = start_server(backend).await;
-    let claude = Claude::start(&s, &["--interrupt-grace-secs", "60"]).await;
+    let claude = Agent::start(&s, "claude", &["--interrupt-grace-secs", "60"]).await;
     let mut tasks = s.tasks().await;
     let task = claude_task(&mut tasks, "hold", "").await;
     let mut watch = Watch::open(&mut tasks, &task.id, 0).await;
@@ -322,7 +338,7 @@ async fn permissions_reach_a_person(backend: Backend) {
         ..Liveness::default()
     };
     let s = start_server_with(TestDb::new(backend).await, liveness).await;
-    let claude = Claude::start(&s, &[]).await;
+    let claude = Agent::start(&s, "claude", &[]).await;
     let mut tasks = s.tasks().await;
     for (plan, decision, expect) in [
         (
@@ -378,7 +394,7 @@ async fn permissions_reach_a_person(backend: Backend) {
 /// A result with is_error fails the task with Claude's reason.
 async fn an_error_result_fails_the_task(backend: Backend) {
     let s = start_server(backend).await;
-    let claude = Claude::start(&s, &[]).await;
+    let claude = Agent::start(&s, "claude", &[]).await;
     let mut tasks = s.tasks().await;
     let task = claude_task(&mut tasks, "fail", "").await;
     let mut watch = Watch::open(&mut tasks, &task.id, 0).await;
@@ -391,16 +407,108 @@ async fn an_error_result_fails_the_task(backend: Backend) {
     s.stop().await;
 }
 
-/// A daemon whose `claude` is missing offers only what it can run, with
+/// Codex in exec mode: a command execution with its output and exit code,
+/// usage for the task's model, a failed turn failing the task, and
+/// ContinueTask resuming the thread in the same directory.
+async fn a_codex_task_runs_and_continues(backend: Backend) {
+    let s = start_server(backend).await;
+    let codex = Agent::start(&s, "codex", &[]).await;
+    let mut tasks = s.tasks().await;
+    let task = agent_task(&mut tasks, "codex", "run: echo hello", "gpt-5-codex").await;
+    let mut watch = Watch::open(&mut tasks, &task.id, 0).await;
+    let done = watch.until_status(TaskStatus::Completed).await;
+    assert_eq!(
+        said(&watch),
+        [
+            (MessageKind::User, "run: echo hello".to_owned()),
+            (MessageKind::System, "**Reading the prompt**".to_owned()),
+            (MessageKind::ToolUse, "echo hello".to_owned()),
+            (MessageKind::ToolResult, "hello\n(exit code 0)".to_owned()),
+            (MessageKind::Assistant, "Ran echo hello: exit 0".to_owned()),
+        ]
+    );
+    assert_eq!(
+        watch.messages[2].tool_input_json,
+        r#"{"command":"echo hello"}"#
+    );
+    let usage = tasks
+        .get_task_usage(pb::GetTaskUsageRequest {
+            task_id: task.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let per_model: Vec<_> = usage
+        .usage
+        .iter()
+        .map(|u| {
+            (
+                u.model.as_str(),
+                u.input_tokens,
+                u.output_tokens,
+                u.cache_read_tokens,
+            )
+        })
+        .collect();
+    assert_eq!(per_model, [("gpt-5-codex", 200, 30, 50)]);
+
+    tasks
+        .continue_task(pb::ContinueTaskRequest {
+            id: task.id.clone(),
+            prompt: "what did I ask?".into(),
+            daemon_id: String::new(),
+        })
+        .await
+        .unwrap();
+    let mut watch = Watch::open(&mut tasks, &task.id, done.last_seq).await;
+    watch
+        .until("the continued attempt's end", |t, _| {
+            t.attempt == 2 && t.status == TaskStatus::Completed as i32
+        })
+        .await;
+    let answer = said(&watch)
+        .into_iter()
+        .rfind(|(k, _)| *k == MessageKind::Assistant)
+        .unwrap()
+        .1;
+    assert!(
+        answer.contains("earlier you said: run: echo hello"),
+        "{answer}"
+    );
+    let starts = codex.starts();
+    let resumed = &starts[1].0;
+    let at = resumed.iter().position(|a| a == "resume").expect("resume");
+    assert_eq!(resumed[at + 1], done.agent_session_id);
+    assert_eq!(starts[0].1, starts[1].1, "resumed in another directory");
+
+    let failing = agent_task(&mut tasks, "codex", "fail", "").await;
+    let mut watch = Watch::open(&mut tasks, &failing.id, 0).await;
+    let failed = watch.until_status(TaskStatus::Failed).await;
+    assert!(
+        failed.status_reason.contains("stream disconnected"),
+        "{failed:?}"
+    );
+    codex.daemon.stop().await;
+    s.stop().await;
+}
+
+/// A daemon whose `claude` and `codex` are missing offers only what it can run, with
 /// versions, and says why in its log.
 async fn a_missing_claude_is_not_offered(backend: Backend) {
     let s = start_server(backend).await;
     let token = s.token_in("default", TokenKind::Daemon).await;
-    let with = Claude::start(&s, &[]).await;
+    let with = Agent::start(&s, "claude", &[]).await;
     let without = DaemonProcess::start(
         &s.url(),
         &token,
-        &["--runtime", "claude", "--claude-bin", "/nonexistent/claude"],
+        &[
+            "--runtime",
+            "claude,codex",
+            "--claude-bin",
+            "/nonexistent/claude",
+            "--codex-bin",
+            "/nonexistent/codex",
+        ],
     );
     let mut workspaces = s.workspaces().await;
     let daemons = tokio::time::timeout(PATIENCE, async {
@@ -443,5 +551,6 @@ both_backends!(
     stop_asks_claude_first,
     permissions_reach_a_person,
     an_error_result_fails_the_task,
+    a_codex_task_runs_and_continues,
     a_missing_claude_is_not_offered,
 );

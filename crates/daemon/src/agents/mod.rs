@@ -9,8 +9,10 @@
 //! - [`claude`]: Claude Code in its stream-json protocol both ways, with
 //!   follow-ups, `--resume`, usage and cost, and permission requests that
 //!   become approvals.
+//! - [`codex`]: Codex in `codex exec --json` mode, with `resume` and usage.
 
 pub(crate) mod claude;
+pub(crate) mod codex;
 pub(crate) mod shell;
 
 use std::path::Path;
@@ -75,6 +77,11 @@ pub(crate) trait Agent: Send {
     /// What to write once the process started, and what of it goes into
     /// the transcript.
     fn opening(&mut self, turn: &Turn) -> (Vec<String>, Vec<TaskMessageInput>);
+    /// Whether stdin closes right after the opening lines (an agent that
+    /// reads its prompt to the end of its input).
+    fn closes_stdin_after_opening(&self) -> bool {
+        false
+    }
     /// A person's follow-up: the line to write and its transcript message,
     /// or why it cannot be taken now.
     fn follow_up(&mut self, text: &str) -> Result<(String, TaskMessageInput), String>;
@@ -97,6 +104,7 @@ pub(crate) enum AgentKind {
     /// `NAME=COMMAND`: the command with the plan as its last argument.
     Template(String),
     Claude(claude::Settings),
+    Codex(codex::Settings),
 }
 
 impl AgentKind {
@@ -105,6 +113,7 @@ impl AgentKind {
             AgentKind::Shell => Box::new(shell::Shell::new(None)),
             AgentKind::Template(t) => Box::new(shell::Shell::new(Some(t.clone()))),
             AgentKind::Claude(s) => Box::new(claude::Claude::new(s.clone())),
+            AgentKind::Codex(s) => Box::new(codex::Codex::new(s.clone())),
         }
     }
 }

@@ -340,6 +340,9 @@ impl TaskRunner {
         for line in lines {
             self.write(String::new(), line);
         }
+        if self.agent.closes_stdin_after_opening() {
+            self.stdin = None;
+        }
         self.emit(said).await;
         loop {
             if self.exit.is_some() && self.stdout.is_none() && self.stderr.is_none() {
@@ -580,12 +583,19 @@ impl TaskRunner {
             .exit
             .take()
             .unwrap_or_else(|| Err("no exit status".into()));
+        // What the agent said went wrong beats its exit status (a Claude
+        // result with is_error exits 0, a failed Codex turn exits 1).
         let outcome = match (outcome_of(&exit, self.interrupted, summary), said.error) {
-            // It exited 0 but said it failed.
             (Outcome::Completed { .. }, Some(error)) => Outcome::Failed {
                 reason: truncate_chars(&error, MAX_SUMMARY_CHARS),
                 exit_code: 1,
             },
+            (Outcome::Failed { exit_code, .. }, Some(error)) if !self.interrupted => {
+                Outcome::Failed {
+                    reason: truncate_chars(&error, MAX_SUMMARY_CHARS),
+                    exit_code,
+                }
+            }
             (outcome, _) => outcome,
         };
         let resume = said.session_id.map(|id| AgentResume {

@@ -107,6 +107,11 @@ impl Domain {
         if let (true, Some(daemon_id)) = (clean, &task.daemon_id) {
             self.marks.remember(&task, daemon_id, new);
         }
+        // The task shows its pending approvals before anyone can see the
+        // request in its output.
+        if asks {
+            self.recount_approvals(&task.id).await?;
+        }
         if new > old {
             self.publish_output(
                 &task.id,
@@ -117,9 +122,6 @@ impl Domain {
                 new,
             )
             .await?;
-        }
-        if asks {
-            self.recount_approvals(&task.id).await?;
         }
         Ok(new)
     }
