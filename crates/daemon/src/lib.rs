@@ -18,6 +18,25 @@ mod session;
 /// The stream-json parser, public for the fuzz targets.
 pub use output::{MAX_LINE_BYTES, StreamParser};
 
+/// What the `claude` or `codex` adapter makes of these stdout lines: the
+/// transcript messages and the lines it would answer on stdin. For the
+/// fuzz targets.
+#[doc(hidden)]
+pub fn read_agent_output(agent: &str, lines: &[&str]) -> (Vec<pb::TaskMessageInput>, Vec<String>) {
+    let kind = match agent {
+        "codex" => agents::AgentKind::Codex(agents::codex::Settings::default()),
+        _ => agents::AgentKind::Claude(agents::claude::Settings::default()),
+    };
+    let mut adapter = kind.build();
+    let (mut messages, mut replies) = (Vec::new(), Vec::new());
+    for line in lines {
+        let reading = adapter.read_line(line);
+        messages.extend(reading.messages);
+        replies.extend(reading.replies);
+    }
+    (messages, replies)
+}
+
 use std::fmt;
 use std::future::Future;
 use std::io;
