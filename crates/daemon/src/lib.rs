@@ -174,6 +174,11 @@ pub struct DaemonArgs {
     )]
     pub interrupt_grace_secs: u64,
 
+    /// Minutes an agent may print nothing before it is interrupted and its
+    /// task failed (a hung CLI); 0 turns the watchdog off.
+    #[arg(long, env = "TASKMESH_DAEMON_SILENCE_MINUTES", default_value_t = 30)]
+    pub silence_minutes: u64,
+
     /// On shutdown, seconds running tasks may take to finish before they
     /// are interrupted.
     #[arg(long, env = "TASKMESH_DAEMON_SHUTDOWN_SECS", default_value_t = 30)]
@@ -271,6 +276,8 @@ pub(crate) struct Config {
     pub runtimes: Vec<RuntimeDef>,
     pub max_tasks: usize,
     pub interrupt_grace: Duration,
+    /// No output for this long interrupts the agent; `None`: never.
+    pub silence_limit: Option<Duration>,
     pub shutdown_grace: Duration,
     /// Values no agent may see in its environment (the daemon's token).
     pub hidden_secrets: Vec<String>,
@@ -400,6 +407,8 @@ async fn resolve_config(args: &DaemonArgs) -> Result<Config, DaemonError> {
         runtimes,
         max_tasks: usize::try_from(args.max_tasks).unwrap_or(1).max(1),
         interrupt_grace: Duration::from_secs(args.interrupt_grace_secs),
+        silence_limit: (args.silence_minutes > 0)
+            .then(|| Duration::from_secs(args.silence_minutes.saturating_mul(60))),
         shutdown_grace: Duration::from_secs(args.shutdown_secs),
         hidden_secrets: Vec::new(),
     })

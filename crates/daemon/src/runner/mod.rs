@@ -58,6 +58,8 @@ pub(crate) struct TaskSpec {
     /// The seq of this attempt's first message.
     pub first_seq: i64,
     pub default_grace: Duration,
+    /// No output for this long interrupts the agent and fails the task.
+    pub silence_limit: Option<Duration>,
     pub attempt: i32,
     /// Values no child may see in its environment (the daemon's token).
     pub hidden_secrets: Vec<String>,
@@ -265,6 +267,11 @@ struct TaskRunner {
     task_id: String,
     dir: PathBuf,
     default_grace: Duration,
+    silence_limit: Option<Duration>,
+    /// When the agent, silent since its last line, is interrupted.
+    silent_at: Option<Instant>,
+    /// Why the watchdog stopped the agent.
+    stalled: Option<String>,
     child: Child,
     pgid: i32,
     stdout: Option<LineReader<ChildStdout>>,
@@ -316,6 +323,9 @@ impl TaskRunner {
             task_id: spec.task_id,
             dir: spec.dir,
             default_grace: spec.default_grace,
+            silence_limit: spec.silence_limit,
+            silent_at: spec.silence_limit.map(|d| Instant::now() + d),
+            stalled: None,
             agent,
             turn: spec.turn,
             next_seq: spec.first_seq,
@@ -352,13 +362,17 @@ impl TaskRunner {
             tokio::select! {
                 line = next_line(&mut self.stdout), if self.stdout.is_some() && !paused => {
                     match line {
-                        Some(line) => self.on_stdout(&line).await,
+                        Some(line) => {
+                            self.heard();
+                            self.on_stdout(&line).await;
+                        }
                         None => self.stdout = None,
                     }
                 }
                 line = next_line(&mut self.stderr), if self.stderr.is_some() && !paused => {
                     match line {
                         Some(line) => {
+                            self.heard();
                             let m = TaskMessageInput {
                                 kind: MessageKind::Stderr as i32,
                                 content: line,
@@ -390,6 +404,17 @@ impl TaskRunner {
                         self.drain_at = self.drain_at.map(|_| Instant::now() + PIPE_DRAIN);
                     }
                 }
+                _ = sleep_until(self.silent_at.unwrap_or_else(Instant::now)), if self.silent_at.is_some() && self.exit.is_none() && !paused => {
+                    self.silent_at = None;
+                    let limit = self.silence_limit.unwrap_or_default();
+                    let why = format!(
+                        "the agent printed nothing for {} minutes; interrupted (daemon --silence-minutes)",
+                        limit.as_secs() / 60
+                    );
+                    warn!("{why}");
+                    self.stalled = Some(why);
+                    self.on_control(Some(Control::Interrupt { grace: Duration::ZERO })).await;
+                }
                 _ = sleep_until(self.sigint_at.unwrap_or_else(Instant::now)), if self.sigint_at.is_some() => {
                     info!("agent did not stop when asked; sending SIGINT to its process group");
                     self.sigint_at = None;
@@ -411,6 +436,13 @@ impl TaskRunner {
             }
         }
         self.finish().await;
+    }
+
+    /// The agent printed something: the silence watchdog starts over.
+    fn heard(&mut self) {
+        if self.silent_at.is_some() {
+            self.silent_at = self.silence_limit.map(|d| Instant::now() + d);
+        }
     }
 
     /// One line of the agent's stdout, as its adapter reads it.
@@ -596,6 +628,13 @@ impl TaskRunner {
                     exit_code,
                 }
             }
+            (outcome, _) => outcome,
+        };
+        let outcome = match (outcome, self.stalled.take()) {
+            (Outcome::Failed { exit_code, .. }, Some(why)) => Outcome::Failed {
+                reason: why,
+                exit_code,
+            },
             (outcome, _) => outcome,
         };
         let resume = said.session_id.map(|id| AgentResume {

@@ -37,6 +37,7 @@ fn spec(plan: &str, first_seq: i64, dir: &TempDir) -> TaskSpec {
         dir: dir.0.join("t1"),
         first_seq,
         default_grace: Duration::from_secs(10),
+        silence_limit: None,
         attempt: 1,
         hidden_secrets: Vec::new(),
     }
@@ -330,4 +331,20 @@ fn exit_descriptions() {
             exit_code: 0
         }
     );
+}
+
+#[tokio::test]
+async fn a_silent_agent_is_interrupted_and_its_task_failed() {
+    let mut h = start_with(|d| TaskSpec {
+        default_grace: Duration::from_millis(300),
+        silence_limit: Some(Duration::from_millis(200)),
+        ..spec("echo once; sleep 30", 1, d)
+    });
+    let mut out = Vec::new();
+    let end = h.until_end(&mut out).await;
+    assert_eq!(out[0].content, "once");
+    match end.outcome {
+        Outcome::Failed { reason, .. } => assert!(reason.contains("printed nothing"), "{reason}"),
+        other => panic!("a silent agent ended {other:?}"),
+    }
 }

@@ -287,10 +287,7 @@ impl Session {
                     spawn.prompt
                 },
                 context: spawn.context,
-                resume_session_id: spawn
-                    .resume
-                    .map(|r| r.agent_session_id)
-                    .filter(|s| !s.is_empty()),
+                resume_session_id: resumable(spawn.resume, &self.cfg.work_dir.join(&task_id)),
                 model: task.model,
                 permission_mode: task.permission_mode,
             },
@@ -299,6 +296,7 @@ impl Session {
             dir: self.cfg.work_dir.join(&task_id),
             first_seq,
             default_grace: self.cfg.interrupt_grace,
+            silence_limit: self.cfg.silence_limit,
             attempt: task.attempt,
             hidden_secrets: self.cfg.hidden_secrets.clone(),
         };
@@ -328,5 +326,49 @@ impl Session {
             debug!(task_id = %task_id, unacked = old.buffer.len(), "replacing an ended attempt");
         }
         Reply::Later
+    }
+}
+
+/// The agent session to resume, if it ran here: in this task's directory on
+/// this machine. A session from another daemon's machine cannot be resumed
+/// (the agent keeps it on that disk); the attempt starts afresh with the
+/// earlier output as context instead.
+fn resumable(resume: Option<crate::pb::AgentResume>, dir: &std::path::Path) -> Option<String> {
+    let resume = resume.filter(|r| !r.agent_session_id.is_empty())?;
+    let here = std::path::Path::new(&resume.working_directory) == dir && dir.is_dir();
+    if !here {
+        info!(
+            session = %resume.agent_session_id,
+            ran_in = %resume.working_directory,
+            "not resuming an agent session that ran on another machine"
+        );
+    }
+    here.then_some(resume.agent_session_id)
+}
+
+#[cfg(test)]
+mod resume_tests {
+    use super::*;
+    use crate::pb::AgentResume;
+
+    #[test]
+    fn only_a_session_that_ran_here_is_resumed() {
+        let dir = std::env::temp_dir().join(format!("taskmesh-resume-{}", uuid::Uuid::new_v4()));
+        let resume = |wd: &std::path::Path| {
+            Some(AgentResume {
+                agent_session_id: "s1".into(),
+                working_directory: wd.display().to_string(),
+            })
+        };
+        assert_eq!(
+            resumable(resume(&dir), &dir),
+            None,
+            "no such directory here"
+        );
+        std::fs::create_dir_all(&dir).unwrap();
+        assert_eq!(resumable(resume(&dir), &dir).as_deref(), Some("s1"));
+        assert_eq!(resumable(resume(&dir.join("other")), &dir), None);
+        assert_eq!(resumable(None, &dir), None);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -34,6 +34,7 @@ fn test_config(max_tasks: usize) -> (Arc<Config>, PathBuf) {
         }],
         max_tasks,
         interrupt_grace: Duration::from_secs(1),
+        silence_limit: None,
         shutdown_grace: Duration::from_secs(5),
         hidden_secrets: Vec::new(),
     };
@@ -308,6 +309,7 @@ async fn shutdown_interrupts_running_tasks_and_reports_them() {
     let cfg = Arc::new(Config {
         shutdown_grace: Duration::from_millis(50),
         interrupt_grace: Duration::from_millis(200),
+        silence_limit: None,
         machine_id: cfg.machine_id.clone(),
         hostname: cfg.hostname.clone(),
         work_dir: cfg.work_dir.clone(),
