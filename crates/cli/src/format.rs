@@ -336,21 +336,15 @@ pub fn daemon_table(daemons: &[pb::Daemon], now: i64) -> String {
     )
 }
 
-/// `task get`: one field per line, empty ones left out, the plan last (it
-/// may be long).
-pub fn task_details(task: &pb::Task, usage: &pb::GetTaskUsageResponse, now: i64) -> String {
-    let time = |ts: &Option<Timestamp>| ts.as_ref().map(|t| when(t, now)).unwrap_or_default();
-    let attempt = if task.attempt > 0 {
-        task.attempt.to_string()
-    } else {
-        String::new()
-    };
-    let tokens = |u: &pb::TaskUsage| {
-        format!(
-            "{} input, {} output, {} cache read, {} cache write tokens",
-            u.input_tokens, u.output_tokens, u.cache_read_tokens, u.cache_write_tokens
-        )
-    };
+fn tokens(u: &pb::TaskUsage) -> String {
+    format!(
+        "{} input, {} output, {} cache read, {} cache write tokens",
+        u.input_tokens, u.output_tokens, u.cache_read_tokens, u.cache_write_tokens
+    )
+}
+
+/// The total tokens and the cost, each empty when there is none.
+fn usage_fields(usage: &pb::GetTaskUsageResponse) -> (String, String) {
     let used = |u: &pb::TaskUsage| {
         u.input_tokens
             .saturating_add(u.output_tokens)
@@ -368,6 +362,38 @@ pub fn task_details(task: &pb::Task, usage: &pb::GetTaskUsageResponse, now: i64)
         (false, false) => String::new(),
         _ => format!("${:.4} over {} turns", usage.cost_usd, usage.turns),
     };
+    (total, cost)
+}
+
+/// `task watch`'s last line for an agent task: usage per model and the
+/// cost; `None` when nothing was used.
+pub fn usage_summary(usage: &pb::GetTaskUsageResponse) -> Option<String> {
+    let (total, cost) = usage_fields(usage);
+    if total.is_empty() && cost.is_empty() {
+        return None;
+    }
+    let models: Vec<String> = usage
+        .usage
+        .iter()
+        .map(|u| format!("{}: {}", u.model, tokens(u)))
+        .collect();
+    let mut line = format!("usage: {}", models.join("; "));
+    if !cost.is_empty() {
+        line.push_str(&format!("; cost {cost}"));
+    }
+    Some(line)
+}
+
+/// `task get`: one field per line, empty ones left out, the plan last (it
+/// may be long).
+pub fn task_details(task: &pb::Task, usage: &pb::GetTaskUsageResponse, now: i64) -> String {
+    let time = |ts: &Option<Timestamp>| ts.as_ref().map(|t| when(t, now)).unwrap_or_default();
+    let attempt = if task.attempt > 0 {
+        task.attempt.to_string()
+    } else {
+        String::new()
+    };
+    let (total, cost) = usage_fields(usage);
     let approvals = match task.pending_approvals {
         0 => String::new(),
         n => format!("{n} waiting (taskmesh task approvals {})", task.id),

@@ -61,7 +61,10 @@ impl Watcher {
         loop {
             let printed_before = self.printed;
             let mut reason = match self.watch(&conn).await? {
-                Outcome::Finished { status, reason } => return self.finish(status, reason),
+                Outcome::Finished { status, reason } => {
+                    self.show_usage(&conn).await;
+                    return self.finish(status, reason);
+                }
                 Outcome::Broken { reason } => reason,
             };
             if self.printed > printed_before {
@@ -138,6 +141,19 @@ impl Watcher {
                     reason: t.status_reason,
                 });
             }
+        }
+    }
+
+    /// An agent task's usage and cost, on stderr, once it is done (best
+    /// effort: the output is what matters).
+    async fn show_usage(&self, conn: &Connection) {
+        let request = pb::GetTaskUsageRequest {
+            task_id: self.task_id.clone(),
+        };
+        if let Ok(usage) = conn.tasks().get_task_usage(request).await
+            && let Some(line) = format::usage_summary(&usage.into_inner())
+        {
+            note(&line);
         }
     }
 

@@ -181,6 +181,25 @@ async fn a_claude_task_runs_and_continues(backend: Backend) {
         .collect();
     assert_eq!(per_model, [("claude-opus-4-1", 100, 20, 5, 10)]);
     assert_eq!((usage.cost_usd, usage.turns), (0.0125, 1));
+    // `task watch` ends with the usage per model and the cost.
+    let watched = std::process::Command::new(common::process::bin())
+        .args([
+            "task",
+            "watch",
+            &task.id,
+            "--server",
+            &s.url(),
+            "--token",
+            &s.token,
+        ])
+        .output()
+        .unwrap();
+    assert!(watched.status.success(), "{watched:?}");
+    let stderr = String::from_utf8_lossy(&watched.stderr);
+    assert!(
+        stderr.contains("usage: claude-opus-4-1: 100 input, 20 output, 5 cache read, 10 cache write tokens; cost $0.0125 over 1 turns"),
+        "{stderr}"
+    );
 
     let starts = claude.starts();
     let (args, first_dir) = &starts[0];
