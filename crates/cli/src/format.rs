@@ -312,7 +312,15 @@ pub fn daemon_table(daemons: &[pb::Daemon], now: i64) -> String {
     let rows: Vec<[String; 6]> = daemons
         .iter()
         .map(|d| {
-            let runtimes: Vec<&str> = d.runtimes.iter().map(|r| r.name.as_str()).collect();
+            // `claude 2.0.14`: the name and the first word of its version.
+            let runtimes: Vec<String> = d
+                .runtimes
+                .iter()
+                .map(|r| match r.version.split_whitespace().next() {
+                    Some(v) if v != "builtin" && v != "unknown" => format!("{} {v}", r.name),
+                    _ => r.name.clone(),
+                })
+                .collect();
             [
                 d.id.clone(),
                 cell(&d.hostname),

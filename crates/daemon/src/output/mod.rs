@@ -182,7 +182,7 @@ impl StreamParser {
         match kind {
             "assistant" => Some(self.assistant(v)),
             "user" => Some(self.user(v)),
-            "system" => Some(vec![message(MessageKind::System, line.to_owned())]),
+            "system" => Some(vec![message(MessageKind::System, system_line(line, v))]),
             "result" => {
                 let text = v.get("result")?.as_str()?;
                 self.last_result = Some(text.to_owned());
@@ -272,6 +272,22 @@ impl StreamParser {
         }
         out
     }
+}
+
+/// A `system` line as a person reads it: Claude's init as one sentence,
+/// anything else as printed.
+fn system_line(line: &str, v: &Value) -> String {
+    if v.get("subtype").and_then(Value::as_str) != Some("init") {
+        return line.to_owned();
+    }
+    let field = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or("?");
+    format!(
+        "session {} started: model {}, permission mode {}, in {}",
+        field("session_id"),
+        field("model"),
+        field("permissionMode"),
+        field("cwd")
+    )
 }
 
 fn message(kind: MessageKind, content: String) -> TaskMessageInput {

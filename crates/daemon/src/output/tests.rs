@@ -75,10 +75,15 @@ fn tool_result_string_and_array_content() {
 #[test]
 fn system_and_result_lines_carry_the_session_id() {
     let mut p = StreamParser::default();
-    let sys = r#"{"type":"system","subtype":"init","session_id":"s-1","tools":[]}"#;
+    let sys = r#"{"type":"system","subtype":"init","session_id":"s-1","tools":[],"model":"m1","permissionMode":"default","cwd":"/w"}"#;
     let ms = p.parse(sys);
     assert_eq!(kinds(&ms), [MessageKind::System]);
-    assert_eq!(ms[0].content, sys);
+    assert_eq!(
+        ms[0].content,
+        "session s-1 started: model m1, permission mode default, in /w"
+    );
+    let other = r#"{"type":"system","subtype":"compact_boundary"}"#;
+    assert_eq!(p.parse(other)[0].content, other);
     assert_eq!(p.session_id.as_deref(), Some("s-1"));
 
     let ms =
