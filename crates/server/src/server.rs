@@ -8,7 +8,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::response::{Html, IntoResponse};
-use http::{HeaderName, HeaderValue, Method, StatusCode, Uri};
+use http::{HeaderName, HeaderValue, Method, StatusCode, Uri, header};
 use tokio::net::TcpListener;
 use tonic::service::Routes;
 use tonic_web::GrpcWebLayer;
@@ -75,7 +75,10 @@ pub enum ServeError {
     Cluster(#[from] sqlx::Error),
 }
 
-const INDEX_HTML: &str = include_str!("web/index.html");
+// The dashboard, built from web/ (`npm run build` there) and committed.
+const INDEX_HTML: &str = include_str!("../../../web/dist/index.html");
+const APP_JS: &[u8] = include_bytes!("../../../web/dist/app.js");
+const APP_CSS: &[u8] = include_bytes!("../../../web/dist/app.css");
 
 /// Serves until `shutdown` completes, then stops accepting and drains.
 pub async fn run(
@@ -159,11 +162,35 @@ pub async fn run(
     Ok(served?)
 }
 
+/// The dashboard: its views (deep links included) get index.html, never
+/// cached; its assets are named by content hash in index.html, so they are
+/// cached for good.
 async fn page(method: Method, uri: Uri) -> axum::response::Response {
-    match (method, uri.path()) {
-        (Method::GET | Method::HEAD, "/" | "/index.html") => Html(INDEX_HTML).into_response(),
+    const IMMUTABLE: &str = "public, max-age=31536000, immutable";
+    let asset = |kind: &'static str, body: &'static [u8]| {
+        (
+            [
+                (header::CONTENT_TYPE, kind),
+                (header::CACHE_CONTROL, IMMUTABLE),
+            ],
+            body,
+        )
+            .into_response()
+    };
+    if !matches!(method, Method::GET | Method::HEAD) {
+        return (StatusCode::METHOD_NOT_ALLOWED, "GET only\n").into_response();
+    }
+    match uri.path() {
+        "/assets/app.js" => asset("text/javascript; charset=utf-8", APP_JS),
+        "/assets/app.css" => asset("text/css; charset=utf-8", APP_CSS),
+        "/" | "/index.html" | "/new" | "/daemons" => view(),
+        path if path.starts_with("/tasks/") => view(),
         _ => (StatusCode::NOT_FOUND, "not found\n").into_response(),
     }
+}
+
+fn view() -> axum::response::Response {
+    ([(header::CACHE_CONTROL, "no-cache")], Html(INDEX_HTML)).into_response()
 }
 
 fn cors(origins: &[String]) -> Result<CorsLayer, ServeError> {

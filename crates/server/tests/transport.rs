@@ -273,22 +273,46 @@ async fn cors_preflight_allows_authorization() {
     s.stop().await;
 }
 
+/// The dashboard: its views, deep links included, are index.html and never
+/// cached; its assets are the ones index.html names and are cached for good.
 #[tokio::test]
-async fn page_at_root() {
+async fn the_dashboard_is_served() {
     let s = start_server(Backend::Sqlite).await;
-    let head = format!(
-        "GET / HTTP/1.1\r\nhost: {}\r\nconnection: close\r\n\r\n",
-        s.addr
-    );
-    let (headers, body) = http1(s.addr, &head, b"").await;
-    assert!(headers.starts_with("http/1.1 200"), "{headers}");
-    assert!(headers.contains("text/html"), "{headers}");
-    assert!(String::from_utf8_lossy(&body).contains("<h1>taskmesh</h1>"));
-    let head = format!(
-        "GET /nope HTTP/1.1\r\nhost: {}\r\nconnection: close\r\n\r\n",
-        s.addr
-    );
-    let (headers, _) = http1(s.addr, &head, b"").await;
+    let get = |path: &str| {
+        format!(
+            "GET {path} HTTP/1.1\r\nhost: {}\r\nconnection: close\r\n\r\n",
+            s.addr
+        )
+    };
+    let mut index = String::new();
+    for path in [
+        "/",
+        "/tasks/0190a7e0-0000-7000-8000-000000000000",
+        "/new",
+        "/daemons",
+    ] {
+        let (headers, body) = http1(s.addr, &get(path), b"").await;
+        assert!(headers.starts_with("http/1.1 200"), "{path}: {headers}");
+        assert!(headers.contains("text/html"), "{path}: {headers}");
+        assert!(
+            headers.contains("cache-control: no-cache"),
+            "{path}: {headers}"
+        );
+        index = String::from_utf8_lossy(&body).into_owned();
+        assert!(index.contains(r#"<div id="app">"#), "{index}");
+    }
+    for (asset, kind) in [("app.js", "text/javascript"), ("app.css", "text/css")] {
+        let named = index
+            .split('"')
+            .find(|p| p.starts_with(&format!("/assets/{asset}?v=")))
+            .unwrap_or_else(|| panic!("index.html names no {asset}: {index}"));
+        let (headers, body) = http1(s.addr, &get(named), b"").await;
+        assert!(headers.starts_with("http/1.1 200"), "{named}: {headers}");
+        assert!(headers.contains(kind), "{named}: {headers}");
+        assert!(headers.contains("immutable"), "{named}: {headers}");
+        assert!(body.len() > 1000, "{named}: {} bytes", body.len());
+    }
+    let (headers, _) = http1(s.addr, &get("/nope"), b"").await;
     assert!(headers.starts_with("http/1.1 404"), "{headers}");
     s.stop().await;
 }

@@ -1,0 +1,87 @@
+//! The dashboard in a real Chromium (web/test/dashboard.mjs, playwright-core)
+//! against a real server and a real daemon offering `shell` and the Claude
+//! stand-in, on SQLite and PostgreSQL: sign in, create and watch a task,
+//! reload its deep link, allow a permission request, a viewer's read-only
+//! views. Screenshots land in target/dashboard-<backend>/.
+//!
+//! Needs `npm ci` in web/ and Chromium; `.ci/run` provides both. Outside CI
+//! a machine without them skips with a message; in CI it fails.
+
+use taskmesh_testkit as common;
+use taskmesh_testkit::both_backends;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::process::DaemonProcess;
+use common::{Backend, start_server};
+use taskmesh_server::model::TokenKind;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Why the browser test cannot run here, if it cannot.
+fn missing() -> Option<String> {
+    let web = repo().join("web");
+    if !web.join("node_modules/playwright-core").is_dir() {
+        return Some("web/node_modules is missing (run `npm ci` in web/)".into());
+    }
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    if !Path::new(&chromium).exists() {
+        return Some(format!(
+            "no Chromium at {chromium} (apt-get install chromium)"
+        ));
+    }
+    None
+}
+
+async fn the_dashboard_works_in_chromium(backend: Backend) {
+    if let Some(why) = missing() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "the dashboard test must run in CI: {why}"
+        );
+        eprintln!("skipping the dashboard test: {why}");
+        return;
+    }
+    let s = start_server(backend).await;
+    let daemon_token = s.token_in("default", TokenKind::Daemon).await;
+    let viewer = s.token_in("default", TokenKind::Viewer).await;
+    let standin = repo().join("crates/taskmesh/tests/standins/claude");
+    let home = common::process::TempDir::new("dashboard-claude");
+    let daemon = DaemonProcess::start_with_env(
+        &s.url(),
+        &daemon_token,
+        &[
+            "--runtime",
+            "claude",
+            "--claude-bin",
+            &standin.display().to_string(),
+        ],
+        &[("CLAUDE_STANDIN_HOME", &home.0.display().to_string())],
+    );
+    let shots = repo().join(format!("target/dashboard-{backend:?}").to_lowercase());
+    std::fs::create_dir_all(&shots).unwrap();
+    let (url, token, shots_dir) = (s.url(), s.token.clone(), shots.display().to_string());
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("node")
+            .current_dir(repo().join("web"))
+            .args(["test/dashboard.mjs", &url, &token, &viewer, &shots_dir])
+            .output()
+            .expect("run node")
+    })
+    .await
+    .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "the dashboard test failed:\n{said}");
+    assert!(said.contains("dashboard: ok"), "{said}");
+    daemon.stop().await;
+    s.stop().await;
+}
+
+both_backends!(the_dashboard_works_in_chromium);

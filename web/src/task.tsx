@@ -1,0 +1,194 @@
+// A task: live output by kind, approvals to answer, the status timeline,
+// usage and cost, the plan, and what can be done with it.
+
+import { useEffect, useRef, useState } from "preact/hooks";
+import { describe, follow, tasks as api } from "./api";
+import {
+  ApprovalState, Decision, MessageKind, TaskStatus,
+  type GetTaskUsageResponse, type Task, type TaskEvent, type TaskMessage,
+} from "./gen/taskmesh/v1/task_pb";
+import type { Me } from "./main";
+import { Ansi, Markdown, prettyJson } from "./render";
+import { ErrorLine, Link, Status, When, navigate, statusName } from "./ui";
+
+const FINISHED = [TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.INTERRUPTED];
+const ACTIVE = [TaskStatus.QUEUED, TaskStatus.DISPATCHED, TaskStatus.RUNNING];
+
+function Message(props: { m: TaskMessage; decide?: (m: TaskMessage, allow: boolean) => void }) {
+  const { m } = props;
+  switch (m.kind) {
+    case MessageKind.ASSISTANT:
+      return <div class="msg assistant"><Markdown text={m.content} /></div>;
+    case MessageKind.USER:
+      return <div class="msg user"><span class="who">you</span> {m.content}</div>;
+    case MessageKind.SYSTEM:
+      return <div class="msg system">{m.content}</div>;
+    case MessageKind.TOOL_USE:
+      return (
+        <details class="msg tool">
+          <summary><span class="tool-name">{m.toolName || "tool"}</span> {m.content}</summary>
+          <pre>{prettyJson(m.toolInputJson)}</pre>
+        </details>
+      );
+    case MessageKind.TOOL_RESULT:
+      return (
+        <details class="msg tool-result">
+          <summary>result{m.toolName ? ` of ${m.toolName}` : ""}: {m.content.split("\n")[0].slice(0, 120)}</summary>
+          <pre><Ansi text={m.content} /></pre>
+        </details>
+      );
+    case MessageKind.APPROVAL:
+      return (
+        <div class="msg approval">
+          <strong>{m.toolName}</strong> asks to run:
+          <pre>{prettyJson(m.toolInputJson)}</pre>
+          {props.decide && (
+            <div class="actions">
+              <button class="allow" onClick={() => props.decide!(m, true)}>Allow</button>
+              <button class="deny" onClick={() => props.decide!(m, false)}>Deny</button>
+            </div>
+          )}
+        </div>
+      );
+    case MessageKind.STDERR:
+      return <pre class="msg stderr"><Ansi text={m.content} /></pre>;
+    default:
+      return <pre class="msg stdout"><Ansi text={m.content} /></pre>;
+  }
+}
+
+export function TaskView(props: { id: string; me: Me }) {
+  const [task, setTask] = useState<Task | null>(null);
+  const [messages, setMessages] = useState<TaskMessage[]>([]);
+  const [events, setEvents] = useState<TaskEvent[]>([]);
+  const [usage, setUsage] = useState<GetTaskUsageResponse | null>(null);
+  const [pending, setPending] = useState<Set<string>>(new Set());
+  const [error, setError] = useState("");
+  const [note, setNote] = useState("");
+  const [text, setText] = useState("");
+  const last = useRef(0);
+
+  useEffect(() => {
+    const stop = new AbortController();
+    last.current = 0;
+    setMessages([]);
+    follow(
+      (signal) => api.watchTask({ taskId: props.id, sinceSeq: BigInt(last.current) }, { signal }),
+      (ev) => {
+        setError("");
+        if (ev.event.case === "task") setTask(ev.event.value);
+        if (ev.event.case === "message") {
+          const m = ev.event.value;
+          if (Number(m.seq) <= last.current) return;
+          last.current = Number(m.seq);
+          setMessages((ms) => [...ms, m]);
+        }
+      },
+      stop.signal,
+      setError,
+    );
+    return () => stop.abort();
+  }, [props.id]);
+
+  // The timeline and usage follow the task's changes.
+  useEffect(() => {
+    if (!task) return;
+    api.listTaskEvents({ taskId: task.id, pageSize: 1000 }).then((r) => setEvents(r.events), (e) => setError(describe(e)));
+    api.getTaskUsage({ taskId: task.id }).then(setUsage, () => {});
+    api.listApprovals({ taskId: task.id }).then(
+      (r) => setPending(new Set(r.approvals.filter((a) => a.state === ApprovalState.PENDING).map((a) => a.id))),
+      () => {},
+    );
+  }, [task?.version, task?.status, task?.pendingApprovals]);
+
+  const act = (what: string, call: () => Promise<unknown>) => {
+    setNote("");
+    call().then(() => setNote(what), (e) => setError(describe(e)));
+  };
+  const decide = (m: TaskMessage, allow: boolean) => {
+    const message = allow ? "" : prompt("Why not? (told to the agent)") ?? "";
+    act(allow ? "allowed" : "denied", () =>
+      api.decideApproval({ taskId: props.id, approvalId: m.approvalId, decision: allow ? Decision.ALLOW : Decision.DENY, message }),
+    );
+  };
+
+  if (!task) return <><ErrorLine error={error} /><p class="muted">Loading…</p></>;
+  const ro = props.me.readOnly;
+  const finished = FINISHED.includes(task.status);
+  const total = usage?.total;
+
+  return (
+    <article class="task">
+      <h2>{task.name} <Status status={task.status} /> {task.pendingApprovals > 0 && <span class="badge ask">approval waiting</span>}</h2>
+      <dl class="fields">
+        <dt>id</dt><dd class="mono">{task.id}</dd>
+        <dt>runtime</dt><dd>{task.runtime}{task.model && ` · ${task.model}`}{task.permissionMode && ` · ${task.permissionMode}`}</dd>
+        <dt>attempt</dt><dd>{task.attempt || "-"}</dd>
+        <dt>daemon</dt><dd class="mono">{task.daemonId || "-"}</dd>
+        {task.statusReason && <><dt>reason</dt><dd>{task.statusReason}</dd></>}
+        {task.repository && <><dt>repository</dt><dd>{task.repository} {task.branch}</dd></>}
+        {task.parentTaskId && <><dt>parent</dt><dd><Link href={`/tasks/${task.parentTaskId}`}>{task.parentTaskId.slice(0, 8)}</Link></dd></>}
+        <dt>created</dt><dd><When time={task.createTime} /> by {task.createdBy}</dd>
+        {total && (total.inputTokens > 0n || total.outputTokens > 0n) && (
+          <>
+            <dt>usage</dt>
+            <dd>
+              {usage!.usage.map((u) => (
+                <div>{u.model}: {String(u.inputTokens)} in, {String(u.outputTokens)} out, {String(u.cacheReadTokens)} cache read, {String(u.cacheWriteTokens)} cache write</div>
+              ))}
+              {usage!.costUsd > 0 && <div>${usage!.costUsd.toFixed(4)} over {usage!.turns} turns</div>}
+            </dd>
+          </>
+        )}
+      </dl>
+
+      {!ro && (
+        <div class="actions">
+          {(task.status === TaskStatus.PENDING || finished) && <button onClick={() => act("started", () => api.startTask({ id: task.id }))}>Start</button>}
+          {ACTIVE.includes(task.status) && <button onClick={() => act("stopping", () => api.stopTask({ id: task.id }))}>Stop</button>}
+          {(task.status === TaskStatus.INTERRUPTED || task.status === TaskStatus.FAILED) && <button onClick={() => act("reassigned", () => api.reassignTask({ id: task.id }))}>Reassign</button>}
+          {finished && task.repository && <button onClick={() => act("retrying the completion action", () => api.retryCompletion({ id: task.id }))}>Retry completion</button>}
+          <button class="danger" onClick={() => confirm(`Delete task “${task.name}” and its subtasks?`) && api.deleteTask({ id: task.id }).then(() => navigate("/"), (e) => setError(describe(e)))}>Delete</button>
+        </div>
+      )}
+      <ErrorLine error={error} />
+      {note && <p class="note">{note}</p>}
+
+      <section class="output" aria-label="Output">
+        {messages.map((m) => <Message key={String(m.seq)} m={m} decide={!ro && m.kind === MessageKind.APPROVAL && pending.has(m.approvalId) ? decide : undefined} />)}
+        {messages.length === 0 && <p class="muted">No output yet.</p>}
+      </section>
+
+      {!ro && (
+        <form
+          class="send"
+          onSubmit={(e) => {
+            e.preventDefault();
+            if (!text.trim()) return;
+            const said = text;
+            setText("");
+            act(finished ? "continued" : "sent", () =>
+              finished ? api.continueTask({ id: task.id, prompt: said }) : api.sendMessage({ taskId: task.id, text: said }));
+          }}
+        >
+          <input name="message" value={text} onInput={(e) => setText(e.currentTarget.value)}
+            placeholder={finished ? "Continue the task with a new prompt…" : "Send the agent a message…"} />
+          <button type="submit">{finished ? "Continue" : "Send"}</button>
+        </form>
+      )}
+
+      <section>
+        <h3>Timeline</h3>
+        <ol class="timeline">
+          {events.map((e) => (
+            <li><When time={e.createTime} /> {e.fromStatus ? `${statusName(e.fromStatus)} → ` : ""}<strong>{statusName(e.toStatus)}</strong> <span class="muted">{e.actor}{e.reason && `: ${e.reason}`}</span></li>
+          ))}
+        </ol>
+      </section>
+      <section>
+        <h3>Plan</h3>
+        <pre class="plan">{task.plan}</pre>
+      </section>
+    </article>
+  );
+}

@@ -1,0 +1,111 @@
+// The dashboard in a real Chromium, against a running server with a daemon
+// that offers `shell` and `claude` (the stand-in):
+//   node test/dashboard.mjs URL USER_TOKEN VIEWER_TOKEN SCREENSHOT_DIR
+// Signs in, creates a shell task from the form and watches its output
+// live, reloads its deep link, answers a Claude permission request with
+// Allow, and checks that a viewer token sees the same views without
+// actions. Exits non-zero, saying what failed, on any miss.
+import { chromium } from "playwright-core";
+
+const [url, userToken, viewerToken, shots] = process.argv.slice(2);
+if (!shots) {
+  console.error("usage: node test/dashboard.mjs URL USER_TOKEN VIEWER_TOKEN SCREENSHOT_DIR");
+  process.exit(2);
+}
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
+  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+});
+const page = await (await browser.newContext({ viewport: { width: 1280, height: 900 } })).newPage();
+const failures = [];
+page.on("pageerror", (e) => failures.push(`page error: ${e.message}`));
+const step = async (name, fn) => {
+  try {
+    await fn();
+    console.log(`ok: ${name}`);
+  } catch (e) {
+    await page.screenshot({ path: `${shots}/failed.png`, fullPage: true }).catch(() => {});
+    console.error(`FAILED: ${name}: ${e.message}`);
+    await browser.close();
+    process.exit(1);
+  }
+};
+const signIn = async (token) => {
+  await page.goto(url);
+  await page.getByLabel("Token").fill(token);
+  await page.getByRole("button", { name: "Sign in" }).click();
+};
+
+await step("a wrong token is refused with a reason", async () => {
+  await signIn("tmu_wrong");
+  await page.getByRole("alert").filter({ hasText: "Unauthenticated" }).waitFor({ timeout: 10000 });
+});
+
+await step("sign in, an empty task list", async () => {
+  await signIn(userToken);
+  await page.getByText("No tasks yet").waitFor({ timeout: 10000 });
+  await page.screenshot({ path: `${shots}/tasks-empty.png` });
+});
+
+let taskPath;
+await step("create a shell task and watch its output live", async () => {
+  await page.getByRole("link", { name: "New task" }).click();
+  await page.getByLabel("Name").fill("hello");
+  await page.getByLabel("Plan").fill("printf '\\033[32mgreen\\033[0m\\n'; echo hello from the browser");
+  await page.screenshot({ path: `${shots}/new-task.png` });
+  await page.getByRole("button", { name: "Create" }).click();
+  await page.waitForURL(/\/tasks\//, { timeout: 10000 });
+  taskPath = new URL(page.url()).pathname;
+  await page.getByLabel("Output").getByText("hello from the browser").waitFor({ timeout: 20000 });
+  await page.locator(".status-completed").first().waitFor({ timeout: 20000 });
+  const green = await page.locator(".ansi-fg-green").first().textContent();
+  if (green !== "green") throw new Error(`ANSI colour not rendered: ${green}`);
+  await page.screenshot({ path: `${shots}/task-shell.png`, fullPage: true });
+});
+
+await step("the deep link reloads into the same view", async () => {
+  await page.goto(url + taskPath);
+  await page.getByLabel("Output").getByText("hello from the browser").waitFor({ timeout: 10000 });
+  await page.getByRole("heading", { name: /hello/ }).waitFor();
+});
+
+await step("the list shows the task, live", async () => {
+  await page.getByRole("link", { name: "Tasks" }).click();
+  await page.getByRole("link", { name: "hello" }).waitFor({ timeout: 10000 });
+  await page.screenshot({ path: `${shots}/tasks.png` });
+});
+
+await step("a Claude permission request is answered with Allow", async () => {
+  await page.getByRole("link", { name: "New task" }).click();
+  await page.getByLabel("Name").fill("cleanup");
+  await page.getByLabel("Plan").fill("run: rm -rf build");
+  await page.getByLabel("Runtime").selectOption("claude");
+  await page.getByLabel("Permission mode").selectOption("default");
+  await page.getByRole("button", { name: "Create" }).click();
+  await page.getByRole("button", { name: "Allow" }).waitFor({ timeout: 20000 });
+  await page.screenshot({ path: `${shots}/task-approval.png`, fullPage: true });
+  await page.getByRole("button", { name: "Allow" }).click();
+  await page.getByLabel("Output").getByText(/^Done: ran rm -rf build/).waitFor({ timeout: 20000 });
+  await page.getByText(/over 1 turns/).waitFor({ timeout: 10000 });
+  await page.screenshot({ path: `${shots}/task-claude.png`, fullPage: true });
+});
+
+await step("a viewer sees the views but no actions", async () => {
+  await page.getByRole("button", { name: "Sign out" }).click();
+  await signIn(viewerToken);
+  await page.getByText("read-only").waitFor({ timeout: 10000 });
+  if (await page.getByRole("link", { name: "New task" }).count()) throw new Error("a viewer may create tasks");
+  await page.getByRole("link", { name: "hello" }).click();
+  await page.getByLabel("Output").getByText("hello from the browser").waitFor({ timeout: 10000 });
+  if (await page.getByRole("button", { name: "Delete" }).count()) throw new Error("a viewer may delete");
+  if (await page.locator("form.send").count()) throw new Error("a viewer may send messages");
+  await page.screenshot({ path: `${shots}/viewer.png` });
+});
+
+await browser.close();
+if (failures.length) {
+  console.error(failures.join("\n"));
+  process.exit(1);
+}
+console.log("dashboard: ok");
