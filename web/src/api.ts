@@ -47,6 +47,17 @@ export function isCode(e: unknown, code: Code): boolean {
   return ConnectError.from(e).code === code;
 }
 
+/** The state of the page's live streams, for the indicator. */
+export type Live = "live" | "reconnecting" | "offline";
+const liveListeners = new Set<(s: Live) => void>();
+export function onLive(f: (s: Live) => void): () => void {
+  liveListeners.add(f);
+  return () => liveListeners.delete(f);
+}
+function setLive(s: Live) {
+  liveListeners.forEach((f) => f(s));
+}
+
 /**
  * Follows a server stream, reconnecting after a break (not after a refusal),
  * until `signal` aborts. `open` gets the signal to pass to the call.
@@ -60,6 +71,7 @@ export async function follow<T>(
   let delay = 500;
   while (!signal.aborted) {
     try {
+      setLive("live");
       for await (const item of open(signal)) {
         delay = 500;
         each(item);
@@ -69,8 +81,10 @@ export async function follow<T>(
       const code = ConnectError.from(e).code;
       if (code !== Code.Unavailable && code !== Code.Unknown && code !== Code.Internal) {
         onError(describe(e));
+        setLive("offline");
         return;
       }
+      setLive("reconnecting");
       onError(`${describe(e)}; reconnecting`);
     }
     await new Promise((r) => setTimeout(r, delay));

@@ -10,6 +10,8 @@ import { TaskList } from "./tasks";
 import { TaskView } from "./task";
 import { NewTask } from "./new";
 import { Daemons } from "./daemons";
+import { Tokens } from "./tokens";
+import { Connection } from "./ui";
 import { ErrorLine, Link, navigate } from "./ui";
 
 /** Who is signed in: the workspaces the token sees, and whether it may change anything. */
@@ -90,6 +92,7 @@ function App() {
   if (task) view = <TaskView id={decodeURIComponent(task[1])} me={me} />;
   else if (path === "/new" && !me.readOnly) view = <NewTask me={me} />;
   else if (path === "/daemons") view = <Daemons me={me} />;
+  else if (path === "/tokens" && !me.readOnly) view = <Tokens me={me} />;
   else view = <TaskList me={me} />;
 
   return (
@@ -100,7 +103,9 @@ function App() {
           <Link href="/">Tasks</Link>
           {!me.readOnly && <Link href="/new">New task</Link>}
           <Link href="/daemons">Daemons</Link>
+          {!me.readOnly && <Link href="/tokens">Tokens</Link>}
         </nav>
+        <Connection />
         {me.workspaces.length > 1 && (
           <select aria-label="Workspace" value={me.workspace} onChange={(e) => chooseWorkspace(e.currentTarget.value)}>
             {me.workspaces.map((w) => <option value={w.id}>{w.name}</option>)}

@@ -5,7 +5,7 @@ import { useEffect, useMemo, useState } from "preact/hooks";
 import { follow, tasks as api } from "./api";
 import { TaskStatus, type Task } from "./gen/taskmesh/v1/task_pb";
 import type { Me } from "./main";
-import { ErrorLine, Link, Status, When, statusName } from "./ui";
+import { ErrorLine, Link, Status, When, navigate, statusName } from "./ui";
 
 const STATUSES = [
   TaskStatus.PENDING, TaskStatus.QUEUED, TaskStatus.DISPATCHED, TaskStatus.RUNNING,
@@ -19,6 +19,7 @@ export function TaskList(props: { me: Me }) {
   const [runtime, setRuntime] = useState("");
   const [daemon, setDaemon] = useState(new URLSearchParams(location.search).get("daemon") ?? "");
   const [text, setText] = useState("");
+  const [current, setCurrent] = useState(-1);
 
   useEffect(() => {
     const stop = new AbortController();
@@ -76,6 +77,20 @@ export function TaskList(props: { me: Me }) {
   };
   list.filter((t) => !t.parentTaskId || !byId.has(t.parentTaskId)).sort(newest).forEach((t) => walk(t, 0));
 
+  // j/k or the arrows move through the list, Enter opens the task.
+  useEffect(() => {
+    const onKey = (e: KeyboardEvent) => {
+      if ((e.target as HTMLElement).closest("input, select, textarea")) return;
+      if (e.key === "j" || e.key === "ArrowDown") setCurrent((c) => Math.min(c + 1, rows.length - 1));
+      else if (e.key === "k" || e.key === "ArrowUp") setCurrent((c) => Math.max(c - 1, 0));
+      else if (e.key === "Enter" && rows[current]) navigate(`/tasks/${rows[current].task.id}`);
+      else return;
+      e.preventDefault();
+    };
+    window.addEventListener("keydown", onKey);
+    return () => window.removeEventListener("keydown", onKey);
+  });
+
   return (
     <section>
       <div class="filters">
@@ -100,8 +115,8 @@ export function TaskList(props: { me: Me }) {
           <tr><th>Name</th><th>Status</th><th>Runtime</th><th>Daemon</th><th>Created</th><th>Updated</th></tr>
         </thead>
         <tbody>
-          {rows.map(({ task: t, depth }) => (
-            <tr key={t.id} class={t.pendingApprovals > 0 ? "asks" : ""}>
+          {rows.map(({ task: t, depth }, i) => (
+            <tr key={t.id} class={`${t.pendingApprovals > 0 ? "asks" : ""} ${i === current ? "current" : ""}`}>
               <td style={{ paddingLeft: `${0.5 + depth * 1.5}rem` }}>
                 {depth > 0 && <span class="muted">↳ </span>}
                 <Link href={`/tasks/${t.id}`}>{t.name}</Link>

@@ -1,6 +1,8 @@
 // Small pieces shared by the views.
 
 import type { Timestamp } from "@bufbuild/protobuf/wkt";
+import { useEffect, useState } from "preact/hooks";
+import { onLive, type Live } from "./api";
 import { TaskStatus } from "./gen/taskmesh/v1/task_pb";
 
 export function navigate(path: string) {
@@ -50,4 +52,11 @@ export function When(props: { time?: Timestamp }) {
 
 export function ErrorLine(props: { error: string }) {
   return props.error ? <p class="error" role="alert">{props.error}</p> : null;
+}
+
+/** Live, reconnecting or offline: the state of the page's streams. */
+export function Connection() {
+  const [state, setState] = useState<Live>("live");
+  useEffect(() => onLive(setState), []);
+  return <span class={`conn conn-${state}`} role="status" title="the page's live updates">{state}</span>;
 }

@@ -3,7 +3,9 @@
 //   node test/dashboard.mjs URL USER_TOKEN VIEWER_TOKEN SCREENSHOT_DIR
 // Signs in, creates a shell task from the form and watches its output
 // live, reloads its deep link, answers a Claude permission request with
-// Allow, and checks that a viewer token sees the same views without
+// Allow, messages a working agent, stops one, creates and revokes a token,
+// shows the daemons, takes screenshots at desktop and phone width in both
+// themes, and checks that a viewer token sees the same views without
 // actions. Exits non-zero, saying what failed, on any miss.
 import { chromium } from "playwright-core";
 
@@ -19,6 +21,7 @@ const browser = await chromium.launch({
 });
 const page = await (await browser.newContext({ viewport: { width: 1280, height: 900 } })).newPage();
 const failures = [];
+page.on("dialog", (d) => d.accept());
 page.on("pageerror", (e) => failures.push(`page error: ${e.message}`));
 const step = async (name, fn) => {
   try {
@@ -91,11 +94,67 @@ await step("a Claude permission request is answered with Allow", async () => {
   await page.screenshot({ path: `${shots}/task-claude.png`, fullPage: true });
 });
 
+const claudeTask = async (name, plan) => {
+  await page.getByRole("link", { name: "New task" }).click();
+  await page.getByLabel("Name").fill(name);
+  await page.getByLabel("Plan").fill(plan);
+  await page.getByLabel("Runtime").selectOption("claude");
+  await page.getByRole("button", { name: "Create" }).click();
+  await page.waitForURL(/\/tasks\//, { timeout: 10000 });
+};
+
+await step("a message reaches the working agent, which answers", async () => {
+  await claudeTask("conversation", "hold");
+  await page.getByLabel("Output").getByText(/^holding/).waitFor({ timeout: 20000 });
+  await page.getByPlaceholder("Send the agent a message…").fill("one more thing");
+  await page.getByRole("button", { name: "Send" }).click();
+  await page.getByLabel("Output").getByText(/^You said: one more thing/).waitFor({ timeout: 20000 });
+  await page.locator(".status-completed").first().waitFor({ timeout: 20000 });
+});
+
+await step("stop a working agent", async () => {
+  await claudeTask("stoppable", "hold");
+  await page.getByLabel("Output").getByText(/^holding/).waitFor({ timeout: 20000 });
+  await page.getByRole("button", { name: "Stop" }).click();
+  await page.locator(".status-cancelled").first().waitFor({ timeout: 30000 });
+});
+
+await step("dark theme and a phone's width", async () => {
+  await page.emulateMedia({ colorScheme: "dark" });
+  await page.screenshot({ path: `${shots}/task-dark.png`, fullPage: true });
+  await page.setViewportSize({ width: 390, height: 844 });
+  await page.getByRole("link", { name: "Tasks" }).click();
+  await page.getByRole("link", { name: "conversation" }).waitFor({ timeout: 10000 });
+  await page.screenshot({ path: `${shots}/tasks-phone-dark.png`, fullPage: true });
+  await page.emulateMedia({ colorScheme: "light" });
+  await page.screenshot({ path: `${shots}/tasks-phone.png`, fullPage: true });
+  await page.setViewportSize({ width: 1280, height: 900 });
+});
+
+await step("tokens: create one (shown once), revoke it", async () => {
+  await page.getByRole("link", { name: "Tokens" }).click();
+  await page.getByLabel("Name").fill("build-box");
+  await page.getByRole("button", { name: "Create token" }).click();
+  const secret = await page.locator(".secret code").textContent({ timeout: 10000 });
+  if (!secret?.startsWith("tmd_")) throw new Error(`not a daemon token: ${secret}`);
+  const row = page.getByRole("row").filter({ hasText: "build-box" });
+  await row.getByRole("button", { name: "Revoke" }).click();
+  await row.getByText("revoked").waitFor({ timeout: 10000 });
+  await page.screenshot({ path: `${shots}/tokens.png` });
+});
+
+await step("the daemons view shows runtimes with versions", async () => {
+  await page.getByRole("link", { name: "Daemons" }).click();
+  await page.getByText("2.0.14 (Claude Code)").waitFor({ timeout: 10000 });
+  await page.screenshot({ path: `${shots}/daemons.png` });
+});
+
 await step("a viewer sees the views but no actions", async () => {
   await page.getByRole("button", { name: "Sign out" }).click();
   await signIn(viewerToken);
   await page.getByText("read-only").waitFor({ timeout: 10000 });
   if (await page.getByRole("link", { name: "New task" }).count()) throw new Error("a viewer may create tasks");
+  if (await page.getByRole("link", { name: "Tokens" }).count()) throw new Error("a viewer sees tokens");
   await page.getByRole("link", { name: "hello" }).click();
   await page.getByLabel("Output").getByText("hello from the browser").waitFor({ timeout: 10000 });
   if (await page.getByRole("button", { name: "Delete" }).count()) throw new Error("a viewer may delete");
