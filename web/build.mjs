@@ -20,7 +20,13 @@ const result = await build({
   logLevel: "warning",
 });
 const js = result.outputFiles[0].contents;
-const css = readFileSync("src/style.css");
+const styles = await build({
+  entryPoints: ["src/style.css"],
+  minify: true,
+  write: false,
+  logLevel: "warning",
+});
+const css = styles.outputFiles[0].contents;
 const hash = (bytes) => createHash("sha256").update(bytes).digest("hex").slice(0, 16);
 writeFileSync("dist/app.js", js);
 writeFileSync("dist/app.css", css);

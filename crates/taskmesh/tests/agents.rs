@@ -118,6 +118,30 @@ fn said(watch: &Watch) -> Vec<(MessageKind, String)> {
         .collect()
 }
 
+/// The task's usage: (model, input, output, cache read, cache write) per
+/// model, and the cost and turns.
+async fn usage(tasks: &mut Tasks, id: &str) -> (Vec<(String, i64, i64, i64, i64)>, f64, i32) {
+    let usage = tasks
+        .get_task_usage(pb::GetTaskUsageRequest { task_id: id.into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let per_model = usage
+        .usage
+        .iter()
+        .map(|u| {
+            (
+                u.model.clone(),
+                u.input_tokens,
+                u.output_tokens,
+                u.cache_read_tokens,
+                u.cache_write_tokens,
+            )
+        })
+        .collect();
+    (per_model, usage.cost_usd, usage.turns)
+}
+
 /// The value after `flag` in a command line.
 fn arg<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
     args.iter()
@@ -159,28 +183,9 @@ async fn a_claude_task_runs_and_continues(backend: Backend) {
     assert!(watch.messages[4].content.starts_with("Done: ran ls"));
     assert!(done.agent_session_id.len() > 8, "{done:?}");
 
-    let usage = tasks
-        .get_task_usage(pb::GetTaskUsageRequest {
-            task_id: task.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let per_model: Vec<_> = usage
-        .usage
-        .iter()
-        .map(|u| {
-            (
-                u.model.as_str(),
-                u.input_tokens,
-                u.output_tokens,
-                u.cache_read_tokens,
-                u.cache_write_tokens,
-            )
-        })
-        .collect();
-    assert_eq!(per_model, [("claude-opus-4-1", 100, 20, 5, 10)]);
-    assert_eq!((usage.cost_usd, usage.turns), (0.0125, 1));
+    let (per_model, cost, turns) = usage(&mut tasks, &task.id).await;
+    assert_eq!(per_model, [("claude-opus-4-1".into(), 100, 20, 5, 10)]);
+    assert_eq!((cost, turns), (0.0125, 1));
     // `task watch` ends with the usage per model and the cost.
     let watched = std::process::Command::new(common::process::bin())
         .args([
@@ -291,14 +296,8 @@ async fn a_follow_up_reaches_the_same_process(backend: Backend) {
         "answered by another process"
     );
     assert_eq!(claude.starts().len(), 1);
-    let usage = tasks
-        .get_task_usage(pb::GetTaskUsageRequest {
-            task_id: task.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!((usage.cost_usd, usage.turns), (0.025, 2));
+    let (_, cost, turns) = usage(&mut tasks, &task.id).await;
+    assert_eq!((cost, turns), (0.025, 2));
     claude.daemon.stop().await;
     s.stop().await;
 }
@@ -450,26 +449,8 @@ async fn a_codex_task_runs_and_continues(backend: Backend) {
         watch.messages[2].tool_input_json,
         r#"{"command":"echo hello"}"#
     );
-    let usage = tasks
-        .get_task_usage(pb::GetTaskUsageRequest {
-            task_id: task.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let per_model: Vec<_> = usage
-        .usage
-        .iter()
-        .map(|u| {
-            (
-                u.model.as_str(),
-                u.input_tokens,
-                u.output_tokens,
-                u.cache_read_tokens,
-            )
-        })
-        .collect();
-    assert_eq!(per_model, [("gpt-5-codex", 200, 30, 50)]);
+    let (per_model, _, _) = usage(&mut tasks, &task.id).await;
+    assert_eq!(per_model, [("gpt-5-codex".into(), 200, 30, 50, 0)]);
 
     tasks
         .continue_task(pb::ContinueTaskRequest {
