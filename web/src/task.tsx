@@ -13,6 +13,8 @@ import { ErrorLine, Link, Status, When, navigate, statusName } from "./ui";
 
 const FINISHED = [TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.INTERRUPTED];
 const ACTIVE = [TaskStatus.QUEUED, TaskStatus.DISPATCHED, TaskStatus.RUNNING];
+/** Most messages rendered at once; earlier ones come on request. */
+const WINDOW = 2000;
 
 function Message(props: { m: TaskMessage; decide?: (m: TaskMessage, allow: boolean) => void }) {
   const { m } = props;
@@ -60,6 +62,9 @@ function Message(props: { m: TaskMessage; decide?: (m: TaskMessage, allow: boole
 export function TaskView(props: { id: string; me: Me }) {
   const [task, setTask] = useState<Task | null>(null);
   const [messages, setMessages] = useState<TaskMessage[]>([]);
+  // Messages are shown from this index on (a long backlog is shown by its
+  // end; earlier ones on request), so the page stays responsive at any size.
+  const [from, setFrom] = useState(0);
   const [events, setEvents] = useState<TaskEvent[]>([]);
   const [usage, setUsage] = useState<GetTaskUsageResponse | null>(null);
   const [pending, setPending] = useState<Set<string>>(new Set());
@@ -67,28 +72,85 @@ export function TaskView(props: { id: string; me: Me }) {
   const [note, setNote] = useState("");
   const [text, setText] = useState("");
   const last = useRef(0);
+  // The seq after which loaded messages begin: a long task opens on its
+  // last WINDOW messages, and earlier ones are fetched on request.
+  const [base, setBase] = useState(0);
+  const [loadingEarlier, setLoadingEarlier] = useState(false);
 
   useEffect(() => {
     const stop = new AbortController();
-    last.current = 0;
     setMessages([]);
-    follow(
-      (signal) => api.watchTask({ taskId: props.id, sinceSeq: BigInt(last.current) }, { signal }),
-      (ev) => {
-        setError("");
-        if (ev.event.case === "task") setTask(ev.event.value);
-        if (ev.event.case === "message") {
-          const m = ev.event.value;
-          if (Number(m.seq) <= last.current) return;
-          last.current = Number(m.seq);
-          setMessages((ms) => [...ms, m]);
-        }
-      },
-      stop.signal,
-      setError,
-    );
-    return () => stop.abort();
+    setFrom(0);
+    // Messages arriving together render once a frame, not once each.
+    let queued: TaskMessage[] = [];
+    let frame = 0;
+    const flush = () => {
+      frame = 0;
+      const batch = queued;
+      queued = [];
+      setMessages((ms) => {
+        const all = ms.concat(batch);
+        setFrom((f) => Math.max(f, all.length - WINDOW));
+        return all;
+      });
+    };
+    (async () => {
+      try {
+        const { task } = await api.getTask({ id: props.id }, { signal: stop.signal });
+        last.current = Math.max(0, Number(task?.lastSeq ?? 0n) - WINDOW);
+      } catch {
+        last.current = 0;
+      }
+      setBase(last.current);
+      await follow(
+        (signal) => api.watchTask({ taskId: props.id, sinceSeq: BigInt(last.current) }, { signal }),
+        (ev) => {
+          setError("");
+          if (ev.event.case === "task") setTask(ev.event.value);
+          if (ev.event.case === "message") {
+            const m = ev.event.value;
+            if (Number(m.seq) <= last.current) return;
+            last.current = Number(m.seq);
+            queued.push(m);
+            frame ||= requestAnimationFrame(flush);
+          }
+        },
+        stop.signal,
+        setError,
+      );
+    })();
+    return () => {
+      stop.abort();
+      cancelAnimationFrame(frame);
+    };
   }, [props.id]);
+
+  /** Shows the WINDOW messages before the first shown: loaded ones, or fetched. */
+  const showEarlier = async () => {
+    if (from > 0) {
+      setFrom(Math.max(0, from - WINDOW));
+      return;
+    }
+    setLoadingEarlier(true);
+    try {
+      const since = Math.max(0, base - WINDOW);
+      const earlier: TaskMessage[] = [];
+      let after = since;
+      while (after < base) {
+        const page = await api.listTaskMessages({ taskId: props.id, sinceSeq: BigInt(after), limit: base - after });
+        const fresh = page.messages.filter((m) => Number(m.seq) <= base);
+        if (!fresh.length) break;
+        earlier.push(...fresh);
+        after = Number(fresh[fresh.length - 1].seq);
+      }
+      setMessages((ms) => earlier.concat(ms));
+      setBase(since);
+    } catch (e) {
+      setError(describe(e));
+    } finally {
+      setLoadingEarlier(false);
+    }
+  };
 
   // The timeline and usage follow the task's changes.
   useEffect(() => {
@@ -155,7 +217,12 @@ export function TaskView(props: { id: string; me: Me }) {
       {note && <p class="note">{note}</p>}
 
       <section class="output" aria-label="Output">
-        {messages.map((m) => <Message key={String(m.seq)} m={m} decide={!ro && m.kind === MessageKind.APPROVAL && pending.has(m.approvalId) ? decide : undefined} />)}
+        {from + base > 0 && (
+          <button class="link earlier" disabled={loadingEarlier} onClick={showEarlier}>
+            Show earlier messages ({from + base} not shown)
+          </button>
+        )}
+        {messages.slice(from).map((m) => <Message key={String(m.seq)} m={m} decide={!ro && m.kind === MessageKind.APPROVAL && pending.has(m.approvalId) ? decide : undefined} />)}
         {messages.length === 0 && <p class="muted">No output yet.</p>}
       </section>
 

@@ -80,6 +80,10 @@ async fn the_dashboard_works_in_chromium(backend: Backend) {
     );
     assert!(out.status.success(), "the dashboard test failed:\n{said}");
     assert!(said.contains("dashboard: ok"), "{said}");
+    // The figures, for whoever reads the test's output.
+    for line in said.lines().filter(|l| l.contains(" ms")) {
+        eprintln!("{line}");
+    }
     daemon.stop().await;
     s.stop().await;
 }
