@@ -6,8 +6,14 @@
 // Allow, messages a working agent, stops one, creates and revokes a token,
 // shows the daemons, takes screenshots at desktop and phone width in both
 // themes, and checks that a viewer token sees the same views without
-// actions. Exits non-zero, saying what failed, on any miss.
+// actions. It prints RESTART while a task streams and waits for a line
+// `restarted` on stdin: the runner restarts the server on the same address
+// meanwhile, and the page must resume with no line lost or shown twice. Exits non-zero, saying what failed, on any miss.
 import { chromium } from "playwright-core";
+import { createInterface } from "node:readline";
+
+// Lines from whoever runs this script (the Rust test answers RESTART).
+const replies = createInterface({ input: process.stdin })[Symbol.asyncIterator]();
 
 const [url, userToken, viewerToken, shots] = process.argv.slice(2);
 if (!shots) {
@@ -149,6 +155,25 @@ await step("the daemons view shows runtimes with versions", async () => {
   await page.screenshot({ path: `${shots}/daemons.png` });
 });
 
+await step("a server restart while streaming loses and repeats no line", async () => {
+  await page.getByRole("link", { name: "New task" }).click();
+  await page.getByLabel("Name").fill("ticks");
+  await page.getByLabel("Plan").fill('for i in $(seq 1 300); do echo "tick $i"; sleep 0.02; done');
+  await page.getByRole("button", { name: "Create" }).click();
+  await page.waitForURL(/\/tasks\//, { timeout: 10000 });
+  await page.getByLabel("Output").getByText("tick 30", { exact: true }).waitFor({ timeout: 20000 });
+  console.log("RESTART");
+  const answer = await replies.next();
+  if (answer.value !== "restarted") throw new Error(`the server was not restarted: ${answer.value}`);
+  await page.getByLabel("Output").getByText("tick 300", { exact: true }).waitFor({ timeout: 60000 });
+  await page.locator(".conn-live").waitFor({ timeout: 20000 });
+  const shown = await page.locator(".output pre.msg").allTextContents();
+  const want = Array.from({ length: 300 }, (_, i) => `tick ${i + 1}`);
+  if (JSON.stringify(shown) !== JSON.stringify(want)) {
+    throw new Error(`after the restart the page shows ${shown.length} lines: ${shown.filter((l, i) => l !== want[i]).slice(0, 5)}`);
+  }
+});
+
 await step("50,000 lines: the page stays responsive and shows the end", async () => {
   await page.getByRole("link", { name: "New task" }).click();
   await page.getByLabel("Name").fill("long");
@@ -198,6 +223,7 @@ await step("a viewer sees the views but no actions", async () => {
 });
 
 await browser.close();
+process.stdin.destroy();
 if (failures.length) {
   console.error(failures.join("\n"));
   process.exit(1);

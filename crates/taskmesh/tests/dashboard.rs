@@ -1,8 +1,9 @@
 //! The dashboard in a real Chromium (web/test/dashboard.mjs, playwright-core)
 //! against a real server and a real daemon offering `shell` and the Claude
 //! stand-in, on SQLite and PostgreSQL: sign in, create and watch a task,
-//! reload its deep link, allow a permission request, a viewer's read-only
-//! views. Screenshots land in target/dashboard-<backend>/.
+//! reload its deep link, allow a permission request, message and stop an
+//! agent, tokens and daemons, 50,000 lines, a server restart mid-stream,
+//! a viewer's read-only views. Screenshots land in target/dashboard-<backend>/.
 //!
 //! Needs `npm ci` in web/ and Chromium; `.ci/run` provides both. Outside CI
 //! a machine without them skips with a message; in CI it fails.
@@ -11,11 +12,13 @@ use taskmesh_testkit as common;
 use taskmesh_testkit::both_backends;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::Stdio;
+use std::time::Duration;
 
 use common::process::DaemonProcess;
-use common::{Backend, start_server};
+use common::{Backend, start_server, start_server_at};
 use taskmesh_server::model::TokenKind;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -63,21 +66,40 @@ async fn the_dashboard_works_in_chromium(backend: Backend) {
     );
     let shots = repo().join(format!("target/dashboard-{backend:?}").to_lowercase());
     std::fs::create_dir_all(&shots).unwrap();
-    let (url, token, shots_dir) = (s.url(), s.token.clone(), shots.display().to_string());
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new("node")
-            .current_dir(repo().join("web"))
-            .args(["test/dashboard.mjs", &url, &token, &viewer, &shots_dir])
-            .output()
-            .expect("run node")
-    })
-    .await
-    .unwrap();
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let mut node = tokio::process::Command::new("node")
+        .current_dir(repo().join("web"))
+        .args(["test/dashboard.mjs", &s.url(), &s.token, &viewer])
+        .arg(&shots)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run node");
+    let mut stdin = node.stdin.take().unwrap();
+    let mut lines = BufReader::new(node.stdout.take().unwrap()).lines();
+    let mut said = String::new();
+    let mut s = Some(s);
+    let run = async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line == "RESTART" {
+                // The same database and address: the page and the daemon
+                // reconnect by themselves.
+                let old = s.take().unwrap();
+                let addr = old.addr;
+                let db = old.stop_keeping_db().await;
+                s = Some(start_server_at(db, addr).await);
+                stdin.write_all(b"restarted\n").await.unwrap();
+            }
+            said.push_str(&line);
+            said.push('\n');
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(600), run)
+        .await
+        .expect("the dashboard test finishes");
+    let out = node.wait_with_output().await.unwrap();
+    said.push_str(&String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "the dashboard test failed:\n{said}");
     assert!(said.contains("dashboard: ok"), "{said}");
     // The figures, for whoever reads the test's output.
@@ -85,7 +107,7 @@ async fn the_dashboard_works_in_chromium(backend: Backend) {
         eprintln!("{line}");
     }
     daemon.stop().await;
-    s.stop().await;
+    s.unwrap().stop().await;
 }
 
 both_backends!(the_dashboard_works_in_chromium);
