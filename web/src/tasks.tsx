@@ -32,8 +32,9 @@ export function TaskList(props: { me: Me }) {
           const page = await api.listTasks({ workspace: props.me.workspace, pageSize: 500, pageToken }, { signal: stop.signal });
           page.tasks.forEach(put);
           pageToken = page.nextPageToken;
+          // Each page shows as it comes: the first paint does not wait for the rest.
+          setById(new Map(all));
         } while (pageToken && all.size < 5000);
-        setById(new Map(all));
       } catch (e) {
         if (!stop.signal.aborted) setError(String(e));
       }

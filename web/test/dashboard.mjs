@@ -6,8 +6,8 @@
 // Allow, messages a working agent, stops one, creates and revokes a token,
 // shows the daemons, takes screenshots at desktop and phone width in both
 // themes, and checks that a viewer token sees the same views without
-// actions. It prints RESTART while a task streams and waits for a line
-// `restarted` on stdin: the runner restarts the server on the same address
+// actions. It prints SEED and waits for `seeded` (1,000 tasks made), and
+// RESTART while a task streams and waits for a line `restarted` on stdin: the runner restarts the server on the same address
 // meanwhile, and the page must resume with no line lost or shown twice. Exits non-zero, saying what failed, on any miss.
 import { chromium } from "playwright-core";
 import { createInterface } from "node:readline";
@@ -207,6 +207,19 @@ await step("50,000 lines: the page stays responsive and shows the end", async ()
     if (numbers[i] !== numbers[i - 1] + 1) throw new Error(`line ${numbers[i]} after ${numbers[i - 1]}`);
   }
   if (numbers[numbers.length - 1] !== 50000) throw new Error(`ends at ${numbers[numbers.length - 1]}`);
+});
+
+await step("1,000 tasks: the list's first paint", async () => {
+  console.log("SEED");
+  const answer = await replies.next();
+  if (answer.value !== "seeded") throw new Error(`no tasks were seeded: ${answer.value}`);
+  const started = Date.now();
+  await page.goto(url + "/");
+  await page.getByRole("link", { name: "seeded 999", exact: true }).waitFor({ timeout: 30000 });
+  const took = Date.now() - started;
+  const rows = await page.locator("table.tasks tbody tr").count();
+  console.log(`1,000 tasks: the list showed all ${rows} rows ${took} ms after navigation`);
+  if (rows < 1000) throw new Error(`${rows} rows`);
 });
 
 await step("a viewer sees the views but no actions", async () => {

@@ -91,6 +91,20 @@ async fn the_dashboard_works_in_chromium(backend: Backend) {
                 s = Some(start_server_at(db, addr).await);
                 stdin.write_all(b"restarted\n").await.unwrap();
             }
+            if line == "SEED" {
+                let mut tasks = s.as_ref().unwrap().tasks().await;
+                for i in 0..1000 {
+                    tasks
+                        .create_task(taskmesh_server::pb::CreateTaskRequest {
+                            name: format!("seeded {i}"),
+                            plan: "true".into(),
+                            ..Default::default()
+                        })
+                        .await
+                        .unwrap();
+                }
+                stdin.write_all(b"seeded\n").await.unwrap();
+            }
             said.push_str(&line);
             said.push('\n');
         }
