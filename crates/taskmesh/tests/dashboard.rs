@@ -3,7 +3,7 @@
 //! stand-in, on SQLite and PostgreSQL: sign in, create and watch a task,
 //! reload its deep link, allow a permission request, message and stop an
 //! agent, tokens and daemons, 50,000 lines, a server restart mid-stream,
-//! a viewer's read-only views. Screenshots land in target/dashboard-<backend>/.
+//! a viewer's read-only views; then the same over HTTPS with a test CA. Screenshots land in target/dashboard-<backend>/.
 //!
 //! Needs `npm ci` in web/ and Chromium; `.ci/run` provides both. Outside CI
 //! a machine without them skips with a message; in CI it fails.
@@ -15,8 +15,9 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::process::DaemonProcess;
-use common::{Backend, start_server, start_server_at};
+use common::certs::Ca;
+use common::process::{DaemonProcess, ServeProcess, TempDir, create_token};
+use common::{Backend, TestDb, start_server, start_server_at};
 use taskmesh_server::model::TokenKind;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
@@ -52,7 +53,7 @@ async fn the_dashboard_works_in_chromium(backend: Backend) {
     let daemon_token = s.token_in("default", TokenKind::Daemon).await;
     let viewer = s.token_in("default", TokenKind::Viewer).await;
     let standin = repo().join("crates/taskmesh/tests/standins/claude");
-    let home = common::process::TempDir::new("dashboard-claude");
+    let home = TempDir::new("dashboard-claude");
     let daemon = DaemonProcess::start_with_env(
         &s.url(),
         &daemon_token,
@@ -124,4 +125,91 @@ async fn the_dashboard_works_in_chromium(backend: Backend) {
     s.unwrap().stop().await;
 }
 
-both_backends!(the_dashboard_works_in_chromium);
+/// The same suite over HTTPS (`serve --tls-cert`), the browser told to
+/// trust the test CA's server certificate, the daemon given the CA. Steps
+/// that need the in-process server (a restart, seeding 1,000 tasks) run in
+/// the HTTP suite only.
+async fn the_dashboard_works_over_https(backend: Backend) {
+    if let Some(why) = missing() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "the dashboard test must run in CI: {why}"
+        );
+        eprintln!("skipping the dashboard test: {why}");
+        return;
+    }
+    let db = TestDb::new(backend).await;
+    let files = TempDir::new("dashboard-tls");
+    let ca = Ca::new("taskmesh test CA");
+    let (cert, key) = ca.server(1);
+    let write = |name: &str, text: &str| {
+        let path = files.0.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    let (cert, key, ca_pem) = (
+        write("server.pem", &cert),
+        write("server.key", &key),
+        write("ca.pem", &ca.pem),
+    );
+    let server = ServeProcess::start(
+        &db.url,
+        "127.0.0.1:0",
+        &["--tls-cert", &cert, "--tls-key", &key],
+    )
+    .await;
+    assert!(server.url().starts_with("https://"), "{}", server.url());
+    let user = server.token.clone().expect("a first-start token");
+    let viewer = create_token(&db.url, "viewer").await;
+    let daemon_token = create_token(&db.url, "daemon").await;
+    let standin = repo()
+        .join("crates/taskmesh/tests/standins/claude")
+        .display()
+        .to_string();
+    let home = TempDir::new("dashboard-tls-claude");
+    let daemon = DaemonProcess::start_with_env(
+        &server.url(),
+        &daemon_token,
+        &[
+            "--ca-cert",
+            &ca_pem,
+            "--runtime",
+            "claude",
+            "--claude-bin",
+            &standin,
+        ],
+        &[("CLAUDE_STANDIN_HOME", &home.0.display().to_string())],
+    );
+    let shots = repo().join(format!("target/dashboard-https-{backend:?}").to_lowercase());
+    std::fs::create_dir_all(&shots).unwrap();
+    let out = tokio::process::Command::new("node")
+        .current_dir(repo().join("web"))
+        .args(["test/dashboard.mjs", &server.url(), &user, &viewer])
+        .arg(&shots)
+        .env("DASHBOARD_CERT", &cert)
+        .env("DASHBOARD_SKIP", "restart,seed")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(600), out)
+        .await
+        .expect("the dashboard test finishes")
+        .expect("run node");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "the dashboard test over HTTPS failed:\n{said}"
+    );
+    assert!(said.contains("dashboard: ok"), "{said}");
+    daemon.stop().await;
+    server.kill().await;
+}
+
+both_backends!(
+    the_dashboard_works_in_chromium,
+    the_dashboard_works_over_https
+);

@@ -12,13 +12,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SerialNumber};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use taskmesh_server::pb;
 use taskmesh_server::pb::daemon_service_client::DaemonServiceClient;
 use taskmesh_server::pb::task_service_client::TaskServiceClient;
 use taskmesh_server::pb::workspace_service_client::WorkspaceServiceClient;
+use taskmesh_testkit::certs::Ca;
 use taskmesh_testkit::process::{DaemonProcess, ServeProcess, TempDir};
 use taskmesh_testkit::{Backend, Bearer, TestDb};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -30,42 +30,6 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 
 const BIN: &str = env!("CARGO_BIN_EXE_taskmesh");
 const PATIENCE: Duration = Duration::from_secs(30);
-
-/// A CA that signs certificates for the names it is asked for.
-struct Ca {
-    issuer: Issuer<'static, KeyPair>,
-    pem: String,
-}
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        let cert = params.self_signed(&key).unwrap();
-        Ca {
-            pem: cert.pem(),
-            issuer: Issuer::new(params, key),
-        }
-    }
-
-    /// A certificate with this serial for `names` (IP addresses become IP
-    /// SANs), and its key, in PEM.
-    fn issue(&self, names: &[&str], serial: u64) -> (String, String) {
-        let key = KeyPair::generate().unwrap();
-        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-        let mut params = CertificateParams::new(names).unwrap();
-        params.serial_number = Some(SerialNumber::from(serial));
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
-
-    /// A server certificate for 127.0.0.1 and localhost.
-    fn server(&self, serial: u64) -> (String, String) {
-        self.issue(&["127.0.0.1", "localhost"], serial)
-    }
-}
 
 struct Files {
     dir: TempDir,

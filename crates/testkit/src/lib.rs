@@ -9,6 +9,7 @@
 //! `postgres://postgres@127.0.0.1:5432/postgres`). Setting it to `skip`
 //! skips them locally; under CI=true a skip is a failure.
 
+pub mod certs;
 pub mod daemon;
 pub mod db;
 pub mod process;
