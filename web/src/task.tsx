@@ -2,7 +2,8 @@
 // usage and cost, the plan, and what can be done with it.
 
 import { useEffect, useRef, useState } from "preact/hooks";
-import { describe, follow, tasks as api } from "./api";
+import { describe, follow, tasks as api, workspaces } from "./api";
+import { DaemonState, type Daemon } from "./gen/taskmesh/v1/workspace_pb";
 import {
   ApprovalState, Decision, MessageKind, TaskStatus,
   type GetTaskUsageResponse, type Task, type TaskEvent, type TaskMessage,
@@ -71,6 +72,8 @@ export function TaskView(props: { id: string; me: Me }) {
   const [error, setError] = useState("");
   const [note, setNote] = useState("");
   const [text, setText] = useState("");
+  const [daemons, setDaemons] = useState<Daemon[]>([]);
+  const [reassignTo, setReassignTo] = useState("");
   const last = useRef(0);
   // The seq after which loaded messages begin: a long task opens on its
   // last WINDOW messages, and earlier ones are fetched on request.
@@ -152,6 +155,15 @@ export function TaskView(props: { id: string; me: Me }) {
     }
   };
 
+  // Where a failed or interrupted task could run again.
+  useEffect(() => {
+    if (props.me.readOnly || (task?.status !== TaskStatus.FAILED && task?.status !== TaskStatus.INTERRUPTED)) return;
+    workspaces.listDaemons({ workspace: task.workspaceId }).then(
+      (r) => setDaemons(r.daemons.filter((d) => d.state === DaemonState.ONLINE)),
+      () => {},
+    );
+  }, [task?.status]);
+
   // The timeline and usage follow the task's changes.
   useEffect(() => {
     if (!task) return;
@@ -208,7 +220,15 @@ export function TaskView(props: { id: string; me: Me }) {
         <div class="actions">
           {(task.status === TaskStatus.PENDING || finished) && <button onClick={() => act("started", () => api.startTask({ id: task.id }))}>Start</button>}
           {ACTIVE.includes(task.status) && <button onClick={() => act("stopping", () => api.stopTask({ id: task.id }))}>Stop</button>}
-          {(task.status === TaskStatus.INTERRUPTED || task.status === TaskStatus.FAILED) && <button onClick={() => act("reassigned", () => api.reassignTask({ id: task.id }))}>Reassign</button>}
+          {(task.status === TaskStatus.INTERRUPTED || task.status === TaskStatus.FAILED) && (
+            <>
+              <select aria-label="Reassign to" value={reassignTo} onChange={(e) => setReassignTo(e.currentTarget.value)}>
+                <option value="">any daemon</option>
+                {daemons.map((d) => <option value={d.id}>{d.hostname} ({d.id.slice(0, 8)})</option>)}
+              </select>
+              <button onClick={() => act("reassigned", () => api.reassignTask({ id: task.id, daemonId: reassignTo }))}>Reassign</button>
+            </>
+          )}
           {finished && task.repository && <button onClick={() => act("retrying the completion action", () => api.retryCompletion({ id: task.id }))}>Retry completion</button>}
           <button class="danger" onClick={() => confirm(`Delete task “${task.name}” and its subtasks?`) && api.deleteTask({ id: task.id }).then(() => navigate("/"), (e) => setError(describe(e)))}>Delete</button>
         </div>

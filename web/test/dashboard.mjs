@@ -95,6 +95,19 @@ await step("the deep link reloads into the same view", async () => {
   await page.getByRole("heading", { name: /hello/ }).waitFor();
 });
 
+await step("a failed task is reassigned to a chosen daemon", async () => {
+  await page.getByRole("link", { name: "New task" }).click();
+  await page.getByLabel("Name").fill("flaky");
+  await page.getByLabel("Plan").fill("echo trying; exit 3");
+  await page.getByRole("button", { name: "Create" }).click();
+  await page.locator(".status-failed").first().waitFor({ timeout: 20000 });
+  const chosen = page.getByLabel("Reassign to");
+  await chosen.locator("option").nth(1).waitFor({ state: "attached", timeout: 10000 });
+  await chosen.selectOption({ index: 1 });
+  await page.getByRole("button", { name: "Reassign" }).click();
+  await page.locator("dd", { hasText: /^2$/ }).waitFor({ timeout: 20000 });
+});
+
 await step("the list shows the task, live", async () => {
   await page.getByRole("link", { name: "Tasks" }).click();
   await page.getByRole("link", { name: "hello" }).waitFor({ timeout: 10000 });
