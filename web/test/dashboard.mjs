@@ -244,11 +244,13 @@ await step("1,000 tasks: the list's first paint", async () => {
   if (answer.value !== "seeded") throw new Error(`no tasks were seeded: ${answer.value}`);
   const started = Date.now();
   await page.goto(url + "/");
+  // The first page paints as soon as it arrives; the rest follow.
   await page.getByRole("link", { name: "seeded 999", exact: true }).waitFor({ timeout: 30000 });
-  const took = Date.now() - started;
-  const rows = await page.locator("table.tasks tbody tr").count();
-  console.log(`1,000 tasks: the list showed all ${rows} rows ${took} ms after navigation`);
-  if (rows < 1000) throw new Error(`${rows} rows`);
+  const first = Date.now() - started;
+  const rows = page.locator("table.tasks tbody tr");
+  await page.waitForFunction(() => document.querySelectorAll("table.tasks tbody tr").length >= 1000, null, { timeout: 30000 });
+  const all = Date.now() - started;
+  console.log(`1,000 tasks: the newest showed ${first} ms after navigation, all ${await rows.count()} rows after ${all} ms`);
 }, "seed");
 
 await step("a viewer sees the views but no actions", async () => {
