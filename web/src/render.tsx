@@ -1,7 +1,10 @@
-// How output reads: assistant text as (a little) Markdown, command output
+// How output reads: assistant text as Markdown, command output
 // with its ANSI colours, JSON inputs pretty.
 
 import type { ComponentChildren } from "preact";
+import { useMemo } from "preact/hooks";
+import { micromark } from "micromark";
+import { gfm, gfmHtml } from "micromark-extension-gfm";
 
 const ANSI = /\x1b\[([0-9;]*)m/g;
 const COLOURS = ["black", "red", "green", "yellow", "blue", "magenta", "cyan", "white"];
@@ -28,36 +31,30 @@ export function Ansi(props: { text: string }) {
   return <>{out}</>;
 }
 
-function inline(text: string): ComponentChildren[] {
-  return text.split(/(`[^`]+`|\*\*[^*]+\*\*)/g).map((part) =>
-    part.startsWith("`") && part.endsWith("`") && part.length > 2 ? <code>{part.slice(1, -1)}</code>
-    : part.startsWith("**") && part.endsWith("**") && part.length > 4 ? <strong>{part.slice(2, -2)}</strong>
-    : part,
-  );
-}
-
-/** Paragraphs, headings, bullet lists, fenced code and inline code. */
+/**
+ * Assistant text as CommonMark with GitHub's extensions (tables, task lists,
+ * strikethrough, autolinks). micromark is safe by default: raw HTML is shown
+ * as text and links with dangerous protocols (javascript:, data:, …) lose
+ * their target. Links open in a new tab, away from the dashboard.
+ */
 export function Markdown(props: { text: string }) {
-  const blocks: ComponentChildren[] = [];
-  const parts = props.text.split(/^```[^\n]*\n([\s\S]*?)^```\s*$/m);
-  parts.forEach((part, i) => {
-    if (i % 2 === 1) {
-      blocks.push(<pre class="code">{part}</pre>);
-      return;
-    }
-    for (const para of part.split(/\n{2,}/)) {
-      const lines = para.split("\n").filter((l) => l.trim());
-      if (!lines.length) continue;
-      if (lines.every((l) => /^\s*[-*] /.test(l))) {
-        blocks.push(<ul>{lines.map((l) => <li>{inline(l.replace(/^\s*[-*] /, ""))}</li>)}</ul>);
-      } else if (/^#{1,6} /.test(lines[0]) && lines.length === 1) {
-        blocks.push(<h4>{inline(lines[0].replace(/^#+ /, ""))}</h4>);
-      } else {
-        blocks.push(<p>{lines.flatMap((l, j) => (j ? [<br />, ...inline(l)] : inline(l)))}</p>);
-      }
-    }
-  });
-  return <div class="markdown">{blocks}</div>;
+  const html = useMemo(
+    () => micromark(props.text, { extensions: [gfm()], htmlExtensions: [gfmHtml()] }),
+    [props.text],
+  );
+  return (
+    <div
+      class="markdown"
+      dangerouslySetInnerHTML={{ __html: html }}
+      onClick={(e) => {
+        const link = (e.target as HTMLElement).closest("a");
+        const href = link?.getAttribute("href");
+        if (!link || !href || href.startsWith("#")) return;
+        e.preventDefault();
+        window.open(link.href, "_blank", "noopener,noreferrer");
+      }}
+    />
+  );
 }
 
 export function prettyJson(text: string): string {

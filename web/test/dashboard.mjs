@@ -125,6 +125,10 @@ await step("a Claude permission request is answered with Allow", async () => {
   await page.screenshot({ path: `${shots}/task-approval.png`, fullPage: true });
   await page.getByRole("button", { name: "Allow" }).click();
   await page.getByLabel("Output").getByText(/^Done: ran rm -rf build/).waitFor({ timeout: 20000 });
+  const tool = page.locator("details.msg.tool").filter({ hasText: "Bash" }).first();
+  if (await tool.evaluate((d) => d.open)) throw new Error("the tool call is not folded");
+  await tool.locator("summary").click();
+  await tool.getByText('"command": "rm -rf build"').waitFor({ timeout: 5000 });
   await page.getByText(/over 1 turns/).waitFor({ timeout: 10000 });
   await page.screenshot({ path: `${shots}/task-claude.png`, fullPage: true });
 });
@@ -137,6 +141,26 @@ const claudeTask = async (name, plan) => {
   await page.getByRole("button", { name: "Create" }).click();
   await page.waitForURL(/\/tasks\//, { timeout: 10000 });
 };
+
+await step("assistant text renders as Markdown, safely", async () => {
+  await claudeTask("notes", [
+    "notes", "", "1. first", "2. second", "",
+    "| file | lines |", "|---|---|", "| a.rs | 12 |", "",
+    "See [the docs](https://example.com/docs) or [this](javascript:window.__xss=1).",
+    '<img src=x onerror="window.__xss=1"> **bold** and `code`',
+  ].join("\n"));
+  const md = page.locator(".msg.assistant .markdown").filter({ hasText: "You said: notes" });
+  await md.waitFor({ timeout: 20000 });
+  if ((await md.locator("ol > li").allTextContents()).join("|") !== "first|second") throw new Error("no numbered list");
+  await md.locator("table td", { hasText: "a.rs" }).waitFor({ timeout: 5000 });
+  if ((await md.getByRole("link", { name: "the docs" }).getAttribute("href")) !== "https://example.com/docs") {
+    throw new Error("the link lost its target");
+  }
+  if (await md.locator("img, a[href^='javascript']").count()) throw new Error("raw HTML or a javascript: link got through");
+  await md.locator("strong", { hasText: "bold" }).waitFor({ timeout: 5000 });
+  if (await page.evaluate(() => window.__xss)) throw new Error("script ran from agent output");
+  await page.screenshot({ path: `${shots}/task-markdown.png`, fullPage: true });
+});
 
 await step("a message reaches the working agent, which answers", async () => {
   await claudeTask("conversation", "hold");
