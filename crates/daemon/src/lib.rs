@@ -38,7 +38,6 @@ pub fn read_agent_output(agent: &str, lines: &[&str]) -> (Vec<pb::TaskMessageInp
 }
 
 use std::fmt;
-use std::future::Future;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -251,6 +250,10 @@ pub enum DaemonError {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "another taskmesh daemon is using the state directory {path}; give each daemon on a machine its own --state-dir"
+    )]
+    StateDirInUse { path: PathBuf },
     #[error("{path} does not hold a machine id (a UUID); remove it to make a new one")]
     BadMachineId { path: PathBuf },
     #[error(
@@ -281,6 +284,8 @@ pub(crate) struct Config {
     pub shutdown_grace: Duration,
     /// Values no agent may see in its environment (the daemon's token).
     pub hidden_secrets: Vec<String>,
+    /// Held while the daemon runs: one daemon per state directory.
+    pub _state_lock: Option<Arc<std::fs::File>>,
 }
 
 /// The daemon token, from --token or the first line of --token-file.
@@ -296,12 +301,14 @@ fn token(args: &DaemonArgs) -> Result<DaemonToken, DaemonError> {
     args.token.clone().ok_or(DaemonError::NoToken)
 }
 
-/// Runs the daemon until `shutdown` completes and the graceful stop is
-/// done: running tasks get `--shutdown-secs` to finish, are then
-/// interrupted, their end reports are flushed, and the daemon deregisters.
+/// Runs the daemon until a stop request and the graceful stop are done:
+/// the first request takes no new work and gives running tasks
+/// `--shutdown-secs` to finish; then, or at the next request, they are
+/// interrupted and go back to the queue for another daemon. Their end
+/// reports are flushed and the daemon deregisters.
 pub async fn run(
     args: DaemonArgs,
-    shutdown: impl Future<Output = ()> + Send + 'static,
+    stops: impl futures_util::Stream<Item = ()> + Send + 'static,
 ) -> Result<(), DaemonError> {
     let token = token(&args)?;
     let bearer = Bearer::new(token.expose()).map_err(|_| DaemonError::InvalidToken)?;
@@ -325,7 +332,7 @@ pub async fn run(
         "daemon starting"
     );
     let client = client::connect(endpoint, bearer);
-    Session::new(Arc::new(config), client, Box::pin(shutdown))
+    Session::new(Arc::new(config), client, Box::pin(stops))
         .run()
         .await
         .map_err(|e| DaemonError::Refused(e.to_string()))
@@ -338,6 +345,7 @@ async fn resolve_config(args: &DaemonArgs) -> Result<Config, DaemonError> {
         .clone()
         .unwrap_or_else(|| state_dir.join("tasks"));
     let machine_id = load_machine_id(&state_dir).await?;
+    let state_lock = lock_state_dir(&state_dir)?;
     tokio::fs::create_dir_all(&work_dir)
         .await
         .map_err(|source| DaemonError::State {
@@ -411,7 +419,32 @@ async fn resolve_config(args: &DaemonArgs) -> Result<Config, DaemonError> {
             .then(|| Duration::from_secs(args.silence_minutes.saturating_mul(60))),
         shutdown_grace: Duration::from_secs(args.shutdown_secs),
         hidden_secrets: Vec::new(),
+        _state_lock: Some(Arc::new(state_lock)),
     })
+}
+
+/// Takes `<state_dir>/lock` for as long as the daemon runs, so a second
+/// daemon on the same state (and so the same machine id, which would knock
+/// the first off the server) stops at once. The kernel lets go of the lock
+/// when the process ends, however it ends.
+fn lock_state_dir(state_dir: &Path) -> Result<std::fs::File, DaemonError> {
+    let path = state_dir.join("lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| DaemonError::State {
+            path: path.clone(),
+            source,
+        })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(DaemonError::StateDirInUse {
+            path: state_dir.to_path_buf(),
+        }),
+        Err(std::fs::TryLockError::Error(source)) => Err(DaemonError::State { path, source }),
+    }
 }
 
 fn default_state_dir() -> PathBuf {
@@ -662,6 +695,18 @@ mod tests {
             load_machine_id(&dir).await,
             Err(DaemonError::BadMachineId { .. })
         ));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn one_daemon_per_state_dir() {
+        let dir = std::env::temp_dir().join(format!("taskmesh-lock-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let held = lock_state_dir(&dir).expect("the first takes it");
+        let err = lock_state_dir(&dir).expect_err("the second is refused");
+        assert!(err.to_string().contains("--state-dir"), "{err}");
+        drop(held);
+        lock_state_dir(&dir).expect("free again once the first lets go");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -3,6 +3,7 @@
 //! taskmesh-daemon, `task` and `daemons` to taskmesh-cli, `bench` to
 //! taskmesh-bench.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -46,6 +47,9 @@ fn main() -> ExitCode {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal, not for a log file
+        // or a journal (and never with NO_COLOR set).
+        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
         .init();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -60,7 +64,7 @@ fn main() -> ExitCode {
             Command::Token(TokenCommand::Create(args)) => {
                 taskmesh_server::cmd::token_create(args).await
             }
-            Command::Daemon(args) => taskmesh_daemon::run(args, shutdown_signal())
+            Command::Daemon(args) => taskmesh_daemon::run(args, stop_requests())
                 .await
                 .map_err(Into::into),
             Command::Task(args) => taskmesh_cli::task(args).await.map_err(Into::into),
@@ -75,6 +79,32 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Every Ctrl-C or SIGTERM, as it comes: the daemon drains on the first
+/// and interrupts its tasks on the next.
+#[cfg(unix)]
+fn stop_requests() -> impl futures_util::Stream<Item = ()> + Send + 'static {
+    use tokio::signal::unix::{SignalKind, signal};
+    // Listening from the start, so a signal between two requests is kept.
+    let signals = signal(SignalKind::interrupt())
+        .ok()
+        .zip(signal(SignalKind::terminate()).ok());
+    futures_util::stream::unfold(signals, |mut signals| async move {
+        match &mut signals {
+            Some((int, term)) => tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} },
+            None => shutdown_signal().await,
+        }
+        Some(((), signals))
+    })
+}
+
+#[cfg(not(unix))]
+fn stop_requests() -> impl futures_util::Stream<Item = ()> + Send + 'static {
+    futures_util::stream::unfold((), |()| async {
+        let _ = tokio::signal::ctrl_c().await;
+        Some(((), ()))
+    })
 }
 
 async fn shutdown_signal() {

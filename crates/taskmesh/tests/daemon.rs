@@ -3,11 +3,14 @@
 //! 10,000 lines reach a watcher once and in order; the server is SIGKILLed
 //! mid-task and restarted, and nothing is lost or doubled; an interrupt
 //! kills the task's whole process group; SendMessage reaches stdin; no
-//! task sees the daemon's token.
+//! task sees the daemon's token; one daemon per state directory; a refused
+//! token ends the daemon; SIGTERM drains and a second one interrupts, the
+//! task going back to the queue.
 
 use taskmesh_testkit as common;
 use taskmesh_testkit::both_backends;
 
+use std::process::Stdio;
 use std::time::Duration;
 
 use common::process::{DaemonProcess, ServeProcess, create_token, is_dead};
@@ -277,7 +280,162 @@ async fn tasks_never_see_the_daemons_token(backend: Backend) {
     daemon.stop().await;
 }
 
+/// Its log, when stderr is not a terminal, has no colour codes; a second
+/// daemon on the same state directory stops at once, naming --state-dir,
+/// while the first goes on taking work.
+async fn one_daemon_per_state_dir(backend: Backend) {
+    let s = start_server(backend).await;
+    let token = s.token_in("default", TokenKind::Daemon).await;
+    let (first, mut log) = DaemonProcess::start_logged(&s.url(), &token, &[], "info");
+    let line = log.wait_for(&["session ready"], PATIENCE).await;
+    assert!(
+        !line.contains('\x1b'),
+        "colour codes in a piped log: {line:?}"
+    );
+    let second = DaemonProcess::command(&s.url(), &token, &first.dir.0, &[])
+        .stderr(Stdio::piped())
+        .output();
+    let out = tokio::time::timeout(PATIENCE, second)
+        .await
+        .expect("the second daemon stops at once")
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        err.contains("another taskmesh daemon is using the state directory")
+            && err.contains("--state-dir"),
+        "{err}"
+    );
+    let mut tasks = s.tasks().await;
+    let task = create_and_start(&mut tasks, "still here", "echo still here").await;
+    Watch::open(&mut tasks, &task.id, 0)
+        .await
+        .until_status(TaskStatus::Completed)
+        .await;
+    first.stop().await;
+}
+
+/// A token the server refuses (revoked, a user's, unknown) ends the daemon
+/// with a non-zero exit and a reason that says what to check, instead of
+/// retrying forever.
+async fn a_refused_daemon_exits_and_says_why(backend: Backend) {
+    let s = start_server(backend).await;
+    let mut ws = s.workspaces().await;
+    let created = ws
+        .create_token(pb::CreateTokenRequest {
+            kind: pb::TokenKind::Daemon as i32,
+            name: "retired box".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    ws.revoke_token(pb::RevokeTokenRequest {
+        id: created.token.unwrap().id,
+    })
+    .await
+    .unwrap();
+    let user = s.token_in("default", TokenKind::User).await;
+    for (token, what) in [
+        (created.secret.as_str(), "a revoked token"),
+        (user.as_str(), "a user token"),
+        ("tmd_nobody_issued_this", "an unknown token"),
+    ] {
+        let dir = common::process::TempDir::new("refused");
+        let run = DaemonProcess::command(&s.url(), token, &dir.0, &[])
+            .stderr(Stdio::piped())
+            .output();
+        let out = tokio::time::timeout(PATIENCE, run)
+            .await
+            .unwrap_or_else(|_| panic!("with {what} the daemon kept retrying"))
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{what}: {out:?}");
+        assert!(
+            err.contains("the server refused this daemon") && err.contains("check its token"),
+            "{what}: {err}"
+        );
+    }
+}
+
+/// The first SIGTERM drains: no new work, and the running task goes on
+/// (the daemon's wait is ten minutes). The second interrupts it, and
+/// instead of ending failed it goes back to the queue, where another
+/// daemon takes it as a new attempt and finishes it.
+async fn sigterm_drains_and_a_second_interrupts(backend: Backend) {
+    let s = start_server(backend).await;
+    let token = s.token_in("default", TokenKind::Daemon).await;
+    let (mut first, mut log) =
+        DaemonProcess::start_logged(&s.url(), &token, &["--shutdown-secs", "600"], "info");
+    let mut tasks = s.tasks().await;
+    let plan = r#"echo "attempt $TASKMESH_ATTEMPT"; if [ "$TASKMESH_ATTEMPT" = 1 ]; then sleep 600; fi; echo finished"#;
+    let task = create_and_start(&mut tasks, "long", plan).await;
+    let mut watch = Watch::open(&mut tasks, &task.id, 0).await;
+    watch.until_line("attempt 1").await;
+
+    first.signal(libc::SIGTERM);
+    log.wait_for(&["shutting down: no new tasks"], PATIENCE)
+        .await;
+    let other = create_and_start(&mut tasks, "later", "echo later").await;
+    let got = |t: pb::Task| (t.status(), t.attempt);
+    let now = tasks
+        .get_task(pb::GetTaskRequest {
+            id: task.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap();
+    assert_eq!(
+        got(now),
+        (TaskStatus::Running, 1),
+        "the first SIGTERM let it run"
+    );
+
+    first.signal(libc::SIGTERM);
+    log.wait_for(&["interrupting running tasks now"], PATIENCE)
+        .await;
+    watch.until_status(TaskStatus::Queued).await;
+    let status = first.exit_status(PATIENCE).await;
+    assert!(status.success(), "the daemon exits cleanly: {status:?}");
+
+    let second = DaemonProcess::start(&s.url(), &token, &[]);
+    watch.until_status(TaskStatus::Completed).await;
+    let lines: Vec<&str> = watch
+        .messages
+        .iter()
+        .map(|m| m.content.as_str())
+        .filter(|c| c.starts_with("attempt") || *c == "finished")
+        .collect();
+    assert_eq!(lines, ["attempt 1", "attempt 2", "finished"]);
+    let events = tasks
+        .list_task_events(pb::ListTaskEventsRequest {
+            task_id: task.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    let reasons: Vec<&str> = events.iter().map(|e| e.reason.as_str()).collect();
+    assert!(
+        reasons.contains(&"interrupted: its daemon shut down")
+            && reasons.contains(&"queued again: its daemon shut down before it finished"),
+        "{reasons:?}"
+    );
+    // The task started while the first daemon drained ran on the second.
+    Watch::open(&mut tasks, &other.id, 0)
+        .await
+        .until_status(TaskStatus::Completed)
+        .await;
+    second.stop().await;
+}
+
 both_backends!(
+    one_daemon_per_state_dir,
+    a_refused_daemon_exits_and_says_why,
+    sigterm_drains_and_a_second_interrupts,
     tasks_never_see_the_daemons_token,
     ten_thousand_lines_reach_a_watcher,
     server_killed_mid_task,

@@ -128,14 +128,14 @@ impl ServeProcess {
     }
 
     /// Starts `serve` like [`ServeProcess::start`], with its log at
-    /// `rust_log` coming back as lines through [`ServeLog`] (and still
+    /// `rust_log` coming back as lines through [`ChildLog`] (and still
     /// copied to this process's stderr).
     pub async fn start_logged(
         database_url: &str,
         listen: &str,
         extra: &[&str],
         rust_log: &str,
-    ) -> (ServeProcess, ServeLog) {
+    ) -> (ServeProcess, ChildLog) {
         let mut cmd = serve_command(database_url, listen, extra);
         cmd.env("RUST_LOG", rust_log)
             .env("NO_COLOR", "1")
@@ -144,7 +144,7 @@ impl ServeProcess {
             .await
             .unwrap_or_else(|e| panic!("start taskmesh serve: {e}"));
         let stderr = server.child.stderr.take().expect("stderr is piped");
-        (server, ServeLog::follow(stderr))
+        (server, ChildLog::follow(stderr))
     }
 
     pub fn url(&self) -> String {
@@ -167,12 +167,12 @@ impl ServeProcess {
 }
 
 /// A child's log, line by line, from the moment it was started.
-pub struct ServeLog {
+pub struct ChildLog {
     lines: tokio::sync::mpsc::UnboundedReceiver<String>,
 }
 
-impl ServeLog {
-    fn follow(stderr: tokio::process::ChildStderr) -> ServeLog {
+impl ChildLog {
+    pub fn follow(stderr: tokio::process::ChildStderr) -> ChildLog {
         let (tx, lines) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
             let mut stderr = BufReader::new(stderr).lines();
@@ -185,7 +185,7 @@ impl ServeLog {
                 }
             }
         });
-        ServeLog { lines }
+        ChildLog { lines }
     }
 
     /// The next line containing every one of `texts`, skipping the others;
@@ -202,8 +202,8 @@ impl ServeLog {
         .await;
         match found {
             Ok(Some(line)) => line,
-            Ok(None) => panic!("the server's log ended without {texts:?}"),
-            Err(_) => panic!("no line with {texts:?} in the server's log within {patience:?}"),
+            Ok(None) => panic!("the log ended without {texts:?}"),
+            Err(_) => panic!("no line with {texts:?} in the log within {patience:?}"),
         }
     }
 }
@@ -266,23 +266,66 @@ impl DaemonProcess {
         env: &[(&str, &str)],
     ) -> DaemonProcess {
         let dir = TempDir::new("daemon");
-        let child = Command::new(bin())
+        let child = DaemonProcess::command(server_url, token, &dir.0, extra)
             .envs(env.iter().copied())
-            .arg("daemon")
+            .spawn()
+            .expect("start taskmesh daemon");
+        DaemonProcess { child, dir }
+    }
+
+    /// Starts the daemon with its log at `rust_log` coming back as lines
+    /// (stderr is a pipe, not a terminal, as under a service manager).
+    pub fn start_logged(
+        server_url: &str,
+        token: &str,
+        extra: &[&str],
+        rust_log: &str,
+    ) -> (DaemonProcess, ChildLog) {
+        let dir = TempDir::new("daemon");
+        let mut child = DaemonProcess::command(server_url, token, &dir.0, extra)
+            .env("RUST_LOG", rust_log)
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start taskmesh daemon");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        (DaemonProcess { child, dir }, ChildLog::follow(stderr))
+    }
+
+    /// `taskmesh daemon` with its state in `dir/state` and its tasks in
+    /// `dir/work`, the token in `TASKMESH_TOKEN`, logging warnings.
+    pub fn command(server_url: &str, token: &str, dir: &Path, extra: &[&str]) -> Command {
+        let mut cmd = Command::new(bin());
+        cmd.arg("daemon")
             .args(["--server", server_url])
             .arg("--state-dir")
-            .arg(dir.0.join("state"))
+            .arg(dir.join("state"))
             .arg("--work-dir")
-            .arg(dir.0.join("work"))
+            .arg(dir.join("work"))
             .args(extra)
             .env("TASKMESH_TOKEN", token)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start taskmesh daemon");
-        DaemonProcess { child, dir }
+            .kill_on_drop(true);
+        cmd
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id().expect("the daemon runs") as i32
+    }
+
+    /// Sends `signal` (SIGTERM, SIGINT…) to the daemon.
+    pub fn signal(&self, signal: libc::c_int) {
+        // SAFETY: signalling our own child by pid.
+        unsafe { libc::kill(self.pid(), signal) };
+    }
+
+    /// Waits for the daemon to exit; panics after `patience`.
+    pub async fn exit_status(&mut self, patience: Duration) -> std::process::ExitStatus {
+        tokio::time::timeout(patience, self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("the daemon did not exit within {patience:?}"))
+            .expect("wait for the daemon")
     }
 
     /// SIGTERM, then waits for a clean exit.

@@ -313,6 +313,7 @@ impl Session {
             run_id,
             spawn_command_id: command_id.to_owned(),
             control: Some(control_tx),
+            cut_by_shutdown: false,
             attempt: task.attempt,
             started: None,
             buffer: OutputBuffer::new(first_seq),

@@ -33,6 +33,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::{Stream, StreamExt};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, Interval, MissedTickBehavior, sleep, sleep_until};
 use tonic::Status;
@@ -49,6 +50,9 @@ use crate::pb::session_response::Message as Down;
 use crate::pb::{
     HeartbeatRequest, RegisterRequest, ReportTaskStartedRequest, Runtime, SessionRequest,
 };
+/// Stop requests, as they come; the stream ending means none will.
+pub(crate) type Stops = Pin<Box<dyn Stream<Item = ()> + Send>>;
+
 use commands::SeenCommands;
 use shutdown::Phase;
 
@@ -99,6 +103,9 @@ pub(crate) struct TaskRecord {
     attempt: i32,
     /// `None` once the runner has ended: the agent is gone.
     control: Option<mpsc::Sender<Control>>,
+    /// Interrupted because the daemon is shutting down: its end asks the
+    /// server to queue it again.
+    cut_by_shutdown: bool,
     /// Sent after spawning; resent if the spawn command comes again.
     started: Option<ReportTaskStartedRequest>,
     buffer: OutputBuffer,
@@ -126,7 +133,10 @@ impl TaskRecord {
 pub(crate) struct Session {
     cfg: Arc<Config>,
     client: Client,
-    shutdown: Pin<Box<dyn Future<Output = ()> + Send>>,
+    /// Stop requests (SIGTERM, Ctrl-C): the first drains, the next
+    /// interrupts running tasks at once.
+    stops: Stops,
+    stops_open: bool,
     shutdown_seen: bool,
     phase: Phase,
     daemon_id: Option<String>,
@@ -157,16 +167,13 @@ async fn tick(interval: &mut Option<Interval>) {
 }
 
 impl Session {
-    pub(crate) fn new(
-        cfg: Arc<Config>,
-        client: Client,
-        shutdown: Pin<Box<dyn Future<Output = ()> + Send>>,
-    ) -> Self {
+    pub(crate) fn new(cfg: Arc<Config>, client: Client, stops: Stops) -> Self {
         let (events_tx, events_rx) = mpsc::channel(EVENTS_CAPACITY);
         Self {
             cfg,
             client,
-            shutdown,
+            stops,
+            stops_open: true,
             shutdown_seen: false,
             phase: Phase::Running,
             daemon_id: None,
@@ -271,7 +278,7 @@ impl Session {
             tokio::select! {
                 out = &mut fut => return Some(out),
                 Some(ev) = self.events_rx.recv() => self.on_runner_event(ev),
-                _ = &mut self.shutdown, if !self.shutdown_seen => self.begin_shutdown(),
+                stop = self.stops.next(), if self.stops_open => self.on_stop(stop.is_some()),
                 _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
                     self.on_phase_deadline();
                 }
@@ -354,7 +361,7 @@ impl Session {
                 _ = sleep_until(ready_deadline), if !ready => {
                     return SessionEnd::NotReady;
                 }
-                _ = &mut self.shutdown, if !self.shutdown_seen => self.begin_shutdown(),
+                stop = self.stops.next(), if self.stops_open => self.on_stop(stop.is_some()),
                 _ = sleep_until(deadline.unwrap_or(now)), if deadline.is_some() => {
                     self.on_phase_deadline();
                 }

@@ -90,6 +90,48 @@ impl Session {
         }
     }
 
+    /// A stop request: the first begins the graceful stop, the next one
+    /// interrupts running tasks now. `false`: no more will come.
+    pub(super) fn on_stop(&mut self, requested: bool) {
+        if !requested {
+            self.stops_open = false;
+        } else if !self.shutdown_seen {
+            self.begin_shutdown();
+        } else if matches!(
+            self.phase,
+            Phase::Draining {
+                interrupted: false,
+                ..
+            }
+        ) {
+            info!("asked again to stop: interrupting running tasks now");
+            self.interrupt_all();
+        }
+    }
+
+    /// Interrupts every running task for the shutdown; their ends ask the
+    /// server to queue them again.
+    fn interrupt_all(&mut self) {
+        for (id, rec) in self.tasks.iter_mut() {
+            if let Some(control) = &rec.control {
+                debug!(task_id = %id, "interrupting");
+                rec.cut_by_shutdown = true;
+                send_control(
+                    control,
+                    Control::Interrupt {
+                        grace: Duration::ZERO,
+                    },
+                );
+            }
+        }
+        if let Phase::Draining { interrupt_at, .. } = self.phase {
+            self.phase = Phase::Draining {
+                interrupt_at,
+                interrupted: true,
+            };
+        }
+    }
+
     pub(super) fn phase_deadline(&self) -> Option<Instant> {
         match self.phase {
             Phase::Draining {
@@ -104,25 +146,10 @@ impl Session {
     pub(super) fn on_phase_deadline(&mut self) {
         match self.phase {
             Phase::Draining {
-                interrupt_at,
-                interrupted: false,
+                interrupted: false, ..
             } => {
                 info!("shutdown wait is over; interrupting running tasks");
-                for (id, rec) in &self.tasks {
-                    if let Some(control) = &rec.control {
-                        debug!(task_id = %id, "interrupting");
-                        send_control(
-                            control,
-                            Control::Interrupt {
-                                grace: Duration::ZERO,
-                            },
-                        );
-                    }
-                }
-                self.phase = Phase::Draining {
-                    interrupt_at,
-                    interrupted: true,
-                };
+                self.interrupt_all();
             }
             Phase::Flushing { .. } => {
                 warn!("end reports not all acknowledged in time; stopping anyway");

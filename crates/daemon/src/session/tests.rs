@@ -37,6 +37,7 @@ fn test_config(max_tasks: usize) -> (Arc<Config>, PathBuf) {
         silence_limit: None,
         shutdown_grace: Duration::from_secs(5),
         hidden_secrets: Vec::new(),
+        _state_lock: None,
     };
     (Arc::new(cfg), dir)
 }
@@ -52,7 +53,7 @@ fn offline_session(max_tasks: usize) -> (Session, PathBuf) {
     let (cfg, dir) = test_config(max_tasks);
     let client = client_for(SocketAddr::from(([127, 0, 0, 1], 9)));
     (
-        Session::new(cfg, client, Box::pin(std::future::pending())),
+        Session::new(cfg, client, Box::pin(futures_util::stream::pending())),
         dir,
     )
 }
@@ -193,9 +194,9 @@ async fn session_runs_a_task_and_resends_after_a_reconnect() {
     let session = Session::new(
         cfg,
         client_for(addr),
-        Box::pin(async move {
+        Box::pin(futures_util::stream::once(async move {
             let _ = stop_rx.await;
-        }),
+        })),
     );
     let daemon = tokio::spawn(session.run());
 
@@ -316,14 +317,15 @@ async fn shutdown_interrupts_running_tasks_and_reports_them() {
         runtimes: cfg.runtimes.clone(),
         max_tasks: cfg.max_tasks,
         hidden_secrets: Vec::new(),
+        _state_lock: None,
     });
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let session = Session::new(
         cfg,
         client_for(addr),
-        Box::pin(async move {
+        Box::pin(futures_util::stream::once(async move {
             let _ = stop_rx.await;
-        }),
+        })),
     );
     let daemon = tokio::spawn(session.run());
     let (c1, down1, _) = connect(&mut mock).await;
@@ -363,6 +365,10 @@ async fn shutdown_interrupts_running_tasks_and_reports_them() {
             Up::Failed(f) => {
                 assert_eq!(f.task_id, "t1");
                 assert_eq!(f.reason, "interrupted");
+                assert!(
+                    f.requeue,
+                    "a task cut short by shutdown goes back to the queue"
+                );
                 break;
             }
             other => panic!("unexpected {other:?}"),
@@ -391,13 +397,77 @@ async fn shutdown_interrupts_running_tasks_and_reports_them() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// The first stop request drains and lets the running task go on (the
+/// wait here is ten minutes); the second interrupts it at once, and its end
+/// asks the server to queue it again.
+#[tokio::test]
+async fn a_second_stop_request_interrupts_at_once() {
+    let (addr, mut mock) = start_mock().await;
+    let (cfg, dir) = test_config(4);
+    let cfg = Arc::new(Config {
+        shutdown_grace: Duration::from_secs(600),
+        interrupt_grace: Duration::from_millis(200),
+        silence_limit: None,
+        machine_id: cfg.machine_id.clone(),
+        hostname: cfg.hostname.clone(),
+        work_dir: cfg.work_dir.clone(),
+        runtimes: cfg.runtimes.clone(),
+        max_tasks: cfg.max_tasks,
+        hidden_secrets: Vec::new(),
+        _state_lock: None,
+    });
+    let (stops, stop_rx) = mpsc::unbounded_channel::<()>();
+    let stop_rx = futures_util::stream::unfold(stop_rx, |mut rx| async move {
+        rx.recv().await.map(|()| ((), rx))
+    });
+    let daemon = tokio::spawn(Session::new(cfg, client_for(addr), Box::pin(stop_rx)).run());
+    let (c1, down1, _) = connect(&mut mock).await;
+    down1
+        .send(down(Down::Command(spawn_cmd(
+            "cmd-1",
+            "t1",
+            "echo started; sleep 1000",
+            1,
+        ))))
+        .expect("send");
+    while !matches!(next_up(&mut mock, c1).await, Up::Messages(_)) {}
+    stops.send(()).expect("first stop");
+    down1
+        .send(down(Down::Command(spawn_cmd("cmd-2", "t2", "true", 1))))
+        .expect("send");
+    loop {
+        match next_up(&mut mock, c1).await {
+            Up::CommandResult(r) if r.command_id == "cmd-2" => {
+                assert_eq!(r.status, CommandResultStatus::Rejected as i32);
+                break;
+            }
+            Up::Failed(f) => panic!("the first stop request ended the task: {f:?}"),
+            _ => {}
+        }
+    }
+    stops.send(()).expect("second stop");
+    loop {
+        if let Up::Failed(f) = next_up(&mut mock, c1).await {
+            assert_eq!(f.task_id, "t1");
+            assert!(f.requeue, "cut short by the shutdown: queue it again");
+            break;
+        }
+    }
+    daemon.abort();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// Each way a session ends is named, so the loop can tell a stream the
 /// server closed from one that broke, and a refusal from a hiccup.
 #[tokio::test]
 async fn a_session_says_why_it_ended() {
     let (addr, mut mock) = start_mock().await;
     let (cfg, dir) = test_config(1);
-    let mut s = Session::new(cfg, client_for(addr), Box::pin(std::future::pending()));
+    let mut s = Session::new(
+        cfg,
+        client_for(addr),
+        Box::pin(futures_util::stream::pending()),
+    );
     let opening = open_session(s.client.clone(), s.register_request(), vec![]);
     let serving = async {
         let conn = opening.await.expect("a session opens");
@@ -439,7 +509,11 @@ async fn a_refused_token_ends_the_daemon() {
     for code in [tonic::Code::Unauthenticated, tonic::Code::PermissionDenied] {
         let (addr, _mock) = start_mock_with(Some(Status::new(code, "token revoked"))).await;
         let (cfg, dir) = test_config(1);
-        let s = Session::new(cfg, client_for(addr), Box::pin(std::future::pending()));
+        let s = Session::new(
+            cfg,
+            client_for(addr),
+            Box::pin(futures_util::stream::pending()),
+        );
         let err = timeout(Duration::from_secs(30), s.run())
             .await
             .expect("the daemon stops")
@@ -450,7 +524,11 @@ async fn a_refused_token_ends_the_daemon() {
     }
     let (addr, mut mock) = start_mock_with(Some(Status::unavailable("busy"))).await;
     let (cfg, dir) = test_config(1);
-    let s = Session::new(cfg, client_for(addr), Box::pin(std::future::pending()));
+    let s = Session::new(
+        cfg,
+        client_for(addr),
+        Box::pin(futures_util::stream::pending()),
+    );
     let daemon = tokio::spawn(s.run());
     for _ in 0..2 {
         assert!(matches!(

@@ -26,7 +26,7 @@ pub(super) enum Source {
 }
 
 /// The end report of one attempt; the server refuses it for any other.
-fn end_request(task_id: &str, attempt: i32, end: TaskEnd) -> Up {
+fn end_request(task_id: &str, attempt: i32, end: TaskEnd, requeue: bool) -> Up {
     match end.outcome {
         Outcome::Completed { summary } => Up::Completed(CompleteTaskRequest {
             task_id: task_id.to_owned(),
@@ -41,6 +41,7 @@ fn end_request(task_id: &str, attempt: i32, end: TaskEnd) -> Up {
             exit_code,
             resume: end.resume,
             attempt,
+            requeue,
             ..Default::default()
         }),
     }
@@ -215,7 +216,7 @@ impl Session {
                     Outcome::Failed { reason, .. } => reason.clone(),
                     Outcome::Completed { .. } => String::new(),
                 };
-                rec.end = Some(end_request(&task_id, rec.attempt, end));
+                rec.end = Some(end_request(&task_id, rec.attempt, end, rec.cut_by_shutdown));
                 if before_start {
                     let command_id = rec.spawn_command_id.clone();
                     self.finish_command(&command_id, CommandResultStatus::Failed, reason);

@@ -10,7 +10,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::access::principal;
 use super::parse;
-use super::session::{SessionLoop, duration, end, fail_reason, messages, progress, started};
+use super::session::{SessionLoop, completed, duration, failed, messages, progress, started};
 use crate::domain::{Domain, invalid, parse_id};
 use crate::model::{Principal, Runtime};
 use crate::pb::{self, daemon_service_server::DaemonService, session_request::Message as Up};
@@ -166,10 +166,7 @@ impl DaemonService for DaemonApi {
         let p = self.speaking_for(&req, &req.get_ref().daemon_id).await?;
         let r = req.into_inner();
         let id = parse_id("task_id", &r.task_id)?;
-        let task = self
-            .domain
-            .end_task(&p, &id, end(true, r.summary, r.resume, r.attempt))
-            .await?;
+        let task = self.domain.end_task(&p, &id, completed(r)).await?;
         Ok(Response::new(pb::CompleteTaskResponse {
             task: Some(wire::task(task)),
         }))
@@ -182,11 +179,7 @@ impl DaemonService for DaemonApi {
         let p = self.speaking_for(&req, &req.get_ref().daemon_id).await?;
         let r = req.into_inner();
         let id = parse_id("task_id", &r.task_id)?;
-        let reason = fail_reason(&r);
-        let task = self
-            .domain
-            .end_task(&p, &id, end(false, reason, r.resume, r.attempt))
-            .await?;
+        let task = self.domain.end_task(&p, &id, failed(r)).await?;
         Ok(Response::new(pb::FailTaskResponse {
             task: Some(wire::task(task)),
         }))

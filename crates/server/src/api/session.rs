@@ -59,11 +59,21 @@ impl fmt::Display for SessionEnd {
     }
 }
 
-pub(super) fn end(
+pub(super) fn completed(r: pb::CompleteTaskRequest) -> TaskEnd {
+    end(true, r.summary, r.resume, r.attempt, false)
+}
+
+pub(super) fn failed(r: pb::FailTaskRequest) -> TaskEnd {
+    let reason = fail_reason(&r);
+    end(false, reason, r.resume, r.attempt, r.requeue)
+}
+
+fn end(
     success: bool,
     reason: String,
     resume: Option<pb::AgentResume>,
     attempt: i32,
+    requeue: bool,
 ) -> TaskEnd {
     let resume = resume.unwrap_or_default();
     TaskEnd {
@@ -72,10 +82,11 @@ pub(super) fn end(
         agent_session_id: resume.agent_session_id,
         working_directory: resume.working_directory,
         attempt: i64::from(attempt),
+        requeue,
     }
 }
 
-pub(super) fn fail_reason(r: &pb::FailTaskRequest) -> String {
+fn fail_reason(r: &pb::FailTaskRequest) -> String {
     match (r.reason.is_empty(), r.exit_code) {
         (true, 0) => "failed".into(),
         (true, code) => format!("exit status {code}"),
@@ -347,20 +358,11 @@ where
             }
             Some(Up::Completed(r)) => {
                 let id = r.task_id.clone();
-                (
-                    id.clone(),
-                    self.ended(&id, end(true, r.summary, r.resume, r.attempt))
-                        .await,
-                )
+                (id.clone(), self.ended(&id, completed(r)).await)
             }
             Some(Up::Failed(r)) => {
                 let id = r.task_id.clone();
-                let reason = fail_reason(&r);
-                (
-                    id.clone(),
-                    self.ended(&id, end(false, reason, r.resume, r.attempt))
-                        .await,
-                )
+                (id.clone(), self.ended(&id, failed(r)).await)
             }
             Some(Up::CommandResult(r)) => (
                 String::new(),

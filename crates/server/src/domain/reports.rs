@@ -1,5 +1,6 @@
 //! A daemon's lifecycle reports: started, progress, usage, the end.
 
+use super::transition::new_attempt;
 use super::validate::text;
 use super::{Domain, Error, Result, invalid};
 use crate::model::*;
@@ -13,6 +14,8 @@ pub struct TaskEnd {
     pub working_directory: String,
     /// The attempt it ends; 0 when the daemon did not say.
     pub attempt: i64,
+    /// The daemon cut it short as it shut down: queue it again.
+    pub requeue: bool,
 }
 
 /// Largest progress summary, end reason or summary.
@@ -226,6 +229,11 @@ impl Domain {
             }
             _ => task,
         };
+        if end.requeue && !end.success && task.stop_requested_at.is_none() {
+            return self
+                .requeue_after_shutdown(task, &reason, &session_id, &directory)
+                .await;
+        }
         let (to, outcome) = match (task.stop_requested_at.is_some(), end.success) {
             (true, _) => (TaskStatus::Cancelled, "stopped"),
             (false, true) => (TaskStatus::Completed, "completed"),
@@ -245,6 +253,14 @@ impl Domain {
                 }
             })
             .await?;
+        self.close_approvals(&task).await?;
+        if let Some(d) = daemon_id {
+            self.dispatch_to(&d).await?;
+        }
+        Ok(task)
+    }
+
+    async fn close_approvals(&self, task: &Task) -> Result<()> {
         if self
             .store
             .close_approvals(&task.id, "the task ended before anyone answered")
@@ -253,9 +269,57 @@ impl Domain {
         {
             self.recount_approvals(&task.id).await?;
         }
-        if let Some(d) = daemon_id {
-            self.dispatch_to(&d).await?;
+        Ok(())
+    }
+
+    /// A task its daemon cut short while shutting down: recorded
+    /// interrupted (its events say why), then queued again as a new attempt
+    /// that starts from what the cut one started from. The daemon takes no
+    /// more work here; another one will.
+    async fn requeue_after_shutdown(
+        &self,
+        task: Task,
+        reason: &str,
+        session_id: &str,
+        directory: &str,
+    ) -> Result<Task> {
+        let actor = daemon_actor(&task);
+        if let Some(d) = &task.daemon_id {
+            self.sessions.drain(d);
         }
+        let task = self
+            .transition(
+                &actor,
+                task,
+                TaskStatus::Interrupted,
+                "interrupted: its daemon shut down",
+                |t| {
+                    t.ended_at = Some(t.updated_at);
+                    t.status_reason = reason.to_owned();
+                    if !session_id.is_empty() {
+                        t.agent_session_id = session_id.to_owned();
+                    }
+                    if !directory.is_empty() {
+                        t.working_directory = directory.to_owned();
+                    }
+                },
+            )
+            .await?;
+        self.close_approvals(&task).await?;
+        self.store
+            .copy_attempt_input(&task.id, task.attempt, task.attempt + 1)
+            .await?;
+        let task = self
+            .transition(
+                "system",
+                task,
+                TaskStatus::Queued,
+                "queued again: its daemon shut down before it finished",
+                |t| new_attempt(t, &None),
+            )
+            .await?;
+        tracing::info!(task_id = %task.id, attempt = task.attempt, "task queued again: its daemon shut down");
+        self.dispatch_workspace(&task.workspace_id).await?;
         Ok(task)
     }
 

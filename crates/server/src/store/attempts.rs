@@ -28,6 +28,23 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Gives attempt `to` what attempt `from` started from, if anything.
+    pub async fn copy_attempt_input(&self, task_id: &str, from: i64, to: i64) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO attempt_inputs (task_id, attempt, prompt, context) \
+             SELECT task_id, $3, prompt, context FROM attempt_inputs WHERE task_id = $1 AND attempt = $2 \
+             ON CONFLICT (task_id, attempt) DO NOTHING",
+        )
+        .bind(task_id)
+        .bind(from)
+        .bind(to)
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+}
+
 pub(super) async fn attempt_input(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     task_id: &str,
