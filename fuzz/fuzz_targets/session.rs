@@ -47,6 +47,7 @@ fn aim(m: &mut pb::SessionRequest, task: &str, command: &str, daemon: &str) {
         Some(Up::Completed(r)) => fix(&mut r.task_id, task),
         Some(Up::Failed(r)) => fix(&mut r.task_id, task),
         Some(Up::CommandResult(r)) => fix(&mut r.command_id, command),
+        Some(Up::Changes(r)) => fix(&mut r.task_id, task),
         None => {}
     }
 }

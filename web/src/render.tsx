@@ -57,6 +57,24 @@ export function Markdown(props: { text: string }) {
   );
 }
 
+/** A unified diff, its lines coloured by what they are. */
+export function Patch(props: { text: string }) {
+  const lines = useMemo(() => props.text.replace(/\n$/, "").split("\n"), [props.text]);
+  return (
+    <pre class="patch">
+      {lines.map((l) => {
+        const cls = l.startsWith("diff --git") ? "file"
+          : l.startsWith("+++") || l.startsWith("---") || l.startsWith("index ") ? "meta"
+          : l.startsWith("@@") ? "hunk"
+          : l.startsWith("+") ? "add"
+          : l.startsWith("-") ? "del"
+          : "";
+        return cls ? <span class={cls}>{l}{"\n"}</span> : l + "\n";
+      })}
+    </pre>
+  );
+}
+
 export function prettyJson(text: string): string {
   try {
     return JSON.stringify(JSON.parse(text), null, 2);

@@ -5,11 +5,11 @@ import { useEffect, useRef, useState } from "preact/hooks";
 import { describe, follow, tasks as api, workspaces } from "./api";
 import { DaemonState, type Daemon } from "./gen/taskmesh/v1/workspace_pb";
 import {
-  ApprovalState, Decision, MessageKind, TaskStatus,
-  type GetTaskUsageResponse, type Task, type TaskEvent, type TaskMessage,
+  ApprovalState, CompletionAction, Decision, MessageKind, TaskStatus,
+  type GetTaskDiffResponse, type GetTaskUsageResponse, type Task, type TaskChanges, type TaskEvent, type TaskMessage,
 } from "./gen/taskmesh/v1/task_pb";
 import type { Me } from "./main";
-import { Ansi, Markdown, prettyJson } from "./render";
+import { Ansi, Markdown, Patch, prettyJson } from "./render";
 import { ErrorLine, Link, Status, When, navigate, statusName } from "./ui";
 
 const FINISHED = [TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.INTERRUPTED];
@@ -60,6 +60,53 @@ function Message(props: { m: TaskMessage; decide?: (m: TaskMessage, allow: boole
   }
 }
 
+const ACTIONS: Record<number, string> = {
+  [CompletionAction.PUSH]: "push the branch",
+  [CompletionAction.MERGE]: "merge",
+};
+
+function completionText(task: Task): string {
+  if (task.completionAction === CompletionAction.MERGE) return `merge into ${task.targetBranch || "the default branch"}`;
+  return ACTIONS[task.completionAction] ?? "";
+}
+
+const plural = (n: number, one: string) => `${n} ${one}${n === 1 ? "" : "s"}`;
+
+/** What the newest attempt changed: the summary, the completion's result, the files and the patch. */
+function Changes(props: { diff: GetTaskDiffResponse }) {
+  const c = props.diff.changes as TaskChanges;
+  const lines = props.diff.patch.split("\n").length;
+  return (
+    <section class="changes" aria-label="Changes">
+      <h3>Changes</h3>
+      <p>
+        <span class="mono">{c.branch}</span>: {plural(c.commits, "commit")}, {plural(c.filesChanged, "file")},{" "}
+        <span class="add">+{c.insertions}</span> <span class="del">−{c.deletions}</span>
+        <span class="muted"> (attempt {c.attempt}, {c.baseCommit.slice(0, 10)}..{c.headCommit.slice(0, 10)})</span>
+      </p>
+      {c.completionState && (
+        <p class={`completion completion-${c.completionState}`}>{c.completionState === "ok" ? "✓" : "✗"} {c.completionDetail}</p>
+      )}
+      <table class="files">
+        <tbody>
+          {c.files.map((f) => (
+            <tr>
+              <td class="mono">{f.path}</td>
+              {f.binary ? <td colSpan={2} class="muted">binary</td> : <><td class="add">+{f.insertions}</td><td class="del">−{f.deletions}</td></>}
+            </tr>
+          ))}
+        </tbody>
+      </table>
+      {props.diff.patch && (
+        <details open={lines <= 2000}>
+          <summary>Patch ({plural(lines, "line")}{c.patchTruncated ? ", cut at 1 MiB" : ""})</summary>
+          <Patch text={props.diff.patch} />
+        </details>
+      )}
+    </section>
+  );
+}
+
 export function TaskView(props: { id: string; me: Me }) {
   const [task, setTask] = useState<Task | null>(null);
   const [messages, setMessages] = useState<TaskMessage[]>([]);
@@ -74,6 +121,7 @@ export function TaskView(props: { id: string; me: Me }) {
   const [text, setText] = useState("");
   const [daemons, setDaemons] = useState<Daemon[]>([]);
   const [reassignTo, setReassignTo] = useState("");
+  const [diff, setDiff] = useState<GetTaskDiffResponse | null>(null);
   const last = useRef(0);
   // The seq after which loaded messages begin: a long task opens on its
   // last WINDOW messages, and earlier ones are fetched on request.
@@ -175,6 +223,13 @@ export function TaskView(props: { id: string; me: Me }) {
     );
   }, [task?.version, task?.status, task?.pendingApprovals]);
 
+  // What the work changed, once an attempt has ended (and after a retried
+  // completion, whose result comes as an event).
+  useEffect(() => {
+    if (!task?.repository || !FINISHED.includes(task.status)) return;
+    api.getTaskDiff({ id: task.id }).then(setDiff, () => setDiff(null));
+  }, [task?.version, task?.status, events.length]);
+
   const act = (what: string, call: () => Promise<unknown>) => {
     setNote("");
     call().then(() => setNote(what), (e) => setError(describe(e)));
@@ -200,7 +255,8 @@ export function TaskView(props: { id: string; me: Me }) {
         <dt>attempt</dt><dd>{task.attempt || "-"}</dd>
         <dt>daemon</dt><dd class="mono">{task.daemonId || "-"}</dd>
         {task.statusReason && <><dt>reason</dt><dd>{task.statusReason}</dd></>}
-        {task.repository && <><dt>repository</dt><dd>{task.repository} {task.branch}</dd></>}
+        {task.repository && <><dt>repository</dt><dd>{task.repository}{task.branch && <> · <span class="mono">{task.branch}</span></>}</dd></>}
+        {completionText(task) && <><dt>on completion</dt><dd>{completionText(task)}</dd></>}
         {task.parentTaskId && <><dt>parent</dt><dd><Link href={`/tasks/${task.parentTaskId}`}>{task.parentTaskId.slice(0, 8)}</Link></dd></>}
         <dt>created</dt><dd><When time={task.createTime} /> by {task.createdBy}</dd>
         {total && (total.inputTokens > 0n || total.outputTokens > 0n) && (
@@ -229,7 +285,9 @@ export function TaskView(props: { id: string; me: Me }) {
               <button onClick={() => act("reassigned", () => api.reassignTask({ id: task.id, daemonId: reassignTo }))}>Reassign</button>
             </>
           )}
-          {finished && task.repository && <button onClick={() => act("retrying the completion action", () => api.retryCompletion({ id: task.id }))}>Retry completion</button>}
+          {task.status === TaskStatus.COMPLETED && completionText(task) && (
+            <button onClick={() => act("asked the daemon to run the completion action again", () => api.retryCompletion({ id: task.id }))}>Retry completion</button>
+          )}
           <button class="danger" onClick={() => confirm(`Delete task “${task.name}” and its subtasks?`) && api.deleteTask({ id: task.id }).then(() => navigate("/"), (e) => setError(describe(e)))}>Delete</button>
         </div>
       )}
@@ -264,11 +322,15 @@ export function TaskView(props: { id: string; me: Me }) {
         </form>
       )}
 
+      {diff?.changes && <Changes diff={diff} />}
+
       <section>
         <h3>Timeline</h3>
         <ol class="timeline">
           {events.map((e) => (
-            <li><When time={e.createTime} /> {e.fromStatus ? `${statusName(e.fromStatus)} → ` : ""}<strong>{statusName(e.toStatus)}</strong> <span class="muted">{e.actor}{e.reason && `: ${e.reason}`}</span></li>
+            e.fromStatus === e.toStatus
+              ? <li><When time={e.createTime} /> {e.reason} <span class="muted">{e.actor}</span></li>
+              : <li><When time={e.createTime} /> {e.fromStatus ? `${statusName(e.fromStatus)} → ` : ""}<strong>{statusName(e.toStatus)}</strong> <span class="muted">{e.actor}{e.reason && `: ${e.reason}`}</span></li>
           ))}
         </ol>
       </section>

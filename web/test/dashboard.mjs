@@ -2,7 +2,8 @@
 // that offers `shell` and `claude` (the stand-in):
 //   node test/dashboard.mjs URL USER_TOKEN VIEWER_TOKEN SCREENSHOT_DIR
 // Signs in, creates a shell task from the form and watches its output
-// live, reloads its deep link, answers a Claude permission request with
+// live, reloads its deep link, pushes a task's work to a branch of
+// DASHBOARD_REPO and shows its diff, answers a Claude permission request with
 // Allow, messages a working agent, stops one, creates and revokes a token,
 // shows the daemons, takes screenshots at desktop and phone width in both
 // themes, and checks that a viewer token sees the same views without
@@ -106,6 +107,22 @@ await step("a failed task is reassigned to a chosen daemon", async () => {
   await chosen.selectOption({ index: 1 });
   await page.getByRole("button", { name: "Reassign" }).click();
   await page.locator("dd", { hasText: /^2$/ }).waitFor({ timeout: 20000 });
+});
+
+await step("a task's work comes back: its branch pushed, the diff shown", async () => {
+  if (!process.env.DASHBOARD_REPO) throw new Error("DASHBOARD_REPO names no repository");
+  await page.getByRole("link", { name: "New task" }).click();
+  await page.getByLabel("Name").fill("feature");
+  await page.getByLabel("Plan").fill("printf 'fn main() {}\\n' > main.rs && git add main.rs && git commit -qm 'add main.rs'");
+  await page.getByLabel("Repository").fill(process.env.DASHBOARD_REPO);
+  await page.getByLabel("When the agent completes").selectOption("push");
+  await page.getByRole("button", { name: "Create" }).click();
+  const changes = page.getByLabel("Changes");
+  await changes.getByText(/✓ pushed taskmesh\//).waitFor({ timeout: 20000 });
+  await changes.getByRole("cell", { name: "main.rs" }).waitFor({ timeout: 5000 });
+  await changes.locator(".patch .add", { hasText: "+fn main() {}" }).waitFor({ timeout: 5000 });
+  await page.getByText(/push done: pushed taskmesh\//).waitFor({ timeout: 10000 });
+  await page.screenshot({ path: `${shots}/task-changes.png`, fullPage: true });
 });
 
 await step("the list shows the task, live", async () => {

@@ -394,6 +394,71 @@ pub fn usage_summary(usage: &pb::GetTaskUsageResponse) -> Option<String> {
 
 /// `task get`: one field per line, empty ones left out, the plan last (it
 /// may be long).
+fn completion(task: &pb::Task) -> String {
+    match pb::CompletionAction::try_from(task.completion_action) {
+        Ok(pb::CompletionAction::Push) => "push the branch".into(),
+        Ok(pb::CompletionAction::Merge) if task.target_branch.is_empty() => {
+            "merge into the default branch".into()
+        }
+        Ok(pb::CompletionAction::Merge) => format!("merge into {}", task.target_branch),
+        _ => String::new(),
+    }
+}
+
+/// "taskmesh/0194abcd: 2 commits, 3 files, +10 −2".
+fn changes_line(c: &pb::TaskChanges) -> String {
+    let plural = |n: i32, one: &str| format!("{n} {one}{}", if n == 1 { "" } else { "s" });
+    format!(
+        "{}: {}, {}, +{} -{}",
+        c.branch,
+        plural(c.commits, "commit"),
+        plural(c.files_changed, "file"),
+        c.insertions,
+        c.deletions
+    )
+}
+
+fn completion_result(c: &pb::TaskChanges) -> String {
+    match c.completion_state.as_str() {
+        "" => String::new(),
+        state => format!("{state}: {}", c.completion_detail),
+    }
+}
+
+/// `task diff --stat`: the summary, the completion's result and the files.
+pub fn changes(c: &pb::TaskChanges) -> String {
+    let mut out = format!("{} (attempt {})\n", changes_line(c), c.attempt);
+    if !c.base_commit.is_empty() {
+        let short = |s: &str| s.chars().take(12).collect::<String>();
+        let _ = writeln!(out, "{}..{}", short(&c.base_commit), short(&c.head_commit));
+    }
+    let result = completion_result(c);
+    if !result.is_empty() {
+        let _ = writeln!(out, "completion {result}");
+    }
+    for f in &c.files {
+        if f.binary {
+            let _ = writeln!(out, "  {:>6} {:>6}  {} (binary)", "", "", f.path);
+        } else {
+            let _ = writeln!(
+                out,
+                "  {:>6} {:>6}  {}",
+                format!("+{}", f.insertions),
+                format!("-{}", f.deletions),
+                f.path
+            );
+        }
+    }
+    if c.files.len() < c.files_changed as usize {
+        let _ = writeln!(
+            out,
+            "  … and {} more",
+            c.files_changed as usize - c.files.len()
+        );
+    }
+    out
+}
+
 pub fn task_details(task: &pb::Task, usage: &pb::GetTaskUsageResponse, now: i64) -> String {
     let time = |ts: &Option<Timestamp>| ts.as_ref().map(|t| when(t, now)).unwrap_or_default();
     let attempt = if task.attempt > 0 {
@@ -418,6 +483,18 @@ pub fn task_details(task: &pb::Task, usage: &pb::GetTaskUsageResponse, now: i64)
         ("approvals", approvals),
         ("repository", task.repository.clone()),
         ("branch", task.branch.clone()),
+        ("on completion", completion(task)),
+        (
+            "changes",
+            task.changes.as_ref().map(changes_line).unwrap_or_default(),
+        ),
+        (
+            "completion",
+            task.changes
+                .as_ref()
+                .map(completion_result)
+                .unwrap_or_default(),
+        ),
         ("parent", task.parent_task_id.clone()),
         ("daemon", task.daemon_id.clone()),
         ("pinned to", task.pinned_daemon_id.clone()),

@@ -23,6 +23,8 @@ use crate::pb::task_service_client::TaskServiceClient;
 use crate::pb::workspace_service_client::WorkspaceServiceClient;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long `task retry-completion` waits for the daemon's answer.
+const RETRY_PATIENCE: Duration = Duration::from_secs(120);
 /// Largest message accepted from the server (a plan is up to 1 MiB).
 const MAX_DECODING_MESSAGE: usize = 16 * 1024 * 1024;
 /// The most rows one ListTasks page may carry.
@@ -140,6 +142,26 @@ pub enum TaskCommand {
     ///
     /// Example: taskmesh task approvals $ID
     Approvals(IdArg),
+    /// Show what the task's newest attempt changed in its repository: the
+    /// branch, commits, files with lines added and removed, and the patch.
+    ///
+    /// Example: taskmesh task diff $ID --stat
+    Diff(DiffArgs),
+    /// Run a completed task's completion action (push or merge) again, on
+    /// the daemon that holds its worktree: after fixing a conflict or a
+    /// credential. Prints the result once the daemon answers.
+    ///
+    /// Example: taskmesh task retry-completion $ID
+    RetryCompletion(IdArg),
+}
+
+#[derive(clap::Args)]
+pub struct DiffArgs {
+    /// The task's id.
+    pub id: String,
+    /// Only the summary and the files, not the patch.
+    #[arg(long)]
+    pub stat: bool,
 }
 
 #[derive(clap::Args)]
@@ -188,12 +210,26 @@ pub struct CreateArgs {
     /// bypassPermissions; the daemon's default when unset.
     #[arg(long, value_name = "MODE")]
     pub permission_mode: Option<String>,
-    /// A git repository URL to clone for the task.
+    /// A git repository to clone for the task (a URL or a path the daemon
+    /// can reach). The daemon's git configuration and credential helpers
+    /// give access; a token written into the URL is dropped, never stored.
     #[arg(long)]
     pub repository: Option<String>,
-    /// The branch of --repository.
-    #[arg(long)]
+    /// The task's working branch in its clone of --repository: checked out
+    /// when the remote has it, else made from the default branch.
+    /// `taskmesh/<first 8 of the id>` when unset.
+    #[arg(long, requires = "repository")]
     pub branch: Option<String>,
+    /// What happens to the work when the agent completes: `none` (it stays
+    /// in the daemon's worktree), `push` (push the branch) or `merge`
+    /// (merge it into --target-branch and push that; a conflict refuses).
+    #[arg(long, value_name = "none|push|merge", value_parser = ["none", "push", "merge"],
+          requires = "repository")]
+    pub completion_action: Option<String>,
+    /// For `--completion-action merge`: the branch to merge into; the
+    /// repository's default branch when unset.
+    #[arg(long, value_name = "BRANCH")]
+    pub target_branch: Option<String>,
     /// Make the new task a subtask of this task.
     #[arg(long, value_name = "TASK_ID")]
     pub parent: Option<String>,
@@ -328,6 +364,8 @@ pub enum CliError {
     Incomplete(&'static str),
     #[error("cannot write the output: {0}")]
     Write(#[from] std::io::Error),
+    #[error("{0}")]
+    Failed(String),
     #[error("task {id} ended {}", format::ending(*.status, .reason))]
     TaskEnded {
         id: String,
@@ -438,6 +476,8 @@ pub async fn task(args: TaskArgs) -> Result<()> {
             decide(&server.connect().await?, decision).await
         }
         TaskCommand::Approvals(a) => approvals(&server.connect().await?, a).await,
+        TaskCommand::Diff(a) => diff(&server.connect().await?, a).await,
+        TaskCommand::RetryCompletion(a) => retry_completion(&server.connect().await?, a).await,
     }
 }
 
@@ -454,6 +494,8 @@ async fn create(conn: &Connection, a: CreateArgs) -> Result<()> {
             branch: a.branch.unwrap_or_default(),
             model: a.model.unwrap_or_default(),
             permission_mode: a.permission_mode.unwrap_or_default(),
+            completion_action: completion_action(a.completion_action.as_deref()) as i32,
+            target_branch: a.target_branch.unwrap_or_default(),
         })
         .await?
         .into_inner()
@@ -466,6 +508,90 @@ async fn create(conn: &Connection, a: CreateArgs) -> Result<()> {
         note(&format::status_line(&started));
     }
     Ok(())
+}
+
+fn completion_action(name: Option<&str>) -> pb::CompletionAction {
+    match name {
+        Some("push") => pb::CompletionAction::Push,
+        Some("merge") => pb::CompletionAction::Merge,
+        Some(_) => pb::CompletionAction::None,
+        None => pb::CompletionAction::Unspecified,
+    }
+}
+
+async fn diff(conn: &Connection, a: DiffArgs) -> Result<()> {
+    let diff = conn
+        .tasks()
+        .get_task_diff(pb::GetTaskDiffRequest { id: a.id })
+        .await?
+        .into_inner();
+    let changes = diff.changes.ok_or(CliError::Incomplete("changes"))?;
+    say(&format::changes(&changes))?;
+    if !a.stat && !diff.patch.is_empty() {
+        say("\n")?;
+        say(&diff.patch)?;
+        if changes.patch_truncated {
+            note("(the patch was cut at 1 MiB)");
+        }
+    }
+    Ok(())
+}
+
+/// Asks for the retry, then waits for the daemon's answer in the task's
+/// events.
+async fn retry_completion(conn: &Connection, a: IdArg) -> Result<()> {
+    let mut client = conn.tasks();
+    let before = events(&mut client, &a.id).await?.len();
+    client
+        .retry_completion(pb::RetryCompletionRequest { id: a.id.clone() })
+        .await?;
+    note("asked the daemon to run the completion action again; waiting for its answer");
+    let mut wait = Duration::from_millis(100);
+    let give_up = tokio::time::Instant::now() + RETRY_PATIENCE;
+    loop {
+        if tokio::time::Instant::now() > give_up {
+            return Err(CliError::Failed(format!(
+                "no answer from the daemon within {}s; the result will show in `taskmesh task get {}` when it comes",
+                RETRY_PATIENCE.as_secs(),
+                a.id
+            )));
+        }
+        let events = events(&mut client, &a.id).await?;
+        if let Some(e) = events
+            .iter()
+            .skip(before)
+            .find(|e| e.from_status == e.to_status)
+        {
+            say(&format!("{}\n", e.reason))?;
+            return if e.reason.contains(" done") {
+                Ok(())
+            } else {
+                Err(CliError::Failed(e.reason.clone()))
+            };
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_secs(2));
+    }
+}
+
+async fn events(client: &mut Tasks, id: &str) -> Result<Vec<pb::TaskEvent>> {
+    let mut all = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = client
+            .list_task_events(pb::ListTaskEventsRequest {
+                task_id: id.to_owned(),
+                page_size: 1000,
+                page_token,
+            })
+            .await?
+            .into_inner();
+        all.extend(page.events);
+        if page.next_page_token.is_empty() {
+            return Ok(all);
+        }
+        page_token = page.next_page_token;
+    }
 }
 
 async fn list(conn: &Connection, a: ListArgs) -> Result<()> {

@@ -66,6 +66,17 @@ impl TaskStatus {
 }
 
 stored_enum! {
+    /// What happens to an agent's work in a repository when it completes.
+    #[derive(Default)]
+    CompletionAction {
+        #[default]
+        None => "none",
+        Push => "push",
+        Merge => "merge",
+    }
+}
+
+stored_enum! {
     /// What a token may do: users steer tasks, daemons run them, viewers
     /// only look (api::access holds the table).
     TokenKind {
@@ -201,6 +212,35 @@ pub struct Task {
     pub permission_mode: String,
     /// Permission requests waiting for a person.
     pub pending_approvals: i64,
+    pub completion_action: CompletionAction,
+    /// For a merge; empty means the repository's default branch.
+    pub target_branch: String,
+}
+
+/// What an attempt changed in its repository, as its daemon reported it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TaskChanges {
+    pub attempt: i64,
+    pub branch: String,
+    pub base_commit: String,
+    pub head_commit: String,
+    pub commits: i64,
+    pub files_changed: i64,
+    pub insertions: i64,
+    pub deletions: i64,
+    pub files: Vec<FileChange>,
+    pub patch_truncated: bool,
+    /// "ok", "failed", or empty when no completion action ran.
+    pub completion_state: String,
+    pub completion_detail: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FileChange {
+    pub path: String,
+    pub insertions: i64,
+    pub deletions: i64,
+    pub binary: bool,
 }
 
 /// Bytes of a plan that lists and feeds carry (ListTasks, WatchTasks,

@@ -95,6 +95,44 @@ pub fn task_with_subtasks(t: model::Task, subtasks: Vec<model::Task>, count: i64
         model: t.model,
         permission_mode: t.permission_mode,
         pending_approvals: i32::try_from(t.pending_approvals).unwrap_or(i32::MAX),
+        completion_action: completion_action(t.completion_action) as i32,
+        target_branch: t.target_branch,
+        changes: None,
+    }
+}
+
+pub fn completion_action(a: model::CompletionAction) -> pb::CompletionAction {
+    match a {
+        model::CompletionAction::None => pb::CompletionAction::None,
+        model::CompletionAction::Push => pb::CompletionAction::Push,
+        model::CompletionAction::Merge => pb::CompletionAction::Merge,
+    }
+}
+
+pub fn changes(c: model::TaskChanges) -> pb::TaskChanges {
+    let n = |v: i64| i32::try_from(v).unwrap_or(i32::MAX);
+    pb::TaskChanges {
+        attempt: n(c.attempt),
+        branch: c.branch,
+        base_commit: c.base_commit,
+        head_commit: c.head_commit,
+        commits: n(c.commits),
+        files_changed: n(c.files_changed),
+        insertions: n(c.insertions),
+        deletions: n(c.deletions),
+        files: c
+            .files
+            .into_iter()
+            .map(|f| pb::FileChange {
+                path: f.path,
+                insertions: n(f.insertions),
+                deletions: n(f.deletions),
+                binary: f.binary,
+            })
+            .collect(),
+        patch_truncated: c.patch_truncated,
+        completion_state: c.completion_state,
+        completion_detail: c.completion_detail,
     }
 }
 

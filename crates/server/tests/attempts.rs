@@ -2,7 +2,7 @@
 //! PostgreSQL: ReassignTask moves a lost daemon's task to another daemon
 //! with its context rebuilt from recorded output; ContinueTask resumes a
 //! finished task's conversation with a follow-up prompt; RetryCompletion
-//! reaches the daemon that ran the task.
+//! reaches the daemon that holds the worktree, and its answer is recorded.
 
 use taskmesh_testkit as common;
 use taskmesh_testkit::both_backends;
@@ -161,14 +161,38 @@ async fn continue_resumes_a_finished_task(backend: Backend) {
     assert_eq!(said.attempt, 2);
 }
 
-/// RetryCompletion sends a durable RetryCompletionAction to the daemon that
-/// ran the task; an unfinished task is refused.
+/// RetryCompletion sends a durable RetryCompletionAction, with the task's
+/// action, to the daemon that holds its worktree, and the daemon's answer
+/// becomes an event and the changes' completion result. A task without an
+/// action, unfinished, or without reported changes is refused.
 async fn retry_completion_reaches_the_daemon(backend: Backend) {
     let s = start_server(backend).await;
     let (mut d, id) = connect_daemon(&s, "finisher", 1).await;
     let mut session = Session::open(&mut d, &id, vec![]).await;
-    let task = new_task(&s, "ships").await;
     let mut tasks = s.tasks().await;
+    let plain = new_task(&s, "no action").await;
+    let err = tasks
+        .retry_completion(pb::RetryCompletionRequest {
+            id: plain.id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("no completion action"), "{err:?}");
+
+    let task = tasks
+        .create_task(pb::CreateTaskRequest {
+            name: "ships".into(),
+            repository: "/srv/repo.git".into(),
+            completion_action: pb::CompletionAction::Merge as i32,
+            target_branch: "release".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap();
     let retry = || pb::RetryCompletionRequest {
         id: task.id.clone(),
     };
@@ -177,6 +201,29 @@ async fn retry_completion_reaches_the_daemon(backend: Backend) {
 
     start(&s, &task.id).await;
     take_and_print(&mut session, &task.id, 1).await;
+    let changes = pb::TaskChanges {
+        branch: "taskmesh/0000beef".into(),
+        commits: 1,
+        files_changed: 1,
+        insertions: 3,
+        files: vec![pb::FileChange {
+            path: "a.txt".into(),
+            insertions: 3,
+            ..Default::default()
+        }],
+        completion_state: "failed".into(),
+        completion_detail: "merge of taskmesh/0000beef into release refused: conflict in a.txt"
+            .into(),
+        ..Default::default()
+    };
+    session
+        .send(Up::Changes(pb::ReportTaskChanges {
+            task_id: task.id.clone(),
+            attempt: 1,
+            changes: Some(changes),
+            patch: "+one\n+two\n+three\n".into(),
+        }))
+        .await;
     session
         .send(Up::Completed(pb::CompleteTaskRequest {
             task_id: task.id.clone(),
@@ -184,15 +231,92 @@ async fn retry_completion_reaches_the_daemon(backend: Backend) {
         }))
         .await;
     session.next().await;
+    let got = get(&s, &task.id)
+        .await
+        .changes
+        .expect("GetTask has the changes");
+    assert_eq!(
+        (got.commits, got.insertions, got.completion_state.as_str()),
+        (1, 3, "failed")
+    );
+    let diff = tasks
+        .get_task_diff(pb::GetTaskDiffRequest {
+            id: task.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(diff.patch, "+one\n+two\n+three\n");
 
     let resp = tasks.retry_completion(retry()).await.unwrap().into_inner();
     let cmd = session.command().await;
     assert_eq!(cmd.id, resp.command_id);
     assert_eq!(cmd.task_id, task.id);
-    assert!(
-        matches!(cmd.kind, Some(Kind::RetryCompletionAction(_))),
-        "{cmd:?}"
+    let Some(Kind::RetryCompletionAction(action)) = &cmd.kind else {
+        panic!("{cmd:?}");
+    };
+    assert_eq!(
+        (action.action.as_str(), action.target_branch.as_str()),
+        ("merge", "release")
     );
+    session
+        .send(Up::CommandResult(pb::CommandResult {
+            command_id: cmd.id.clone(),
+            status: pb::CommandResultStatus::Ok as i32,
+            message: "merged taskmesh/0000beef into release at 0123456789ab and pushed it".into(),
+            ..Default::default()
+        }))
+        .await;
+    let reasons = until_events(&s, &task.id, |r| r.starts_with("merge done on retry")).await;
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.starts_with("merge failed: merge of taskmesh/0000beef")),
+        "{reasons:?}"
+    );
+    let got = get(&s, &task.id).await.changes.unwrap();
+    assert_eq!(got.completion_state, "ok");
+    assert!(got.completion_detail.starts_with("merged"), "{got:?}");
+}
+
+async fn get(s: &TestServer, id: &str) -> pb::Task {
+    s.tasks()
+        .await
+        .get_task(pb::GetTaskRequest { id: id.into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap()
+}
+
+/// The task's event reasons once one of them satisfies `done` (the
+/// daemon's answer is recorded as it arrives).
+async fn until_events(s: &TestServer, id: &str, done: impl Fn(&str) -> bool) -> Vec<String> {
+    let mut tasks = s.tasks().await;
+    tokio::time::timeout(common::watch::PATIENCE, async {
+        loop {
+            let reasons: Vec<String> = tasks
+                .list_task_events(pb::ListTaskEventsRequest {
+                    task_id: id.into(),
+                    page_size: 1000,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .events
+                .into_iter()
+                .map(|e| e.reason)
+                .collect();
+            if reasons.iter().any(|r| done(r)) {
+                return reasons;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the event arrives")
 }
 
 both_backends!(

@@ -2,7 +2,8 @@
 //! against a real server and a real daemon offering `shell` and the Claude
 //! stand-in, on SQLite and PostgreSQL: sign in, create and watch a task,
 //! reload its deep link, allow a permission request, message and stop an
-//! agent, tokens and daemons, 50,000 lines, a server restart mid-stream,
+//! agent, a task's work pushed to its branch with the diff shown, tokens
+//! and daemons, 50,000 lines, a server restart mid-stream,
 //! a viewer's read-only views; then the same over HTTPS with a test CA. Screenshots land in target/dashboard-<backend>/.
 //!
 //! Needs `npm ci` in web/ and Chromium; `.ci/run` provides both. Outside CI
@@ -40,6 +41,11 @@ fn missing() -> Option<String> {
     None
 }
 
+/// `env` and the git identity the agents' commits carry.
+fn with_git_identity<'a>(env: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+    env.iter().chain(common::git::IDENTITY).copied().collect()
+}
+
 async fn the_dashboard_works_in_chromium(backend: Backend) {
     if let Some(why) = missing() {
         assert!(
@@ -63,14 +69,17 @@ async fn the_dashboard_works_in_chromium(backend: Backend) {
             "--claude-bin",
             &standin.display().to_string(),
         ],
-        &[("CLAUDE_STANDIN_HOME", &home.0.display().to_string())],
+        &with_git_identity(&[("CLAUDE_STANDIN_HOME", &home.0.display().to_string())]),
     );
+    let git_root = TempDir::new("dashboard-git");
+    let remote = common::git::remote(&git_root.0);
     let shots = repo().join(format!("target/dashboard-{backend:?}").to_lowercase());
     std::fs::create_dir_all(&shots).unwrap();
     let mut node = tokio::process::Command::new("node")
         .current_dir(repo().join("web"))
         .args(["test/dashboard.mjs", &s.url(), &s.token, &viewer])
         .arg(&shots)
+        .env("DASHBOARD_REPO", &remote)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -178,8 +187,10 @@ async fn the_dashboard_works_over_https(backend: Backend) {
             "--claude-bin",
             &standin,
         ],
-        &[("CLAUDE_STANDIN_HOME", &home.0.display().to_string())],
+        &with_git_identity(&[("CLAUDE_STANDIN_HOME", &home.0.display().to_string())]),
     );
+    let git_root = TempDir::new("dashboard-tls-git");
+    let remote = common::git::remote(&git_root.0);
     let shots = repo().join(format!("target/dashboard-https-{backend:?}").to_lowercase());
     std::fs::create_dir_all(&shots).unwrap();
     let out = tokio::process::Command::new("node")
@@ -187,6 +198,7 @@ async fn the_dashboard_works_over_https(backend: Backend) {
         .args(["test/dashboard.mjs", &server.url(), &user, &viewer])
         .arg(&shots)
         .env("DASHBOARD_CERT", &cert)
+        .env("DASHBOARD_REPO", &remote)
         .env("DASHBOARD_SKIP", "restart,seed")
         .stdin(Stdio::null())
         .kill_on_drop(true)

@@ -12,6 +12,7 @@
 pub mod certs;
 pub mod daemon;
 pub mod db;
+pub mod git;
 pub mod process;
 pub mod raw;
 pub mod watch;
@@ -185,6 +186,16 @@ pub fn bearer(token: Option<&str>) -> Bearer {
 }
 
 pub type Tasks = TaskServiceClient<InterceptedService<Channel, Bearer>>;
+
+/// A TaskService client for the server at `url` with `token`.
+pub async fn tasks_at(url: &str, token: &str) -> Tasks {
+    let channel = Endpoint::from_shared(url.to_owned())
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    TaskServiceClient::with_interceptor(channel, bearer(Some(token)))
+}
 pub type Workspaces = WorkspaceServiceClient<InterceptedService<Channel, Bearer>>;
 
 impl TestServer {

@@ -160,6 +160,17 @@ impl ServeProcess {
         rss_bytes(self.child.id().ok_or("the server has exited")?)
     }
 
+    /// SIGTERM, then waits for it to exit (its log then ends).
+    pub async fn terminate(mut self) {
+        let pid = self.pid() as i32;
+        // SAFETY: signalling our own child by pid.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("serve exits after SIGTERM")
+            .expect("wait for serve");
+    }
+
     /// SIGKILL: no graceful anything.
     pub async fn kill(mut self) {
         self.child.kill().await.expect("kill serve");
@@ -186,6 +197,16 @@ impl ChildLog {
             }
         });
         ChildLog { lines }
+    }
+
+    /// Every line not read yet, up to the end of the log (the process has
+    /// exited).
+    pub async fn rest(mut self) -> Vec<String> {
+        let mut lines = Vec::new();
+        while let Some(line) = self.lines.recv().await {
+            lines.push(line);
+        }
+        lines
     }
 
     /// The next line containing every one of `texts`, skipping the others;

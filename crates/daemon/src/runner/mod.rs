@@ -6,7 +6,7 @@
 //! [`Control`]s down. It never touches the network, so a broken connection
 //! does not disturb the agent.
 
-mod git;
+pub(crate) mod git;
 mod process;
 #[cfg(test)]
 mod tests;
@@ -20,12 +20,13 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, sleep_until};
 use tracing::{debug, info, warn};
 
-use git::clone_repository;
 use process::{describe_status, outcome_of, scrub_env, signal_group, spawn_stdin_writer};
 
 use super::output::LineReader;
 use crate::agents::{Agent, AgentKind, Turn, UsageReport};
-use crate::pb::{AgentResume, ApprovalDecision, MessageKind, TaskMessageInput};
+use crate::pb::{
+    AgentResume, ApprovalDecision, CompletionAction, MessageKind, TaskChanges, TaskMessageInput,
+};
 
 /// How long the pipes may stay open after the agent exits (a background
 /// grandchild holding them) before the rest of the group is killed.
@@ -52,7 +53,11 @@ pub(crate) struct TaskSpec {
     /// What the agent is asked: the prompt (plan), context, resume, model.
     pub turn: Turn,
     pub repository: String,
+    /// The working branch (see [`git::working_branch`]).
     pub branch: String,
+    /// What happens to the branch when the agent completes.
+    pub completion_action: CompletionAction,
+    pub target_branch: String,
     /// `<work-dir>/<task_id>`.
     pub dir: PathBuf,
     /// The seq of this attempt's first message.
@@ -120,6 +125,19 @@ pub(crate) enum RunnerEvent {
     CommandDone {
         command_id: String,
         result: Result<(), String>,
+    },
+    /// A retried completion action's result: what it did, or why not.
+    CompletionRetried {
+        command_id: String,
+        result: Result<String, String>,
+    },
+    /// What the attempt changed in its repository, and what the completion
+    /// action did; just before `Ended`.
+    Changes {
+        run_id: u64,
+        task_id: String,
+        changes: TaskChanges,
+        patch: String,
     },
     /// The last event of a run: the agent exited and its pipes are drained,
     /// or it never started (`before_start`).
@@ -213,7 +231,7 @@ async fn start(
     // A later attempt of the same task reuses its checkout (and so the
     // agent's working directory, which resuming needs).
     if !spec.repository.is_empty() && !spec.dir.join(".git").exists() {
-        clone_repository(spec, control, events).await?;
+        git::prepare(spec, control, events).await?;
     } else {
         tokio::fs::create_dir_all(&spec.dir)
             .await
@@ -298,6 +316,17 @@ struct TaskRunner {
     drain_at: Option<Instant>,
     drain_killed: bool,
     session_gone: bool,
+    /// For a task with a repository: what to do with it at the end.
+    repo: Option<RepoWork>,
+}
+
+/// The end of an attempt in a repository: report what changed, run the
+/// completion action.
+struct RepoWork {
+    attempt: i32,
+    completion_action: CompletionAction,
+    target_branch: String,
+    hidden_secrets: Vec<String>,
 }
 
 impl TaskRunner {
@@ -313,7 +342,14 @@ impl TaskRunner {
             .stdin
             .take()
             .map(|s| spawn_stdin_writer(s, events.clone()));
+        let repo = (!spec.repository.is_empty()).then(|| RepoWork {
+            attempt: spec.attempt,
+            completion_action: spec.completion_action,
+            target_branch: spec.target_branch.clone(),
+            hidden_secrets: spec.hidden_secrets.clone(),
+        });
         Self {
+            repo,
             pgid: child.id().map_or(0, |p| p as i32),
             stdout: child.stdout.take().map(LineReader::new),
             stderr: child.stderr.take().map(LineReader::new),
@@ -579,6 +615,73 @@ impl TaskRunner {
         }
     }
 
+    /// Records what the attempt changed (a note in its output, and the
+    /// report), then runs the completion action of a completed attempt.
+    async fn finish_repository(&mut self, repo: RepoWork, completed: bool) {
+        let hidden = &repo.hidden_secrets;
+        let (mut changes, patch) =
+            match git::changes(&self.dir, &self.task_id, repo.attempt, completed, hidden).await {
+                Ok(found) => found,
+                Err(e) => {
+                    warn!(error = %e, "reading what the attempt changed failed");
+                    self.note(format!(
+                        "could not read what changed in the repository: {e}"
+                    ))
+                    .await;
+                    return;
+                }
+            };
+        let plural = |n: i32, one: &str| format!("{n} {one}{}", if n == 1 { "" } else { "s" });
+        self.note(format!(
+            "{}: {}, {} changed, +{} -{}",
+            changes.branch,
+            plural(changes.commits, "commit"),
+            plural(changes.files_changed, "file"),
+            changes.insertions,
+            changes.deletions
+        ))
+        .await;
+        let action = repo.completion_action;
+        if completed
+            && !matches!(
+                action,
+                CompletionAction::None | CompletionAction::Unspecified
+            )
+        {
+            let result = git::complete(&self.dir, action, &repo.target_branch, hidden).await;
+            let (state, detail) = match result {
+                Ok(done) => ("ok", done),
+                Err(why) => ("failed", why),
+            };
+            info!(state, %detail, "completion action");
+            self.note(format!("completion action: {detail}")).await;
+            changes.completion_state = state.into();
+            changes.completion_detail = detail;
+        }
+        if self.session_gone {
+            return;
+        }
+        let _ = self
+            .events
+            .send(RunnerEvent::Changes {
+                run_id: self.run_id,
+                task_id: self.task_id.clone(),
+                changes,
+                patch,
+            })
+            .await;
+    }
+
+    /// A system note in the task's output.
+    async fn note(&mut self, text: String) {
+        self.emit(vec![TaskMessageInput {
+            kind: MessageKind::System as i32,
+            content: text,
+            ..Default::default()
+        }])
+        .await;
+    }
+
     /// Numbers the messages of one line and hands them to the session loop.
     async fn emit(&mut self, mut messages: Vec<TaskMessageInput>) {
         if messages.is_empty() {
@@ -641,6 +744,10 @@ impl TaskRunner {
             agent_session_id: id,
             working_directory: self.dir.display().to_string(),
         });
+        if let Some(repo) = self.repo.take() {
+            let completed = matches!(outcome, Outcome::Completed { .. });
+            self.finish_repository(repo, completed).await;
+        }
         info!(?outcome, last_seq = self.next_seq - 1, "task ended");
         let _ = self
             .events

@@ -34,6 +34,8 @@ fn spec(plan: &str, first_seq: i64, dir: &TempDir) -> TaskSpec {
         },
         repository: String::new(),
         branch: String::new(),
+        completion_action: crate::pb::CompletionAction::None,
+        target_branch: String::new(),
         dir: dir.0.join("t1"),
         first_seq,
         default_grace: Duration::from_secs(10),
@@ -153,7 +155,10 @@ async fn send_input_reaches_stdin() {
             RunnerEvent::Output { messages, .. } => out.extend(messages),
             RunnerEvent::CommandDone { command_id, result } => done = Some((command_id, result)),
             RunnerEvent::Ended { end, .. } => break end,
-            RunnerEvent::Started { .. } | RunnerEvent::Usage { .. } => {}
+            RunnerEvent::Started { .. }
+            | RunnerEvent::Usage { .. }
+            | RunnerEvent::Changes { .. }
+            | RunnerEvent::CompletionRetried { .. } => {}
         }
     };
     assert_eq!(done, Some(("c1".to_owned(), Ok(()))));

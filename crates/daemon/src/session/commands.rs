@@ -14,8 +14,11 @@ use crate::agents::Turn;
 use crate::output::OutputBuffer;
 use crate::pb::session_request::Message as Up;
 use crate::pb::session_response::Message as Down;
-use crate::pb::{Command, CommandResult, CommandResultStatus, SpawnTask, command};
-use crate::runner::{self, Control, TaskSpec, send_control};
+use crate::pb::{
+    Command, CommandResult, CommandResultStatus, CompletionAction, RetryCompletionAction,
+    SpawnTask, command,
+};
+use crate::runner::{self, Control, RunnerEvent, TaskSpec, git, send_control};
 
 /// Results of recent commands by id, so a redelivered command is answered
 /// again without running twice. `None` while the result is not known yet.
@@ -213,14 +216,15 @@ impl Session {
                     ),
                 }
             }
-            Some(
-                command::Kind::CloneWorktree(_)
-                | command::Kind::CheckTargetExists(_)
-                | command::Kind::RetryCompletionAction(_),
-            ) => Reply::Now(
-                CommandResultStatus::Unsupported,
-                "the reference daemon does not implement this command".into(),
-            ),
+            Some(command::Kind::RetryCompletionAction(retry)) => {
+                self.retry_completion(&cmd.id, &cmd.task_id, retry)
+            }
+            Some(command::Kind::CloneWorktree(_) | command::Kind::CheckTargetExists(_)) => {
+                Reply::Now(
+                    CommandResultStatus::Unsupported,
+                    "the reference daemon does not implement this command".into(),
+                )
+            }
             None => Reply::Now(
                 CommandResultStatus::Unsupported,
                 "unknown command kind (newer server?)".into(),
@@ -229,6 +233,47 @@ impl Session {
         if let Reply::Now(status, message) = reply {
             self.finish_command(&cmd.id, status, message);
         }
+    }
+
+    /// Runs a finished task's completion action again in its worktree,
+    /// off the loop; the command's result says what it did.
+    fn retry_completion(
+        &mut self,
+        command_id: &str,
+        task_id: &str,
+        retry: RetryCompletionAction,
+    ) -> Reply {
+        let failed = |m: String| Reply::Now(CommandResultStatus::Failed, m);
+        if uuid::Uuid::parse_str(task_id).is_err() {
+            return failed(format!("{task_id:?} is not a task id"));
+        }
+        if self.tasks.get(task_id).is_some_and(TaskRecord::is_live) {
+            return failed(format!(
+                "task {task_id} is running; its completion action runs when it completes"
+            ));
+        }
+        let dir = self.cfg.work_dir.join(task_id);
+        if !dir.join(".git").exists() {
+            return failed(format!(
+                "this daemon has no worktree for task {task_id} (it was cleaned up, or the task ran elsewhere)"
+            ));
+        }
+        let action = match retry.action.as_str() {
+            "push" => CompletionAction::Push,
+            "merge" => CompletionAction::Merge,
+            other => return failed(format!("unknown completion action {other:?}")),
+        };
+        let events = self.events_tx.clone();
+        let hidden = self.cfg.hidden_secrets.clone();
+        let command_id = command_id.to_owned();
+        info!(%task_id, action = %retry.action, "running the completion action again");
+        tokio::spawn(async move {
+            let result = git::complete(&dir, action, &retry.target_branch, &hidden).await;
+            let _ = events
+                .send(RunnerEvent::CompletionRetried { command_id, result })
+                .await;
+        });
+        Reply::Later
     }
 
     pub(super) fn spawn(&mut self, command_id: &str, cmd_task_id: &str, spawn: SpawnTask) -> Reply {
@@ -275,6 +320,7 @@ impl Session {
         let first_seq = spawn.first_seq.max(1);
         let run_id = self.next_run_id;
         self.next_run_id += 1;
+        let completion_action = task.completion_action();
         let spec = TaskSpec {
             run_id,
             task_id: task_id.clone(),
@@ -291,8 +337,14 @@ impl Session {
                 model: task.model,
                 permission_mode: task.permission_mode,
             },
+            branch: if task.repository.is_empty() {
+                String::new()
+            } else {
+                git::working_branch(&task_id, &task.branch)
+            },
+            completion_action,
+            target_branch: task.target_branch,
             repository: task.repository,
-            branch: task.branch,
             dir: self.cfg.work_dir.join(&task_id),
             first_seq,
             default_grace: self.cfg.interrupt_grace,

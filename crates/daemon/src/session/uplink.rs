@@ -12,7 +12,7 @@ use super::{Session, TaskRecord, up};
 use crate::output::{BATCH_MAX_BYTES, BATCH_MAX_MESSAGES};
 use crate::pb::session_request::Message as Up;
 use crate::pb::{
-    CommandResultStatus, CompleteTaskRequest, FailTaskRequest, OutputAck,
+    CommandResultStatus, CompleteTaskRequest, FailTaskRequest, OutputAck, ReportTaskChanges,
     ReportTaskMessagesRequest, ReportTaskStartedRequest, ReportTaskUsageRequest, SessionError,
     SessionRequest,
 };
@@ -202,6 +202,27 @@ impl Session {
                 Ok(()) => self.finish_command(&command_id, CommandResultStatus::Ok, String::new()),
                 Err(e) => self.finish_command(&command_id, CommandResultStatus::Failed, e),
             },
+            RunnerEvent::CompletionRetried { command_id, result } => match result {
+                Ok(done) => self.finish_command(&command_id, CommandResultStatus::Ok, done),
+                Err(why) => self.finish_command(&command_id, CommandResultStatus::Failed, why),
+            },
+            RunnerEvent::Changes {
+                run_id,
+                task_id,
+                changes,
+                patch,
+            } => {
+                let Some(rec) = self.record(&task_id, run_id) else {
+                    return;
+                };
+                let report = ReportTaskChanges {
+                    task_id,
+                    attempt: rec.attempt,
+                    changes: Some(changes),
+                    patch,
+                };
+                self.control_out.push_back(up(Up::Changes(report)));
+            }
             RunnerEvent::Ended {
                 run_id,
                 task_id,

@@ -39,6 +39,7 @@ const DAEMON: &[TokenKind] = &[Daemon];
 pub const RULES: &[(&str, &[TokenKind])] = &[
     ("taskmesh.v1.TaskService/CreateTask", USER),
     ("taskmesh.v1.TaskService/GetTask", READ),
+    ("taskmesh.v1.TaskService/GetTaskDiff", READ),
     ("taskmesh.v1.TaskService/ListTasks", READ),
     ("taskmesh.v1.TaskService/UpdateTask", USER),
     ("taskmesh.v1.TaskService/DeleteTask", USER),

@@ -34,6 +34,45 @@ pub fn token_kind(field: &'static str, v: i32) -> Result<model::TokenKind> {
     }
 }
 
+/// A completion action; unspecified is none.
+pub fn completion_action(field: &'static str, v: i32) -> Result<model::CompletionAction> {
+    use model::CompletionAction::*;
+    match pb::CompletionAction::try_from(v)
+        .map_err(|_| invalid(field, format!("unknown value {v}")))?
+    {
+        pb::CompletionAction::Unspecified | pb::CompletionAction::None => Ok(None),
+        pb::CompletionAction::Push => Ok(Push),
+        pb::CompletionAction::Merge => Ok(Merge),
+    }
+}
+
+/// What a daemon reports its attempt changed.
+pub fn changes(c: pb::TaskChanges) -> model::TaskChanges {
+    model::TaskChanges {
+        attempt: i64::from(c.attempt),
+        branch: c.branch,
+        base_commit: c.base_commit,
+        head_commit: c.head_commit,
+        commits: i64::from(c.commits),
+        files_changed: i64::from(c.files_changed),
+        insertions: i64::from(c.insertions),
+        deletions: i64::from(c.deletions),
+        files: c
+            .files
+            .into_iter()
+            .map(|f| model::FileChange {
+                path: f.path,
+                insertions: i64::from(f.insertions),
+                deletions: i64::from(f.deletions),
+                binary: f.binary,
+            })
+            .collect(),
+        patch_truncated: c.patch_truncated,
+        completion_state: c.completion_state,
+        completion_detail: c.completion_detail,
+    }
+}
+
 pub fn usage(u: pb::TaskUsage) -> model::Usage {
     model::Usage {
         provider: u.provider,

@@ -356,6 +356,23 @@ where
                 };
                 (id, res.map(|_| None))
             }
+            Some(Up::Changes(r)) => {
+                let id = r.task_id.clone();
+                let res = match parse_id("task_id", &r.task_id) {
+                    Ok(tid) => d
+                        .report_changes(
+                            p,
+                            &tid,
+                            i64::from(r.attempt),
+                            parse::changes(r.changes.unwrap_or_default()),
+                            &r.patch,
+                        )
+                        .await
+                        .map_err(Status::from),
+                    Err(e) => Err(e.into()),
+                };
+                (id, res.map(|_| None))
+            }
             Some(Up::Completed(r)) => {
                 let id = r.task_id.clone();
                 (id.clone(), self.ended(&id, completed(r)).await)

@@ -45,12 +45,19 @@ fn patch(task: pb::Task, mask: Option<prost_types::FieldMask>) -> domain::Result
             "branch" => patch.branch = Some(task.branch.clone()),
             "model" => patch.model = Some(task.model.clone()),
             "permission_mode" => patch.permission_mode = Some(task.permission_mode.clone()),
+            "completion_action" => {
+                patch.completion_action = Some(parse::completion_action(
+                    "task.completion_action",
+                    task.completion_action,
+                )?)
+            }
+            "target_branch" => patch.target_branch = Some(task.target_branch.clone()),
             other => {
                 return Err(invalid(
                     "update_mask",
                     format!(
                         "{} cannot be updated (name, plan, runtime, repository, branch, \
-                         model, permission_mode)",
+                         model, permission_mode, completion_action, target_branch)",
                         domain::quote(other)
                     ),
                 ));
@@ -78,6 +85,8 @@ impl TaskService for TaskApi {
             branch: r.branch,
             model: r.model,
             permission_mode: r.permission_mode,
+            completion_action: parse::completion_action("completion_action", r.completion_action)?,
+            target_branch: r.target_branch,
         };
         let task = self.domain.create_task(&p, new).await?;
         Ok(Response::new(pb::CreateTaskResponse {
@@ -92,9 +101,10 @@ impl TaskService for TaskApi {
         let p = principal(&req)?;
         let id = parse_id("id", &req.get_ref().id)?;
         let (task, subtasks, count) = self.domain.get_task(&p, &id).await?;
-        Ok(Response::new(pb::GetTaskResponse {
-            task: Some(wire::task_with_subtasks(task, subtasks, count)),
-        }))
+        let changes = self.domain.latest_changes(&task).await?;
+        let mut task = wire::task_with_subtasks(task, subtasks, count);
+        task.changes = changes.map(wire::changes);
+        Ok(Response::new(pb::GetTaskResponse { task: Some(task) }))
     }
 
     async fn list_tasks(
@@ -294,6 +304,19 @@ impl TaskService for TaskApi {
         let task = self.domain.continue_task(&p, &id, r.prompt, pin).await?;
         Ok(Response::new(pb::ContinueTaskResponse {
             task: Some(wire::task(task)),
+        }))
+    }
+
+    async fn get_task_diff(
+        &self,
+        req: Request<pb::GetTaskDiffRequest>,
+    ) -> Result<Response<pb::GetTaskDiffResponse>, Status> {
+        let p = principal(&req)?;
+        let id = parse_id("id", &req.get_ref().id)?;
+        let (changes, patch) = self.domain.task_diff(&p, &id).await?;
+        Ok(Response::new(pb::GetTaskDiffResponse {
+            changes: Some(wire::changes(changes)),
+            patch,
         }))
     }
 

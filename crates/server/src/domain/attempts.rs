@@ -8,7 +8,6 @@ use std::fmt::Write;
 use super::transition::new_attempt;
 use super::{Domain, Error, MAX_PLAN_BYTES, Result, invalid};
 use crate::model::*;
-use crate::pb;
 use crate::store::NewMessage;
 
 /// The rebuilt context holds at most this much of the newest output.
@@ -108,36 +107,21 @@ impl Domain {
         self.queue_with(p, task, pin, "continued", input).await
     }
 
-    /// RetryCompletion: asks the daemon that ran a finished task to run its
-    /// completion action again (a durable RetryCompletionAction command).
-    pub async fn retry_completion(&self, p: &Principal, id: &str) -> Result<(Task, String)> {
-        let task = self.load_task(p, id).await?;
-        if !matches!(task.status, TaskStatus::Completed | TaskStatus::Failed) {
-            return Err(Error::FailedPrecondition(format!(
-                "task {id} is {}; only a completed or failed task's completion can be retried",
-                task.status
-            )));
-        }
-        let action = pb::RetryCompletionAction {
-            action: String::new(),
-        };
-        let command_id = self
-            .send_command(&task, pb::command::Kind::RetryCompletionAction(action))
-            .await?;
-        Ok((task, command_id))
+    /// Whether the daemon has a session here or on another replica.
+    pub(super) async fn daemon_online(&self, daemon_id: &str) -> Result<bool> {
+        Ok(self.sessions.is_connected(daemon_id)
+            || self
+                .store
+                .get_daemon(daemon_id)
+                .await?
+                .is_some_and(|d| d.state == DaemonState::Online))
     }
 
     /// Interrupts a task whose daemon is offline, so it can be reassigned
     /// before the grace runs out.
     async fn take_from_lost_daemon(&self, p: &Principal, task: Task) -> Result<Task> {
         let daemon_id = task.daemon_id.clone().unwrap_or_default();
-        let online = self.sessions.is_connected(&daemon_id)
-            || self
-                .store
-                .get_daemon(&daemon_id)
-                .await?
-                .is_some_and(|d| d.state == DaemonState::Online);
-        if online {
+        if self.daemon_online(&daemon_id).await? {
             return Err(Error::FailedPrecondition(format!(
                 "task {} is {} on daemon {daemon_id}, which is online; stop it first",
                 task.id, task.status

@@ -19,6 +19,7 @@
 
 mod approvals;
 mod attempts;
+mod changes;
 mod dispatch;
 mod error;
 pub mod hub;

@@ -53,10 +53,13 @@ impl Domain {
             return Ok(());
         };
         let refused = !matches!(status, pb::CommandResultStatus::Ok);
-        let is_spawn = matches!(
-            pb::Command::decode(acked.payload.as_slice()).map(|c| c.kind),
-            Ok(Some(pb::command::Kind::SpawnTask(_)))
-        );
+        let kind = pb::Command::decode(acked.payload.as_slice()).map(|c| c.kind);
+        if let Ok(Some(pb::command::Kind::RetryCompletionAction(_))) = kind {
+            return self
+                .completion_retried(daemon_id, &acked.task_id, !refused, &message)
+                .await;
+        }
+        let is_spawn = matches!(kind, Ok(Some(pb::command::Kind::SpawnTask(_))));
         if !(refused && is_spawn) {
             return Ok(());
         }

@@ -191,5 +191,7 @@ fn tombstone(id: String, workspace_id: String, status: TaskStatus) -> Task {
         model: String::new(),
         permission_mode: String::new(),
         pending_approvals: 0,
+        completion_action: CompletionAction::None,
+        target_branch: String::new(),
     }
 }

@@ -19,6 +19,8 @@ pub struct NewTask {
     pub branch: String,
     pub model: String,
     pub permission_mode: String,
+    pub completion_action: CompletionAction,
+    pub target_branch: String,
 }
 
 /// The fields UpdateTask may change; `None` leaves a field as it is.
@@ -31,6 +33,8 @@ pub struct TaskPatch {
     pub branch: Option<String>,
     pub model: Option<String>,
     pub permission_mode: Option<String>,
+    pub completion_action: Option<CompletionAction>,
+    pub target_branch: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -57,8 +61,9 @@ impl Domain {
         let name = check_name("name", &new.name)?;
         let plan = check_plan("plan", &new.plan)?;
         let runtime = check_runtime("runtime", &new.runtime)?;
-        let repository = check_text("repository", &new.repository, 2048)?;
-        let branch = check_text("branch", &new.branch, 256)?;
+        let repository = check_repository("repository", &new.repository)?;
+        let branch = check_branch("branch", &new.branch)?;
+        let target_branch = check_branch("target_branch", &new.target_branch)?;
         let model = check_model("model", &new.model)?;
         let permission_mode = check_permission_mode("permission_mode", &new.permission_mode)?;
         let depth = match &new.parent_id {
@@ -113,7 +118,10 @@ impl Domain {
             model,
             permission_mode,
             pending_approvals: 0,
+            completion_action: new.completion_action,
+            target_branch,
         };
+        check_git_fields(&task)?;
         let event = NewEvent {
             from: None,
             to: TaskStatus::Pending,
@@ -183,11 +191,18 @@ impl Domain {
             next.runtime = check_runtime("task.runtime", &runtime)?;
         }
         if let Some(repository) = patch.repository {
-            next.repository = check_text("task.repository", &repository, 2048)?;
+            next.repository = check_repository("task.repository", &repository)?;
         }
         if let Some(branch) = patch.branch {
-            next.branch = check_text("task.branch", &branch, 256)?;
+            next.branch = check_branch("task.branch", &branch)?;
         }
+        if let Some(action) = patch.completion_action {
+            next.completion_action = action;
+        }
+        if let Some(target) = patch.target_branch {
+            next.target_branch = check_branch("task.target_branch", &target)?;
+        }
+        check_git_fields(&next)?;
         if let Some(model) = patch.model {
             next.model = check_model("task.model", &model)?;
         }

@@ -7,6 +7,7 @@
 //! ([`identifier`]).
 
 use super::{Result, invalid};
+use crate::model::{CompletionAction, Task};
 
 /// Limits on what clients may send.
 pub const MAX_PLAN_BYTES: usize = 1 << 20;
@@ -100,6 +101,84 @@ pub(super) fn check_text(field: &'static str, value: &str, max: usize) -> Result
         return Err(invalid(field, "must not contain control characters"));
     }
     Ok(value.trim().to_string())
+}
+
+/// A repository to clone: a URL or a path git understands. Credentials in
+/// an http(s) URL are accepted but never stored: the daemon's own git
+/// configuration and credential helpers provide them.
+pub(super) fn check_repository(field: &'static str, value: &str) -> Result<String> {
+    let repo = check_text(field, value, 2048)?;
+    if repo.starts_with('-') {
+        return Err(invalid(field, "must not start with '-'"));
+    }
+    Ok(without_credentials(&repo))
+}
+
+/// The URL without the user info of its authority (`https://TOKEN@host/…`,
+/// `https://user:password@host/…`); an ssh:// URL keeps its user name.
+pub fn without_credentials(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+    let Some(at) = authority.rfind('@') else {
+        return url.to_string();
+    };
+    let user = match scheme.to_ascii_lowercase().as_str() {
+        "ssh" | "git+ssh" | "ssh+git" => {
+            let name = authority[..at].split(':').next().unwrap_or_default();
+            format!("{name}@")
+        }
+        _ => String::new(),
+    };
+    format!("{scheme}://{user}{}", &rest[at + 1..])
+}
+
+/// A branch name git accepts (the common rules of `git check-ref-format`).
+pub(super) fn check_branch(field: &'static str, value: &str) -> Result<String> {
+    let branch = check_text(field, value, 256)?;
+    let bad = branch.starts_with(['-', '/', '.'])
+        || branch.ends_with(['/', '.'])
+        || branch.ends_with(".lock")
+        || branch.contains("..")
+        || branch.contains("//")
+        || branch.contains("@{")
+        || branch
+            .chars()
+            .any(|c| c.is_whitespace() || "~^:?*[\\".contains(c));
+    if bad {
+        return Err(invalid(
+            field,
+            format!("{} is not a branch name git accepts", quote(&branch)),
+        ));
+    }
+    Ok(branch)
+}
+
+/// The git fields of a task, together: a branch or a completion action
+/// needs a repository, and a target branch is for a merge.
+pub(super) fn check_git_fields(t: &Task) -> Result<()> {
+    if t.repository.is_empty() {
+        if !t.branch.is_empty() {
+            return Err(invalid(
+                "branch",
+                "needs a repository: the branch is made in the task's clone of it",
+            ));
+        }
+        if t.completion_action != CompletionAction::None {
+            return Err(invalid(
+                "completion_action",
+                format!("{} needs a repository", t.completion_action),
+            ));
+        }
+    }
+    if !t.target_branch.is_empty() && t.completion_action != CompletionAction::Merge {
+        return Err(invalid(
+            "target_branch",
+            "is where a merge goes; set completion_action to merge, or leave it empty",
+        ));
+    }
+    Ok(())
 }
 
 pub(super) fn check_workspace_name(name: &str) -> Result<String> {

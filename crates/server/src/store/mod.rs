@@ -7,6 +7,7 @@
 
 mod approvals;
 mod attempts;
+mod changes;
 mod daemons;
 mod messages;
 mod outbox;

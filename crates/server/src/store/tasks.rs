@@ -32,13 +32,14 @@ pub struct TaskFilter {
     pub limit: i64,
 }
 
-/// The task columns a row write sets, in `bind_task` order ($1..$27).
+/// The task columns a row write sets, in `bind_task` order ($1..$29).
 macro_rules! task_write_columns {
     () => {
         "id, workspace_id, parent_id, depth, name, plan, status, version, \
     runtime, repository, branch, daemon_id, pinned_daemon_id, attempt, status_reason, \
     agent_session_id, working_directory, created_by, created_at, updated_at, queued_at, \
-    started_at, ended_at, last_seq, stop_requested_at, model, permission_mode"
+    started_at, ended_at, last_seq, stop_requested_at, model, permission_mode, \
+    completion_action, target_branch"
     };
 }
 
@@ -51,7 +52,7 @@ pub(super) const TASK_COLUMNS: &str = concat!(
     ", progress_summary, progress_percent, pending_approvals"
 );
 
-async fn insert_event(
+pub(super) async fn insert_event(
     tx: &mut sqlx::Transaction<'_, Any>,
     task: &Task,
     event: &NewEvent,
@@ -72,7 +73,7 @@ async fn insert_event(
     Ok(())
 }
 
-/// Binds the task's columns as $1..$25 in TASK_WRITE_COLUMNS order.
+/// Binds the task's columns as $1..$29 in TASK_WRITE_COLUMNS order.
 fn bind_task<'q>(q: AnyQuery<'q>, t: &Task) -> AnyQuery<'q> {
     q.bind(t.id.clone())
         .bind(t.workspace_id.clone())
@@ -101,6 +102,8 @@ fn bind_task<'q>(q: AnyQuery<'q>, t: &Task) -> AnyQuery<'q> {
         .bind(t.stop_requested_at)
         .bind(t.model.clone())
         .bind(t.permission_mode.clone())
+        .bind(t.completion_action.as_str())
+        .bind(t.target_branch.clone())
 }
 
 /// The task columns with the plan cut to its first 4097 characters: enough
@@ -149,6 +152,8 @@ pub(super) fn task_from_row(r: &AnyRow) -> Result<Task> {
         permission_mode: r.try_get("permission_mode")?,
         pending_approvals: r.try_get("pending_approvals")?,
         plan_truncated: false,
+        completion_action: parse_enum(&r.try_get::<String, _>("completion_action")?)?,
+        target_branch: r.try_get("target_branch")?,
     })
 }
 
@@ -165,7 +170,7 @@ impl Store {
         let mut tx = self.writer.begin().await?;
         bind_task(sqlx::query(&format!(
             "INSERT INTO tasks ({TASK_WRITE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, \
-             $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27)"
+             $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29)"
         )), task)
         .execute(&mut *tx)
         .await?;
@@ -284,8 +289,8 @@ impl Store {
                  status_reason = $15, agent_session_id = $16, working_directory = $17, \
                  created_by = $18, created_at = $19, updated_at = $20, queued_at = $21, \
                  started_at = $22, ended_at = $23, stop_requested_at = $25, model = $26, \
-                 permission_mode = $27 \
-                 WHERE id = $1 AND version = $28 \
+                 permission_mode = $27, completion_action = $28, target_branch = $29 \
+                 WHERE id = $1 AND version = $30 \
                  RETURNING last_seq, progress_summary, progress_percent, pending_approvals",
             ),
             task,

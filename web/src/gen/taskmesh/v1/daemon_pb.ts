@@ -6,7 +6,7 @@ import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobu
 import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
 import type { Duration } from "@bufbuild/protobuf/wkt";
 import { file_google_protobuf_duration } from "@bufbuild/protobuf/wkt";
-import type { MessageKind, Task, TaskStatus, TaskUsage } from "./task_pb";
+import type { MessageKind, Task, TaskChanges, TaskStatus, TaskUsage } from "./task_pb";
 import { file_taskmesh_v1_task } from "./task_pb";
 import type { Daemon, Runtime } from "./workspace_pb";
 import { file_taskmesh_v1_workspace } from "./workspace_pb";
@@ -16,7 +16,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file taskmesh/v1/daemon.proto.
  */
 export const file_taskmesh_v1_daemon: GenFile = /*@__PURE__*/
-  fileDesc("Chh0YXNrbWVzaC92MS9kYWVtb24ucHJvdG8SC3Rhc2ttZXNoLnYxIqIBCg9SZWdpc3RlclJlcXVlc3QSEgoKbWFjaGluZV9pZBgBIAEoCRIQCghob3N0bmFtZRgCIAEoCRIPCgd2ZXJzaW9uGAMgASgJEiYKCHJ1bnRpbWVzGAQgAygLMhQudGFza21lc2gudjEuUnVudGltZRIcChRtYXhfY29uY3VycmVudF90YXNrcxgFIAEoBRISCgpsZWdhY3lfaWRzGAYgAygJIm4KEFJlZ2lzdGVyUmVzcG9uc2USIwoGZGFlbW9uGAEgASgLMhMudGFza21lc2gudjEuRGFlbW9uEjUKEmhlYXJ0YmVhdF9pbnRlcnZhbBgCIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiImChFEZXJlZ2lzdGVyUmVxdWVzdBIRCglkYWVtb25faWQYASABKAkiFAoSRGVyZWdpc3RlclJlc3BvbnNlIj8KEEhlYXJ0YmVhdFJlcXVlc3QSEQoJZGFlbW9uX2lkGAEgASgJEhgKEHJ1bm5pbmdfdGFza19pZHMYAiADKAkiSgoRSGVhcnRiZWF0UmVzcG9uc2USNQoSaGVhcnRiZWF0X2ludGVydmFsGAEgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIkIKC0FnZW50UmVzdW1lEhgKEGFnZW50X3Nlc3Npb25faWQYASABKAkSGQoRd29ya2luZ19kaXJlY3RvcnkYAiABKAkiJQoQQ2xhaW1UYXNrUmVxdWVzdBIRCglkYWVtb25faWQYASABKAkikgEKEUNsYWltVGFza1Jlc3BvbnNlEh8KBHRhc2sYASABKAsyES50YXNrbWVzaC52MS5UYXNrEhEKCWZpcnN0X3NlcRgCIAEoAxIoCgZyZXN1bWUYAyABKAsyGC50YXNrbWVzaC52MS5BZ2VudFJlc3VtZRIPCgdjb250ZXh0GAQgASgJEg4KBnByb21wdBgFIAEoCSJcChhSZXBvcnRUYXNrU3RhcnRlZFJlcXVlc3QSDwoHdGFza19pZBgBIAEoCRIPCgdhdHRlbXB0GAIgASgFEgsKA3BpZBgDIAEoAxIRCglkYWVtb25faWQYBCABKAkiPAoZUmVwb3J0VGFza1N0YXJ0ZWRSZXNwb25zZRIfCgR0YXNrGAEgASgLMhEudGFza21lc2gudjEuVGFzayJyChlSZXBvcnRUYXNrUHJvZ3Jlc3NSZXF1ZXN0Eg8KB3Rhc2tfaWQYASABKAkSDwoHc3VtbWFyeRgCIAEoCRIPCgdwZXJjZW50GAMgASgFEhEKCWRhZW1vbl9pZBgEIAEoCRIPCgdhdHRlbXB0GAUgASgFIhwKGlJlcG9ydFRhc2tQcm9ncmVzc1Jlc3BvbnNlIpgBChBUYXNrTWVzc2FnZUlucHV0EgsKA3NlcRgBIAEoAxImCgRraW5kGAIgASgOMhgudGFza21lc2gudjEuTWVzc2FnZUtpbmQSDwoHY29udGVudBgDIAEoCRIRCgl0b29sX25hbWUYBCABKAkSFwoPdG9vbF9pbnB1dF9qc29uGAUgASgJEhIKCnJlcXVlc3RfaWQYBiABKAkigQEKGVJlcG9ydFRhc2tNZXNzYWdlc1JlcXVlc3QSDwoHdGFza19pZBgBIAEoCRIvCghtZXNzYWdlcxgCIAMoCzIdLnRhc2ttZXNoLnYxLlRhc2tNZXNzYWdlSW5wdXQSEQoJZGFlbW9uX2lkGAMgASgJEg8KB2F0dGVtcHQYBCABKAUiLwoaUmVwb3J0VGFza01lc3NhZ2VzUmVzcG9uc2USEQoJYWNrZWRfc2VxGAEgASgDIpUBChZSZXBvcnRUYXNrVXNhZ2VSZXF1ZXN0Eg8KB3Rhc2tfaWQYASABKAkSJQoFdXNhZ2UYAiADKAsyFi50YXNrbWVzaC52MS5UYXNrVXNhZ2USEQoJZGFlbW9uX2lkGAMgASgJEg8KB2F0dGVtcHQYBCABKAUSEAoIY29zdF91c2QYBSABKAESDQoFdHVybnMYBiABKAUiGQoXUmVwb3J0VGFza1VzYWdlUmVzcG9uc2UihQEKE0NvbXBsZXRlVGFza1JlcXVlc3QSDwoHdGFza19pZBgBIAEoCRIPCgdzdW1tYXJ5GAIgASgJEigKBnJlc3VtZRgDIAEoCzIYLnRhc2ttZXNoLnYxLkFnZW50UmVzdW1lEhEKCWRhZW1vbl9pZBgEIAEoCRIPCgdhdHRlbXB0GAUgASgFIjcKFENvbXBsZXRlVGFza1Jlc3BvbnNlEh8KBHRhc2sYASABKAsyES50YXNrbWVzaC52MS5UYXNrIpMBCg9GYWlsVGFza1JlcXVlc3QSDwoHdGFza19pZBgBIAEoCRIOCgZyZWFzb24YAiABKAkSEQoJZXhpdF9jb2RlGAMgASgFEigKBnJlc3VtZRgEIAEoCzIYLnRhc2ttZXNoLnYxLkFnZW50UmVzdW1lEhEKCWRhZW1vbl9pZBgFIAEoCRIPCgdhdHRlbXB0GAYgASgFIjMKEEZhaWxUYXNrUmVzcG9uc2USHwoEdGFzaxgBIAEoCzIRLnRhc2ttZXNoLnYxLlRhc2siOgoUR2V0VGFza1N0YXR1c1JlcXVlc3QSDwoHdGFza19pZBgBIAEoCRIRCglkYWVtb25faWQYAiABKAkiUQoVR2V0VGFza1N0YXR1c1Jlc3BvbnNlEicKBnN0YXR1cxgBIAEoDjIXLnRhc2ttZXNoLnYxLlRhc2tTdGF0dXMSDwoHdmVyc2lvbhgCIAEoAyI6CgtTZXNzaW9uT3BlbhIRCglkYWVtb25faWQYASABKAkSGAoQcnVubmluZ190YXNrX2lkcxgCIAMoCSL+AwoOU2Vzc2lvblJlcXVlc3QSKAoEb3BlbhgBIAEoCzIYLnRhc2ttZXNoLnYxLlNlc3Npb25PcGVuSAASMgoJaGVhcnRiZWF0GAIgASgLMh0udGFza21lc2gudjEuSGVhcnRiZWF0UmVxdWVzdEgAEjgKB3N0YXJ0ZWQYAyABKAsyJS50YXNrbWVzaC52MS5SZXBvcnRUYXNrU3RhcnRlZFJlcXVlc3RIABI6Cghwcm9ncmVzcxgEIAEoCzImLnRhc2ttZXNoLnYxLlJlcG9ydFRhc2tQcm9ncmVzc1JlcXVlc3RIABI6CghtZXNzYWdlcxgFIAEoCzImLnRhc2ttZXNoLnYxLlJlcG9ydFRhc2tNZXNzYWdlc1JlcXVlc3RIABI0CgV1c2FnZRgGIAEoCzIjLnRhc2ttZXNoLnYxLlJlcG9ydFRhc2tVc2FnZVJlcXVlc3RIABI1Cgljb21wbGV0ZWQYByABKAsyIC50YXNrbWVzaC52MS5Db21wbGV0ZVRhc2tSZXF1ZXN0SAASLgoGZmFpbGVkGAggASgLMhwudGFza21lc2gudjEuRmFpbFRhc2tSZXF1ZXN0SAASNAoOY29tbWFuZF9yZXN1bHQYCSABKAsyGi50YXNrbWVzaC52MS5Db21tYW5kUmVzdWx0SABCCQoHbWVzc2FnZSJYCgxTZXNzaW9uUmVhZHkSEQoJZGFlbW9uX2lkGAEgASgJEjUKEmhlYXJ0YmVhdF9pbnRlcnZhbBgCIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiJDCglPdXRwdXRBY2sSDwoHdGFza19pZBgBIAEoCRIRCglhY2tlZF9zZXEYAiABKAMSEgoKdGFza19lbmRlZBgDIAEoCCI+CgxTZXNzaW9uRXJyb3ISDwoHdGFza19pZBgBIAEoCRIMCgRjb2RlGAIgASgFEg8KB21lc3NhZ2UYAyABKAkiLgoKU3RhcnRlZEFjaxIPCgd0YXNrX2lkGAEgASgJEg8KB2F0dGVtcHQYAiABKAUi+wEKD1Nlc3Npb25SZXNwb25zZRIqCgVyZWFkeRgBIAEoCzIZLnRhc2ttZXNoLnYxLlNlc3Npb25SZWFkeUgAEicKB2NvbW1hbmQYAiABKAsyFC50YXNrbWVzaC52MS5Db21tYW5kSAASLAoKb3V0cHV0X2FjaxgDIAEoCzIWLnRhc2ttZXNoLnYxLk91dHB1dEFja0gAEioKBWVycm9yGAQgASgLMhkudGFza21lc2gudjEuU2Vzc2lvbkVycm9ySAASLgoLc3RhcnRlZF9hY2sYBSABKAsyFy50YXNrbWVzaC52MS5TdGFydGVkQWNrSABCCQoHbWVzc2FnZSK4AwoHQ29tbWFuZBIKCgJpZBgBIAEoCRIPCgd0YXNrX2lkGAIgASgJEiwKCnNwYXduX3Rhc2sYAyABKAsyFi50YXNrbWVzaC52MS5TcGF3blRhc2tIABI0Cg5pbnRlcnJ1cHRfdGFzaxgEIAEoCzIaLnRhc2ttZXNoLnYxLkludGVycnVwdFRhc2tIABIsCgpzZW5kX2lucHV0GAUgASgLMhYudGFza21lc2gudjEuU2VuZElucHV0SAASNAoOY2xvbmVfd29ya3RyZWUYBiABKAsyGi50YXNrbWVzaC52MS5DbG9uZVdvcmt0cmVlSAASPQoTY2hlY2tfdGFyZ2V0X2V4aXN0cxgHIAEoCzIeLnRhc2ttZXNoLnYxLkNoZWNrVGFyZ2V0RXhpc3RzSAASRQoXcmV0cnlfY29tcGxldGlvbl9hY3Rpb24YCCABKAsyIi50YXNrbWVzaC52MS5SZXRyeUNvbXBsZXRpb25BY3Rpb25IABI6ChFhcHByb3ZhbF9kZWNpc2lvbhgJIAEoCzIdLnRhc2ttZXNoLnYxLkFwcHJvdmFsRGVjaXNpb25IAEIGCgRraW5kImIKEEFwcHJvdmFsRGVjaXNpb24SEgoKcmVxdWVzdF9pZBgBIAEoCRINCgVhbGxvdxgCIAEoCBIaChJ1cGRhdGVkX2lucHV0X2pzb24YAyABKAkSDwoHbWVzc2FnZRgEIAEoCSKKAQoJU3Bhd25UYXNrEh8KBHRhc2sYASABKAsyES50YXNrbWVzaC52MS5UYXNrEhEKCWZpcnN0X3NlcRgCIAEoAxIoCgZyZXN1bWUYAyABKAsyGC50YXNrbWVzaC52MS5BZ2VudFJlc3VtZRIPCgdjb250ZXh0GAQgASgJEg4KBnByb21wdBgFIAEoCSImCg1JbnRlcnJ1cHRUYXNrEhUKDWdyYWNlX3NlY29uZHMYASABKAUiGQoJU2VuZElucHV0EgwKBHRleHQYASABKAkiQQoNQ2xvbmVXb3JrdHJlZRISCgpyZXBvc2l0b3J5GAEgASgJEg4KBmJyYW5jaBgCIAEoCRIMCgRwYXRoGAMgASgJIiEKEUNoZWNrVGFyZ2V0RXhpc3RzEgwKBHBhdGgYASABKAkiJwoVUmV0cnlDb21wbGV0aW9uQWN0aW9uEg4KBmFjdGlvbhgBIAEoCSJ7Cg1Db21tYW5kUmVzdWx0EhIKCmNvbW1hbmRfaWQYASABKAkSMAoGc3RhdHVzGAIgASgOMiAudGFza21lc2gudjEuQ29tbWFuZFJlc3VsdFN0YXR1cxIPCgdtZXNzYWdlGAMgASgJEhMKC3Jlc3VsdF9qc29uGAQgASgJKscBChNDb21tYW5kUmVzdWx0U3RhdHVzEiUKIUNPTU1BTkRfUkVTVUxUX1NUQVRVU19VTlNQRUNJRklFRBAAEhwKGENPTU1BTkRfUkVTVUxUX1NUQVRVU19PSxABEiAKHENPTU1BTkRfUkVTVUxUX1NUQVRVU19GQUlMRUQQAhIlCiFDT01NQU5EX1JFU1VMVF9TVEFUVVNfVU5TVVBQT1JURUQQAxIiCh5DT01NQU5EX1JFU1VMVF9TVEFUVVNfUkVKRUNURUQQBDKPCAoNRGFlbW9uU2VydmljZRJHCghSZWdpc3RlchIcLnRhc2ttZXNoLnYxLlJlZ2lzdGVyUmVxdWVzdBodLnRhc2ttZXNoLnYxLlJlZ2lzdGVyUmVzcG9uc2USTQoKRGVyZWdpc3RlchIeLnRhc2ttZXNoLnYxLkRlcmVnaXN0ZXJSZXF1ZXN0Gh8udGFza21lc2gudjEuRGVyZWdpc3RlclJlc3BvbnNlEkoKCUhlYXJ0YmVhdBIdLnRhc2ttZXNoLnYxLkhlYXJ0YmVhdFJlcXVlc3QaHi50YXNrbWVzaC52MS5IZWFydGJlYXRSZXNwb25zZRJKCglDbGFpbVRhc2sSHS50YXNrbWVzaC52MS5DbGFpbVRhc2tSZXF1ZXN0Gh4udGFza21lc2gudjEuQ2xhaW1UYXNrUmVzcG9uc2USYgoRUmVwb3J0VGFza1N0YXJ0ZWQSJS50YXNrbWVzaC52MS5SZXBvcnRUYXNrU3RhcnRlZFJlcXVlc3QaJi50YXNrbWVzaC52MS5SZXBvcnRUYXNrU3RhcnRlZFJlc3BvbnNlEmUKElJlcG9ydFRhc2tQcm9ncmVzcxImLnRhc2ttZXNoLnYxLlJlcG9ydFRhc2tQcm9ncmVzc1JlcXVlc3QaJy50YXNrbWVzaC52MS5SZXBvcnRUYXNrUHJvZ3Jlc3NSZXNwb25zZRJlChJSZXBvcnRUYXNrTWVzc2FnZXMSJi50YXNrbWVzaC52MS5SZXBvcnRUYXNrTWVzc2FnZXNSZXF1ZXN0GicudGFza21lc2gudjEuUmVwb3J0VGFza01lc3NhZ2VzUmVzcG9uc2USXAoPUmVwb3J0VGFza1VzYWdlEiMudGFza21lc2gudjEuUmVwb3J0VGFza1VzYWdlUmVxdWVzdBokLnRhc2ttZXNoLnYxLlJlcG9ydFRhc2tVc2FnZVJlc3BvbnNlElMKDENvbXBsZXRlVGFzaxIgLnRhc2ttZXNoLnYxLkNvbXBsZXRlVGFza1JlcXVlc3QaIS50YXNrbWVzaC52MS5Db21wbGV0ZVRhc2tSZXNwb25zZRJHCghGYWlsVGFzaxIcLnRhc2ttZXNoLnYxLkZhaWxUYXNrUmVxdWVzdBodLnRhc2ttZXNoLnYxLkZhaWxUYXNrUmVzcG9uc2USVgoNR2V0VGFza1N0YXR1cxIhLnRhc2ttZXNoLnYxLkdldFRhc2tTdGF0dXNSZXF1ZXN0GiIudGFza21lc2gudjEuR2V0VGFza1N0YXR1c1Jlc3BvbnNlEkgKB1Nlc3Npb24SGy50YXNrbWVzaC52MS5TZXNzaW9uUmVxdWVzdBocLnRhc2ttZXNoLnYxLlNlc3Npb25SZXNwb25zZSgBMAFiBnByb3RvMw", [file_google_protobuf_duration, file_taskmesh_v1_task, file_taskmesh_v1_workspace]);
+  fileDesc("Chh0YXNrbWVzaC92MS9kYWVtb24ucHJvdG8SC3Rhc2ttZXNoLnYxIqIBCg9SZWdpc3RlclJlcXVlc3QSEgoKbWFjaGluZV9pZBgBIAEoCRIQCghob3N0bmFtZRgCIAEoCRIPCgd2ZXJzaW9uGAMgASgJEiYKCHJ1bnRpbWVzGAQgAygLMhQudGFza21lc2gudjEuUnVudGltZRIcChRtYXhfY29uY3VycmVudF90YXNrcxgFIAEoBRISCgpsZWdhY3lfaWRzGAYgAygJIm4KEFJlZ2lzdGVyUmVzcG9uc2USIwoGZGFlbW9uGAEgASgLMhMudGFza21lc2gudjEuRGFlbW9uEjUKEmhlYXJ0YmVhdF9pbnRlcnZhbBgCIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiImChFEZXJlZ2lzdGVyUmVxdWVzdBIRCglkYWVtb25faWQYASABKAkiFAoSRGVyZWdpc3RlclJlc3BvbnNlIj8KEEhlYXJ0YmVhdFJlcXVlc3QSEQoJZGFlbW9uX2lkGAEgASgJEhgKEHJ1bm5pbmdfdGFza19pZHMYAiADKAkiSgoRSGVhcnRiZWF0UmVzcG9uc2USNQoSaGVhcnRiZWF0X2ludGVydmFsGAEgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIkIKC0FnZW50UmVzdW1lEhgKEGFnZW50X3Nlc3Npb25faWQYASABKAkSGQoRd29ya2luZ19kaXJlY3RvcnkYAiABKAkiJQoQQ2xhaW1UYXNrUmVxdWVzdBIRCglkYWVtb25faWQYASABKAkikgEKEUNsYWltVGFza1Jlc3BvbnNlEh8KBHRhc2sYASABKAsyES50YXNrbWVzaC52MS5UYXNrEhEKCWZpcnN0X3NlcRgCIAEoAxIoCgZyZXN1bWUYAyABKAsyGC50YXNrbWVzaC52MS5BZ2VudFJlc3VtZRIPCgdjb250ZXh0GAQgASgJEg4KBnByb21wdBgFIAEoCSJcChhSZXBvcnRUYXNrU3RhcnRlZFJlcXVlc3QSDwoHdGFza19pZBgBIAEoCRIPCgdhdHRlbXB0GAIgASgFEgsKA3BpZBgDIAEoAxIRCglkYWVtb25faWQYBCABKAkiPAoZUmVwb3J0VGFza1N0YXJ0ZWRSZXNwb25zZRIfCgR0YXNrGAEgASgLMhEudGFza21lc2gudjEuVGFzayJyChlSZXBvcnRUYXNrUHJvZ3Jlc3NSZXF1ZXN0Eg8KB3Rhc2tfaWQYASABKAkSDwoHc3VtbWFyeRgCIAEoCRIPCgdwZXJjZW50GAMgASgFEhEKCWRhZW1vbl9pZBgEIAEoCRIPCgdhdHRlbXB0GAUgASgFIhwKGlJlcG9ydFRhc2tQcm9ncmVzc1Jlc3BvbnNlIpgBChBUYXNrTWVzc2FnZUlucHV0EgsKA3NlcRgBIAEoAxImCgRraW5kGAIgASgOMhgudGFza21lc2gudjEuTWVzc2FnZUtpbmQSDwoHY29udGVudBgDIAEoCRIRCgl0b29sX25hbWUYBCABKAkSFwoPdG9vbF9pbnB1dF9qc29uGAUgASgJEhIKCnJlcXVlc3RfaWQYBiABKAkigQEKGVJlcG9ydFRhc2tNZXNzYWdlc1JlcXVlc3QSDwoHdGFza19pZBgBIAEoCRIvCghtZXNzYWdlcxgCIAMoCzIdLnRhc2ttZXNoLnYxLlRhc2tNZXNzYWdlSW5wdXQSEQoJZGFlbW9uX2lkGAMgASgJEg8KB2F0dGVtcHQYBCABKAUiLwoaUmVwb3J0VGFza01lc3NhZ2VzUmVzcG9uc2USEQoJYWNrZWRfc2VxGAEgASgDIpUBChZSZXBvcnRUYXNrVXNhZ2VSZXF1ZXN0Eg8KB3Rhc2tfaWQYASABKAkSJQoFdXNhZ2UYAiADKAsyFi50YXNrbWVzaC52MS5UYXNrVXNhZ2USEQoJZGFlbW9uX2lkGAMgASgJEg8KB2F0dGVtcHQYBCABKAUSEAoIY29zdF91c2QYBSABKAESDQoFdHVybnMYBiABKAUiGQoXUmVwb3J0VGFza1VzYWdlUmVzcG9uc2UihQEKE0NvbXBsZXRlVGFza1JlcXVlc3QSDwoHdGFza19pZBgBIAEoCRIPCgdzdW1tYXJ5GAIgASgJEigKBnJlc3VtZRgDIAEoCzIYLnRhc2ttZXNoLnYxLkFnZW50UmVzdW1lEhEKCWRhZW1vbl9pZBgEIAEoCRIPCgdhdHRlbXB0GAUgASgFIjcKFENvbXBsZXRlVGFza1Jlc3BvbnNlEh8KBHRhc2sYASABKAsyES50YXNrbWVzaC52MS5UYXNrIqQBCg9GYWlsVGFza1JlcXVlc3QSDwoHdGFza19pZBgBIAEoCRIOCgZyZWFzb24YAiABKAkSEQoJZXhpdF9jb2RlGAMgASgFEigKBnJlc3VtZRgEIAEoCzIYLnRhc2ttZXNoLnYxLkFnZW50UmVzdW1lEhEKCWRhZW1vbl9pZBgFIAEoCRIPCgdhdHRlbXB0GAYgASgFEg8KB3JlcXVldWUYByABKAgiMwoQRmFpbFRhc2tSZXNwb25zZRIfCgR0YXNrGAEgASgLMhEudGFza21lc2gudjEuVGFzayI6ChRHZXRUYXNrU3RhdHVzUmVxdWVzdBIPCgd0YXNrX2lkGAEgASgJEhEKCWRhZW1vbl9pZBgCIAEoCSJRChVHZXRUYXNrU3RhdHVzUmVzcG9uc2USJwoGc3RhdHVzGAEgASgOMhcudGFza21lc2gudjEuVGFza1N0YXR1cxIPCgd2ZXJzaW9uGAIgASgDIjoKC1Nlc3Npb25PcGVuEhEKCWRhZW1vbl9pZBgBIAEoCRIYChBydW5uaW5nX3Rhc2tfaWRzGAIgAygJIrEECg5TZXNzaW9uUmVxdWVzdBIoCgRvcGVuGAEgASgLMhgudGFza21lc2gudjEuU2Vzc2lvbk9wZW5IABIyCgloZWFydGJlYXQYAiABKAsyHS50YXNrbWVzaC52MS5IZWFydGJlYXRSZXF1ZXN0SAASOAoHc3RhcnRlZBgDIAEoCzIlLnRhc2ttZXNoLnYxLlJlcG9ydFRhc2tTdGFydGVkUmVxdWVzdEgAEjoKCHByb2dyZXNzGAQgASgLMiYudGFza21lc2gudjEuUmVwb3J0VGFza1Byb2dyZXNzUmVxdWVzdEgAEjoKCG1lc3NhZ2VzGAUgASgLMiYudGFza21lc2gudjEuUmVwb3J0VGFza01lc3NhZ2VzUmVxdWVzdEgAEjQKBXVzYWdlGAYgASgLMiMudGFza21lc2gudjEuUmVwb3J0VGFza1VzYWdlUmVxdWVzdEgAEjUKCWNvbXBsZXRlZBgHIAEoCzIgLnRhc2ttZXNoLnYxLkNvbXBsZXRlVGFza1JlcXVlc3RIABIuCgZmYWlsZWQYCCABKAsyHC50YXNrbWVzaC52MS5GYWlsVGFza1JlcXVlc3RIABI0Cg5jb21tYW5kX3Jlc3VsdBgJIAEoCzIaLnRhc2ttZXNoLnYxLkNvbW1hbmRSZXN1bHRIABIxCgdjaGFuZ2VzGAogASgLMh4udGFza21lc2gudjEuUmVwb3J0VGFza0NoYW5nZXNIAEIJCgdtZXNzYWdlIm8KEVJlcG9ydFRhc2tDaGFuZ2VzEg8KB3Rhc2tfaWQYASABKAkSDwoHYXR0ZW1wdBgCIAEoBRIpCgdjaGFuZ2VzGAMgASgLMhgudGFza21lc2gudjEuVGFza0NoYW5nZXMSDQoFcGF0Y2gYBCABKAkiWAoMU2Vzc2lvblJlYWR5EhEKCWRhZW1vbl9pZBgBIAEoCRI1ChJoZWFydGJlYXRfaW50ZXJ2YWwYAiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24iQwoJT3V0cHV0QWNrEg8KB3Rhc2tfaWQYASABKAkSEQoJYWNrZWRfc2VxGAIgASgDEhIKCnRhc2tfZW5kZWQYAyABKAgiPgoMU2Vzc2lvbkVycm9yEg8KB3Rhc2tfaWQYASABKAkSDAoEY29kZRgCIAEoBRIPCgdtZXNzYWdlGAMgASgJIi4KClN0YXJ0ZWRBY2sSDwoHdGFza19pZBgBIAEoCRIPCgdhdHRlbXB0GAIgASgFIvsBCg9TZXNzaW9uUmVzcG9uc2USKgoFcmVhZHkYASABKAsyGS50YXNrbWVzaC52MS5TZXNzaW9uUmVhZHlIABInCgdjb21tYW5kGAIgASgLMhQudGFza21lc2gudjEuQ29tbWFuZEgAEiwKCm91dHB1dF9hY2sYAyABKAsyFi50YXNrbWVzaC52MS5PdXRwdXRBY2tIABIqCgVlcnJvchgEIAEoCzIZLnRhc2ttZXNoLnYxLlNlc3Npb25FcnJvckgAEi4KC3N0YXJ0ZWRfYWNrGAUgASgLMhcudGFza21lc2gudjEuU3RhcnRlZEFja0gAQgkKB21lc3NhZ2UiuAMKB0NvbW1hbmQSCgoCaWQYASABKAkSDwoHdGFza19pZBgCIAEoCRIsCgpzcGF3bl90YXNrGAMgASgLMhYudGFza21lc2gudjEuU3Bhd25UYXNrSAASNAoOaW50ZXJydXB0X3Rhc2sYBCABKAsyGi50YXNrbWVzaC52MS5JbnRlcnJ1cHRUYXNrSAASLAoKc2VuZF9pbnB1dBgFIAEoCzIWLnRhc2ttZXNoLnYxLlNlbmRJbnB1dEgAEjQKDmNsb25lX3dvcmt0cmVlGAYgASgLMhoudGFza21lc2gudjEuQ2xvbmVXb3JrdHJlZUgAEj0KE2NoZWNrX3RhcmdldF9leGlzdHMYByABKAsyHi50YXNrbWVzaC52MS5DaGVja1RhcmdldEV4aXN0c0gAEkUKF3JldHJ5X2NvbXBsZXRpb25fYWN0aW9uGAggASgLMiIudGFza21lc2gudjEuUmV0cnlDb21wbGV0aW9uQWN0aW9uSAASOgoRYXBwcm92YWxfZGVjaXNpb24YCSABKAsyHS50YXNrbWVzaC52MS5BcHByb3ZhbERlY2lzaW9uSABCBgoEa2luZCJiChBBcHByb3ZhbERlY2lzaW9uEhIKCnJlcXVlc3RfaWQYASABKAkSDQoFYWxsb3cYAiABKAgSGgoSdXBkYXRlZF9pbnB1dF9qc29uGAMgASgJEg8KB21lc3NhZ2UYBCABKAkiigEKCVNwYXduVGFzaxIfCgR0YXNrGAEgASgLMhEudGFza21lc2gudjEuVGFzaxIRCglmaXJzdF9zZXEYAiABKAMSKAoGcmVzdW1lGAMgASgLMhgudGFza21lc2gudjEuQWdlbnRSZXN1bWUSDwoHY29udGV4dBgEIAEoCRIOCgZwcm9tcHQYBSABKAkiJgoNSW50ZXJydXB0VGFzaxIVCg1ncmFjZV9zZWNvbmRzGAEgASgFIhkKCVNlbmRJbnB1dBIMCgR0ZXh0GAEgASgJIkEKDUNsb25lV29ya3RyZWUSEgoKcmVwb3NpdG9yeRgBIAEoCRIOCgZicmFuY2gYAiABKAkSDAoEcGF0aBgDIAEoCSIhChFDaGVja1RhcmdldEV4aXN0cxIMCgRwYXRoGAEgASgJIj4KFVJldHJ5Q29tcGxldGlvbkFjdGlvbhIOCgZhY3Rpb24YASABKAkSFQoNdGFyZ2V0X2JyYW5jaBgCIAEoCSJ7Cg1Db21tYW5kUmVzdWx0EhIKCmNvbW1hbmRfaWQYASABKAkSMAoGc3RhdHVzGAIgASgOMiAudGFza21lc2gudjEuQ29tbWFuZFJlc3VsdFN0YXR1cxIPCgdtZXNzYWdlGAMgASgJEhMKC3Jlc3VsdF9qc29uGAQgASgJKscBChNDb21tYW5kUmVzdWx0U3RhdHVzEiUKIUNPTU1BTkRfUkVTVUxUX1NUQVRVU19VTlNQRUNJRklFRBAAEhwKGENPTU1BTkRfUkVTVUxUX1NUQVRVU19PSxABEiAKHENPTU1BTkRfUkVTVUxUX1NUQVRVU19GQUlMRUQQAhIlCiFDT01NQU5EX1JFU1VMVF9TVEFUVVNfVU5TVVBQT1JURUQQAxIiCh5DT01NQU5EX1JFU1VMVF9TVEFUVVNfUkVKRUNURUQQBDKPCAoNRGFlbW9uU2VydmljZRJHCghSZWdpc3RlchIcLnRhc2ttZXNoLnYxLlJlZ2lzdGVyUmVxdWVzdBodLnRhc2ttZXNoLnYxLlJlZ2lzdGVyUmVzcG9uc2USTQoKRGVyZWdpc3RlchIeLnRhc2ttZXNoLnYxLkRlcmVnaXN0ZXJSZXF1ZXN0Gh8udGFza21lc2gudjEuRGVyZWdpc3RlclJlc3BvbnNlEkoKCUhlYXJ0YmVhdBIdLnRhc2ttZXNoLnYxLkhlYXJ0YmVhdFJlcXVlc3QaHi50YXNrbWVzaC52MS5IZWFydGJlYXRSZXNwb25zZRJKCglDbGFpbVRhc2sSHS50YXNrbWVzaC52MS5DbGFpbVRhc2tSZXF1ZXN0Gh4udGFza21lc2gudjEuQ2xhaW1UYXNrUmVzcG9uc2USYgoRUmVwb3J0VGFza1N0YXJ0ZWQSJS50YXNrbWVzaC52MS5SZXBvcnRUYXNrU3RhcnRlZFJlcXVlc3QaJi50YXNrbWVzaC52MS5SZXBvcnRUYXNrU3RhcnRlZFJlc3BvbnNlEmUKElJlcG9ydFRhc2tQcm9ncmVzcxImLnRhc2ttZXNoLnYxLlJlcG9ydFRhc2tQcm9ncmVzc1JlcXVlc3QaJy50YXNrbWVzaC52MS5SZXBvcnRUYXNrUHJvZ3Jlc3NSZXNwb25zZRJlChJSZXBvcnRUYXNrTWVzc2FnZXMSJi50YXNrbWVzaC52MS5SZXBvcnRUYXNrTWVzc2FnZXNSZXF1ZXN0GicudGFza21lc2gudjEuUmVwb3J0VGFza01lc3NhZ2VzUmVzcG9uc2USXAoPUmVwb3J0VGFza1VzYWdlEiMudGFza21lc2gudjEuUmVwb3J0VGFza1VzYWdlUmVxdWVzdBokLnRhc2ttZXNoLnYxLlJlcG9ydFRhc2tVc2FnZVJlc3BvbnNlElMKDENvbXBsZXRlVGFzaxIgLnRhc2ttZXNoLnYxLkNvbXBsZXRlVGFza1JlcXVlc3QaIS50YXNrbWVzaC52MS5Db21wbGV0ZVRhc2tSZXNwb25zZRJHCghGYWlsVGFzaxIcLnRhc2ttZXNoLnYxLkZhaWxUYXNrUmVxdWVzdBodLnRhc2ttZXNoLnYxLkZhaWxUYXNrUmVzcG9uc2USVgoNR2V0VGFza1N0YXR1cxIhLnRhc2ttZXNoLnYxLkdldFRhc2tTdGF0dXNSZXF1ZXN0GiIudGFza21lc2gudjEuR2V0VGFza1N0YXR1c1Jlc3BvbnNlEkgKB1Nlc3Npb24SGy50YXNrbWVzaC52MS5TZXNzaW9uUmVxdWVzdBocLnRhc2ttZXNoLnYxLlNlc3Npb25SZXNwb25zZSgBMAFiBnByb3RvMw", [file_google_protobuf_duration, file_taskmesh_v1_task, file_taskmesh_v1_workspace]);
 
 /**
  * @generated from message taskmesh.v1.RegisterRequest
@@ -605,6 +605,15 @@ export type FailTaskRequest = Message<"taskmesh.v1.FailTaskRequest"> & {
    * @generated from field: int32 attempt = 6;
    */
   attempt: number;
+
+  /**
+   * The daemon cut the task short because it is shutting down: unless
+   * someone asked it to stop, the task is recorded interrupted and queued
+   * again as a new attempt, for another daemon to take.
+   *
+   * @generated from field: bool requeue = 7;
+   */
+  requeue: boolean;
 };
 
 /**
@@ -762,6 +771,12 @@ export type SessionRequest = Message<"taskmesh.v1.SessionRequest"> & {
      */
     value: CommandResult;
     case: "commandResult";
+  } | {
+    /**
+     * @generated from field: taskmesh.v1.ReportTaskChanges changes = 10;
+     */
+    value: ReportTaskChanges;
+    case: "changes";
   } | { case: undefined; value?: undefined };
 };
 
@@ -771,6 +786,44 @@ export type SessionRequest = Message<"taskmesh.v1.SessionRequest"> & {
  */
 export const SessionRequestSchema: GenMessage<SessionRequest> = /*@__PURE__*/
   messageDesc(file_taskmesh_v1_daemon, 25);
+
+/**
+ * ReportTaskChanges tells what an attempt changed in its repository, and
+ * what its completion action did; sent before the attempt's end.
+ *
+ * @generated from message taskmesh.v1.ReportTaskChanges
+ */
+export type ReportTaskChanges = Message<"taskmesh.v1.ReportTaskChanges"> & {
+  /**
+   * @generated from field: string task_id = 1;
+   */
+  taskId: string;
+
+  /**
+   * @generated from field: int32 attempt = 2;
+   */
+  attempt: number;
+
+  /**
+   * @generated from field: taskmesh.v1.TaskChanges changes = 3;
+   */
+  changes?: TaskChanges | undefined;
+
+  /**
+   * `git diff` of base..head, at most 1 MiB (changes.patch_truncated says
+   * when it was cut).
+   *
+   * @generated from field: string patch = 4;
+   */
+  patch: string;
+};
+
+/**
+ * Describes the message taskmesh.v1.ReportTaskChanges.
+ * Use `create(ReportTaskChangesSchema)` to create a new message.
+ */
+export const ReportTaskChangesSchema: GenMessage<ReportTaskChanges> = /*@__PURE__*/
+  messageDesc(file_taskmesh_v1_daemon, 26);
 
 /**
  * SessionReady answers SessionOpen.
@@ -794,7 +847,7 @@ export type SessionReady = Message<"taskmesh.v1.SessionReady"> & {
  * Use `create(SessionReadySchema)` to create a new message.
  */
 export const SessionReadySchema: GenMessage<SessionReady> = /*@__PURE__*/
-  messageDesc(file_taskmesh_v1_daemon, 26);
+  messageDesc(file_taskmesh_v1_daemon, 27);
 
 /**
  * OutputAck acknowledges a task's output up to acked_seq: every message
@@ -828,7 +881,7 @@ export type OutputAck = Message<"taskmesh.v1.OutputAck"> & {
  * Use `create(OutputAckSchema)` to create a new message.
  */
 export const OutputAckSchema: GenMessage<OutputAck> = /*@__PURE__*/
-  messageDesc(file_taskmesh_v1_daemon, 27);
+  messageDesc(file_taskmesh_v1_daemon, 28);
 
 /**
  * SessionError reports a rejected upstream message without ending the session.
@@ -861,7 +914,7 @@ export type SessionError = Message<"taskmesh.v1.SessionError"> & {
  * Use `create(SessionErrorSchema)` to create a new message.
  */
 export const SessionErrorSchema: GenMessage<SessionError> = /*@__PURE__*/
-  messageDesc(file_taskmesh_v1_daemon, 28);
+  messageDesc(file_taskmesh_v1_daemon, 29);
 
 /**
  * StartedAck acknowledges a task's `started`: it is recorded as running.
@@ -885,7 +938,7 @@ export type StartedAck = Message<"taskmesh.v1.StartedAck"> & {
  * Use `create(StartedAckSchema)` to create a new message.
  */
 export const StartedAckSchema: GenMessage<StartedAck> = /*@__PURE__*/
-  messageDesc(file_taskmesh_v1_daemon, 29);
+  messageDesc(file_taskmesh_v1_daemon, 30);
 
 /**
  * @generated from message taskmesh.v1.SessionResponse
@@ -932,7 +985,7 @@ export type SessionResponse = Message<"taskmesh.v1.SessionResponse"> & {
  * Use `create(SessionResponseSchema)` to create a new message.
  */
 export const SessionResponseSchema: GenMessage<SessionResponse> = /*@__PURE__*/
-  messageDesc(file_taskmesh_v1_daemon, 30);
+  messageDesc(file_taskmesh_v1_daemon, 31);
 
 /**
  * Command is an instruction for the daemon. It stays in the server's outbox
@@ -1005,7 +1058,7 @@ export type Command = Message<"taskmesh.v1.Command"> & {
  * Use `create(CommandSchema)` to create a new message.
  */
 export const CommandSchema: GenMessage<Command> = /*@__PURE__*/
-  messageDesc(file_taskmesh_v1_daemon, 31);
+  messageDesc(file_taskmesh_v1_daemon, 32);
 
 /**
  * ApprovalDecision answers the agent's permission request `request_id`.
@@ -1044,7 +1097,7 @@ export type ApprovalDecision = Message<"taskmesh.v1.ApprovalDecision"> & {
  * Use `create(ApprovalDecisionSchema)` to create a new message.
  */
 export const ApprovalDecisionSchema: GenMessage<ApprovalDecision> = /*@__PURE__*/
-  messageDesc(file_taskmesh_v1_daemon, 32);
+  messageDesc(file_taskmesh_v1_daemon, 33);
 
 /**
  * @generated from message taskmesh.v1.SpawnTask
@@ -1086,7 +1139,7 @@ export type SpawnTask = Message<"taskmesh.v1.SpawnTask"> & {
  * Use `create(SpawnTaskSchema)` to create a new message.
  */
 export const SpawnTaskSchema: GenMessage<SpawnTask> = /*@__PURE__*/
-  messageDesc(file_taskmesh_v1_daemon, 33);
+  messageDesc(file_taskmesh_v1_daemon, 34);
 
 /**
  * @generated from message taskmesh.v1.InterruptTask
@@ -1105,7 +1158,7 @@ export type InterruptTask = Message<"taskmesh.v1.InterruptTask"> & {
  * Use `create(InterruptTaskSchema)` to create a new message.
  */
 export const InterruptTaskSchema: GenMessage<InterruptTask> = /*@__PURE__*/
-  messageDesc(file_taskmesh_v1_daemon, 34);
+  messageDesc(file_taskmesh_v1_daemon, 35);
 
 /**
  * @generated from message taskmesh.v1.SendInput
@@ -1122,7 +1175,7 @@ export type SendInput = Message<"taskmesh.v1.SendInput"> & {
  * Use `create(SendInputSchema)` to create a new message.
  */
 export const SendInputSchema: GenMessage<SendInput> = /*@__PURE__*/
-  messageDesc(file_taskmesh_v1_daemon, 35);
+  messageDesc(file_taskmesh_v1_daemon, 36);
 
 /**
  * @generated from message taskmesh.v1.CloneWorktree
@@ -1149,7 +1202,7 @@ export type CloneWorktree = Message<"taskmesh.v1.CloneWorktree"> & {
  * Use `create(CloneWorktreeSchema)` to create a new message.
  */
 export const CloneWorktreeSchema: GenMessage<CloneWorktree> = /*@__PURE__*/
-  messageDesc(file_taskmesh_v1_daemon, 36);
+  messageDesc(file_taskmesh_v1_daemon, 37);
 
 /**
  * @generated from message taskmesh.v1.CheckTargetExists
@@ -1166,16 +1219,26 @@ export type CheckTargetExists = Message<"taskmesh.v1.CheckTargetExists"> & {
  * Use `create(CheckTargetExistsSchema)` to create a new message.
  */
 export const CheckTargetExistsSchema: GenMessage<CheckTargetExists> = /*@__PURE__*/
-  messageDesc(file_taskmesh_v1_daemon, 37);
+  messageDesc(file_taskmesh_v1_daemon, 38);
 
 /**
+ * RetryCompletionAction runs a finished task's completion action again in
+ * its worktree on this daemon; the command's result says what it did.
+ *
  * @generated from message taskmesh.v1.RetryCompletionAction
  */
 export type RetryCompletionAction = Message<"taskmesh.v1.RetryCompletionAction"> & {
   /**
+   * "push" or "merge".
+   *
    * @generated from field: string action = 1;
    */
   action: string;
+
+  /**
+   * @generated from field: string target_branch = 2;
+   */
+  targetBranch: string;
 };
 
 /**
@@ -1183,7 +1246,7 @@ export type RetryCompletionAction = Message<"taskmesh.v1.RetryCompletionAction">
  * Use `create(RetryCompletionActionSchema)` to create a new message.
  */
 export const RetryCompletionActionSchema: GenMessage<RetryCompletionAction> = /*@__PURE__*/
-  messageDesc(file_taskmesh_v1_daemon, 38);
+  messageDesc(file_taskmesh_v1_daemon, 39);
 
 /**
  * @generated from message taskmesh.v1.CommandResult
@@ -1217,7 +1280,7 @@ export type CommandResult = Message<"taskmesh.v1.CommandResult"> & {
  * Use `create(CommandResultSchema)` to create a new message.
  */
 export const CommandResultSchema: GenMessage<CommandResult> = /*@__PURE__*/
-  messageDesc(file_taskmesh_v1_daemon, 39);
+  messageDesc(file_taskmesh_v1_daemon, 40);
 
 /**
  * CommandResultStatus is the outcome of a command at the daemon.

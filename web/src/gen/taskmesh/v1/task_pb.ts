@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file taskmesh/v1/task.proto.
  */
 export const file_taskmesh_v1_task: GenFile = /*@__PURE__*/
-  fileDesc("ChZ0YXNrbWVzaC92MS90YXNrLnByb3RvEgt0YXNrbWVzaC52MSKVBgoEVGFzaxIKCgJpZBgBIAEoCRIUCgx3b3Jrc3BhY2VfaWQYAiABKAkSDAoEbmFtZRgDIAEoCRIMCgRwbGFuGAQgASgJEicKBnN0YXR1cxgFIAEoDjIXLnRhc2ttZXNoLnYxLlRhc2tTdGF0dXMSDwoHdmVyc2lvbhgGIAEoAxIWCg5wYXJlbnRfdGFza19pZBgHIAEoCRINCgVkZXB0aBgIIAEoBRIRCglkYWVtb25faWQYCSABKAkSGAoQcGlubmVkX2RhZW1vbl9pZBgKIAEoCRIPCgdydW50aW1lGAsgASgJEhIKCnJlcG9zaXRvcnkYDCABKAkSDgoGYnJhbmNoGA0gASgJEg8KB2F0dGVtcHQYDiABKAUSFQoNc3RhdHVzX3JlYXNvbhgPIAEoCRIYChBhZ2VudF9zZXNzaW9uX2lkGBAgASgJEhkKEXdvcmtpbmdfZGlyZWN0b3J5GBEgASgJEhIKCmNyZWF0ZWRfYnkYEiABKAkSLwoLY3JlYXRlX3RpbWUYEyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3VwZGF0ZV90aW1lGBQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpzdGFydF90aW1lGBUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIsCghlbmRfdGltZRgWIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASIwoIc3VidGFza3MYFyADKAsyES50YXNrbWVzaC52MS5UYXNrEhAKCGxhc3Rfc2VxGBggASgDEhgKEHByb2dyZXNzX3N1bW1hcnkYGSABKAkSGAoQcHJvZ3Jlc3NfcGVyY2VudBgaIAEoBRIWCg5wbGFuX3RydW5jYXRlZBgbIAEoCBIVCg1zdWJ0YXNrX2NvdW50GBwgASgFEg0KBW1vZGVsGB0gASgJEhcKD3Blcm1pc3Npb25fbW9kZRgeIAEoCRIZChFwZW5kaW5nX2FwcHJvdmFscxgfIAEoBSLnAQoLVGFza01lc3NhZ2USDwoHdGFza19pZBgBIAEoCRILCgNzZXEYAiABKAMSJgoEa2luZBgDIAEoDjIYLnRhc2ttZXNoLnYxLk1lc3NhZ2VLaW5kEg8KB2NvbnRlbnQYBCABKAkSEQoJdG9vbF9uYW1lGAUgASgJEhcKD3Rvb2xfaW5wdXRfanNvbhgGIAEoCRIPCgdhdHRlbXB0GAcgASgFEi8KC2NyZWF0ZV90aW1lGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBITCgthcHByb3ZhbF9pZBgJIAEoCSLjAQoJVGFza0V2ZW50EgoKAmlkGAEgASgDEg8KB3Rhc2tfaWQYAiABKAkSLAoLZnJvbV9zdGF0dXMYAyABKA4yFy50YXNrbWVzaC52MS5UYXNrU3RhdHVzEioKCXRvX3N0YXR1cxgEIAEoDjIXLnRhc2ttZXNoLnYxLlRhc2tTdGF0dXMSDQoFYWN0b3IYBSABKAkSDgoGcmVhc29uGAYgASgJEg8KB2F0dGVtcHQYByABKAUSLwoLY3JlYXRlX3RpbWUYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIpABCglUYXNrVXNhZ2USEAoIcHJvdmlkZXIYASABKAkSDQoFbW9kZWwYAiABKAkSFAoMaW5wdXRfdG9rZW5zGAMgASgDEhUKDW91dHB1dF90b2tlbnMYBCABKAMSGQoRY2FjaGVfcmVhZF90b2tlbnMYBSABKAMSGgoSY2FjaGVfd3JpdGVfdG9rZW5zGAYgASgDIrcBChFDcmVhdGVUYXNrUmVxdWVzdBIRCgl3b3Jrc3BhY2UYASABKAkSDAoEbmFtZRgCIAEoCRIMCgRwbGFuGAMgASgJEhYKDnBhcmVudF90YXNrX2lkGAQgASgJEg8KB3J1bnRpbWUYBSABKAkSEgoKcmVwb3NpdG9yeRgGIAEoCRIOCgZicmFuY2gYByABKAkSDQoFbW9kZWwYCCABKAkSFwoPcGVybWlzc2lvbl9tb2RlGAkgASgJIjUKEkNyZWF0ZVRhc2tSZXNwb25zZRIfCgR0YXNrGAEgASgLMhEudGFza21lc2gudjEuVGFzayIcCg5HZXRUYXNrUmVxdWVzdBIKCgJpZBgBIAEoCSIyCg9HZXRUYXNrUmVzcG9uc2USHwoEdGFzaxgBIAEoCzIRLnRhc2ttZXNoLnYxLlRhc2siogEKEExpc3RUYXNrc1JlcXVlc3QSEQoJd29ya3NwYWNlGAEgASgJEikKCHN0YXR1c2VzGAIgAygOMhcudGFza21lc2gudjEuVGFza1N0YXR1cxIWCg5wYXJlbnRfdGFza19pZBgDIAEoCRIRCglkYWVtb25faWQYBCABKAkSEQoJcGFnZV9zaXplGAUgASgFEhIKCnBhZ2VfdG9rZW4YBiABKAkiTgoRTGlzdFRhc2tzUmVzcG9uc2USIAoFdGFza3MYASADKAsyES50YXNrbWVzaC52MS5UYXNrEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSJ/ChFVcGRhdGVUYXNrUmVxdWVzdBIfCgR0YXNrGAEgASgLMhEudGFza21lc2gudjEuVGFzaxIvCgt1cGRhdGVfbWFzaxgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5GaWVsZE1hc2sSGAoQZXhwZWN0ZWRfdmVyc2lvbhgDIAEoAyI1ChJVcGRhdGVUYXNrUmVzcG9uc2USHwoEdGFzaxgBIAEoCzIRLnRhc2ttZXNoLnYxLlRhc2siHwoRRGVsZXRlVGFza1JlcXVlc3QSCgoCaWQYASABKAkiFAoSRGVsZXRlVGFza1Jlc3BvbnNlIjEKEFN0YXJ0VGFza1JlcXVlc3QSCgoCaWQYASABKAkSEQoJZGFlbW9uX2lkGAIgASgJIkUKEVN0YXJ0VGFza1Jlc3BvbnNlEh8KBHRhc2sYASABKAsyES50YXNrbWVzaC52MS5UYXNrEg8KB3dhcm5pbmcYAiABKAkiHQoPU3RvcFRhc2tSZXF1ZXN0EgoKAmlkGAEgASgJIl4KEFN0b3BUYXNrUmVzcG9uc2USHwoEdGFzaxgBIAEoCzIRLnRhc2ttZXNoLnYxLlRhc2sSKQoHb3V0Y29tZRgCIAEoDjIYLnRhc2ttZXNoLnYxLlN0b3BPdXRjb21lIjMKElNlbmRNZXNzYWdlUmVxdWVzdBIPCgd0YXNrX2lkGAEgASgJEgwKBHRleHQYAiABKAkiKQoTU2VuZE1lc3NhZ2VSZXNwb25zZRISCgpjb21tYW5kX2lkGAEgASgJIkwKF0xpc3RUYXNrTWVzc2FnZXNSZXF1ZXN0Eg8KB3Rhc2tfaWQYASABKAkSEQoJc2luY2Vfc2VxGAIgASgDEg0KBWxpbWl0GAMgASgFIlgKGExpc3RUYXNrTWVzc2FnZXNSZXNwb25zZRIqCghtZXNzYWdlcxgBIAMoCzIYLnRhc2ttZXNoLnYxLlRhc2tNZXNzYWdlEhAKCGxhc3Rfc2VxGAIgASgDIjYKEFdhdGNoVGFza1JlcXVlc3QSDwoHdGFza19pZBgBIAEoCRIRCglzaW5jZV9zZXEYAiABKAMibAoRV2F0Y2hUYXNrUmVzcG9uc2USKwoHbWVzc2FnZRgBIAEoCzIYLnRhc2ttZXNoLnYxLlRhc2tNZXNzYWdlSAASIQoEdGFzaxgCIAEoCzIRLnRhc2ttZXNoLnYxLlRhc2tIAEIHCgVldmVudCImChFXYXRjaFRhc2tzUmVxdWVzdBIRCgl3b3Jrc3BhY2UYASABKAkiRgoSV2F0Y2hUYXNrc1Jlc3BvbnNlEh8KBHRhc2sYASABKAsyES50YXNrbWVzaC52MS5UYXNrEg8KB2RlbGV0ZWQYAiABKAgiTwoVTGlzdFRhc2tFdmVudHNSZXF1ZXN0Eg8KB3Rhc2tfaWQYASABKAkSEQoJcGFnZV9zaXplGAIgASgFEhIKCnBhZ2VfdG9rZW4YAyABKAkiWQoWTGlzdFRhc2tFdmVudHNSZXNwb25zZRImCgZldmVudHMYASADKAsyFi50YXNrbWVzaC52MS5UYXNrRXZlbnQSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIjQKE1JlYXNzaWduVGFza1JlcXVlc3QSCgoCaWQYASABKAkSEQoJZGFlbW9uX2lkGAIgASgJIjcKFFJlYXNzaWduVGFza1Jlc3BvbnNlEh8KBHRhc2sYASABKAsyES50YXNrbWVzaC52MS5UYXNrIkQKE0NvbnRpbnVlVGFza1JlcXVlc3QSCgoCaWQYASABKAkSDgoGcHJvbXB0GAIgASgJEhEKCWRhZW1vbl9pZBgDIAEoCSI3ChRDb250aW51ZVRhc2tSZXNwb25zZRIfCgR0YXNrGAEgASgLMhEudGFza21lc2gudjEuVGFzayIkChZSZXRyeUNvbXBsZXRpb25SZXF1ZXN0EgoKAmlkGAEgASgJIk4KF1JldHJ5Q29tcGxldGlvblJlc3BvbnNlEh8KBHRhc2sYASABKAsyES50YXNrbWVzaC52MS5UYXNrEhIKCmNvbW1hbmRfaWQYAiABKAkiJgoTR2V0VGFza1VzYWdlUmVxdWVzdBIPCgd0YXNrX2lkGAEgASgJIoUBChRHZXRUYXNrVXNhZ2VSZXNwb25zZRIlCgV1c2FnZRgBIAMoCzIWLnRhc2ttZXNoLnYxLlRhc2tVc2FnZRIlCgV0b3RhbBgCIAEoCzIWLnRhc2ttZXNoLnYxLlRhc2tVc2FnZRIQCghjb3N0X3VzZBgDIAEoARINCgV0dXJucxgEIAEoBSLjAgoIQXBwcm92YWwSCgoCaWQYASABKAkSDwoHdGFza19pZBgCIAEoCRIPCgdhdHRlbXB0GAMgASgFEhEKCXRvb2xfbmFtZRgEIAEoCRIXCg90b29sX2lucHV0X2pzb24YBSABKAkSKQoFc3RhdGUYBiABKA4yGi50YXNrbWVzaC52MS5BcHByb3ZhbFN0YXRlEhIKCmRlY2lkZWRfYnkYByABKAkSDwoHbWVzc2FnZRgIIAEoCRIaChJ1cGRhdGVkX2lucHV0X2pzb24YCSABKAkSLwoLY3JlYXRlX3RpbWUYCiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC2RlY2lkZV90aW1lGAsgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgtleHBpcmVfdGltZRgMIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAikwEKFURlY2lkZUFwcHJvdmFsUmVxdWVzdBIPCgd0YXNrX2lkGAEgASgJEhMKC2FwcHJvdmFsX2lkGAIgASgJEicKCGRlY2lzaW9uGAMgASgOMhUudGFza21lc2gudjEuRGVjaXNpb24SGgoSdXBkYXRlZF9pbnB1dF9qc29uGAQgASgJEg8KB21lc3NhZ2UYBSABKAkiQQoWRGVjaWRlQXBwcm92YWxSZXNwb25zZRInCghhcHByb3ZhbBgBIAEoCzIVLnRhc2ttZXNoLnYxLkFwcHJvdmFsIicKFExpc3RBcHByb3ZhbHNSZXF1ZXN0Eg8KB3Rhc2tfaWQYASABKAkiQQoVTGlzdEFwcHJvdmFsc1Jlc3BvbnNlEigKCWFwcHJvdmFscxgBIAMoCzIVLnRhc2ttZXNoLnYxLkFwcHJvdmFsKvoBCgpUYXNrU3RhdHVzEhsKF1RBU0tfU1RBVFVTX1VOU1BFQ0lGSUVEEAASFwoTVEFTS19TVEFUVVNfUEVORElORxABEhYKElRBU0tfU1RBVFVTX1FVRVVFRBACEhoKFlRBU0tfU1RBVFVTX0RJU1BBVENIRUQQAxIXChNUQVNLX1NUQVRVU19SVU5OSU5HEAQSGQoVVEFTS19TVEFUVVNfQ09NUExFVEVEEAUSFgoSVEFTS19TVEFUVVNfRkFJTEVEEAYSGQoVVEFTS19TVEFUVVNfQ0FOQ0VMTEVEEAcSGwoXVEFTS19TVEFUVVNfSU5URVJSVVBURUQQCCr9AQoLTWVzc2FnZUtpbmQSHAoYTUVTU0FHRV9LSU5EX1VOU1BFQ0lGSUVEEAASGgoWTUVTU0FHRV9LSU5EX0FTU0lTVEFOVBABEhkKFU1FU1NBR0VfS0lORF9UT09MX1VTRRACEhwKGE1FU1NBR0VfS0lORF9UT09MX1JFU1VMVBADEhUKEU1FU1NBR0VfS0lORF9VU0VSEAQSFwoTTUVTU0FHRV9LSU5EX1NZU1RFTRAFEhcKE01FU1NBR0VfS0lORF9TVERPVVQQBhIXChNNRVNTQUdFX0tJTkRfU1RERVJSEAcSGQoVTUVTU0FHRV9LSU5EX0FQUFJPVkFMEAgqrQEKC1N0b3BPdXRjb21lEhwKGFNUT1BfT1VUQ09NRV9VTlNQRUNJRklFRBAAEhoKFlNUT1BfT1VUQ09NRV9DQU5DRUxMRUQQARIdChlTVE9QX09VVENPTUVfSU5URVJSVVBUSU5HEAISIQodU1RPUF9PVVRDT01FX0FMUkVBRFlfU1RPUFBJTkcQAxIiCh5TVE9QX09VVENPTUVfQUxSRUFEWV9DQU5DRUxMRUQQBCqeAQoNQXBwcm92YWxTdGF0ZRIeChpBUFBST1ZBTF9TVEFURV9VTlNQRUNJRklFRBAAEhoKFkFQUFJPVkFMX1NUQVRFX1BFTkRJTkcQARIaChZBUFBST1ZBTF9TVEFURV9BTExPV0VEEAISGQoVQVBQUk9WQUxfU1RBVEVfREVOSUVEEAMSGgoWQVBQUk9WQUxfU1RBVEVfRVhQSVJFRBAEKksKCERlY2lzaW9uEhgKFERFQ0lTSU9OX1VOU1BFQ0lGSUVEEAASEgoOREVDSVNJT05fQUxMT1cQARIRCg1ERUNJU0lPTl9ERU5ZEAIy3gsKC1Rhc2tTZXJ2aWNlEk0KCkNyZWF0ZVRhc2sSHi50YXNrbWVzaC52MS5DcmVhdGVUYXNrUmVxdWVzdBofLnRhc2ttZXNoLnYxLkNyZWF0ZVRhc2tSZXNwb25zZRJECgdHZXRUYXNrEhsudGFza21lc2gudjEuR2V0VGFza1JlcXVlc3QaHC50YXNrbWVzaC52MS5HZXRUYXNrUmVzcG9uc2USSgoJTGlzdFRhc2tzEh0udGFza21lc2gudjEuTGlzdFRhc2tzUmVxdWVzdBoeLnRhc2ttZXNoLnYxLkxpc3RUYXNrc1Jlc3BvbnNlEk0KClVwZGF0ZVRhc2sSHi50YXNrbWVzaC52MS5VcGRhdGVUYXNrUmVxdWVzdBofLnRhc2ttZXNoLnYxLlVwZGF0ZVRhc2tSZXNwb25zZRJNCgpEZWxldGVUYXNrEh4udGFza21lc2gudjEuRGVsZXRlVGFza1JlcXVlc3QaHy50YXNrbWVzaC52MS5EZWxldGVUYXNrUmVzcG9uc2USSgoJU3RhcnRUYXNrEh0udGFza21lc2gudjEuU3RhcnRUYXNrUmVxdWVzdBoeLnRhc2ttZXNoLnYxLlN0YXJ0VGFza1Jlc3BvbnNlEkcKCFN0b3BUYXNrEhwudGFza21lc2gudjEuU3RvcFRhc2tSZXF1ZXN0Gh0udGFza21lc2gudjEuU3RvcFRhc2tSZXNwb25zZRJQCgtTZW5kTWVzc2FnZRIfLnRhc2ttZXNoLnYxLlNlbmRNZXNzYWdlUmVxdWVzdBogLnRhc2ttZXNoLnYxLlNlbmRNZXNzYWdlUmVzcG9uc2USXwoQTGlzdFRhc2tNZXNzYWdlcxIkLnRhc2ttZXNoLnYxLkxpc3RUYXNrTWVzc2FnZXNSZXF1ZXN0GiUudGFza21lc2gudjEuTGlzdFRhc2tNZXNzYWdlc1Jlc3BvbnNlEkwKCVdhdGNoVGFzaxIdLnRhc2ttZXNoLnYxLldhdGNoVGFza1JlcXVlc3QaHi50YXNrbWVzaC52MS5XYXRjaFRhc2tSZXNwb25zZTABEk8KCldhdGNoVGFza3MSHi50YXNrbWVzaC52MS5XYXRjaFRhc2tzUmVxdWVzdBofLnRhc2ttZXNoLnYxLldhdGNoVGFza3NSZXNwb25zZTABElkKDkxpc3RUYXNrRXZlbnRzEiIudGFza21lc2gudjEuTGlzdFRhc2tFdmVudHNSZXF1ZXN0GiMudGFza21lc2gudjEuTGlzdFRhc2tFdmVudHNSZXNwb25zZRJTCgxSZWFzc2lnblRhc2sSIC50YXNrbWVzaC52MS5SZWFzc2lnblRhc2tSZXF1ZXN0GiEudGFza21lc2gudjEuUmVhc3NpZ25UYXNrUmVzcG9uc2USUwoMQ29udGludWVUYXNrEiAudGFza21lc2gudjEuQ29udGludWVUYXNrUmVxdWVzdBohLnRhc2ttZXNoLnYxLkNvbnRpbnVlVGFza1Jlc3BvbnNlElwKD1JldHJ5Q29tcGxldGlvbhIjLnRhc2ttZXNoLnYxLlJldHJ5Q29tcGxldGlvblJlcXVlc3QaJC50YXNrbWVzaC52MS5SZXRyeUNvbXBsZXRpb25SZXNwb25zZRJTCgxHZXRUYXNrVXNhZ2USIC50YXNrbWVzaC52MS5HZXRUYXNrVXNhZ2VSZXF1ZXN0GiEudGFza21lc2gudjEuR2V0VGFza1VzYWdlUmVzcG9uc2USWQoORGVjaWRlQXBwcm92YWwSIi50YXNrbWVzaC52MS5EZWNpZGVBcHByb3ZhbFJlcXVlc3QaIy50YXNrbWVzaC52MS5EZWNpZGVBcHByb3ZhbFJlc3BvbnNlElYKDUxpc3RBcHByb3ZhbHMSIS50YXNrbWVzaC52MS5MaXN0QXBwcm92YWxzUmVxdWVzdBoiLnRhc2ttZXNoLnYxLkxpc3RBcHByb3ZhbHNSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_field_mask, file_google_protobuf_timestamp]);
+  fileDesc("ChZ0YXNrbWVzaC92MS90YXNrLnByb3RvEgt0YXNrbWVzaC52MSKRBwoEVGFzaxIKCgJpZBgBIAEoCRIUCgx3b3Jrc3BhY2VfaWQYAiABKAkSDAoEbmFtZRgDIAEoCRIMCgRwbGFuGAQgASgJEicKBnN0YXR1cxgFIAEoDjIXLnRhc2ttZXNoLnYxLlRhc2tTdGF0dXMSDwoHdmVyc2lvbhgGIAEoAxIWCg5wYXJlbnRfdGFza19pZBgHIAEoCRINCgVkZXB0aBgIIAEoBRIRCglkYWVtb25faWQYCSABKAkSGAoQcGlubmVkX2RhZW1vbl9pZBgKIAEoCRIPCgdydW50aW1lGAsgASgJEhIKCnJlcG9zaXRvcnkYDCABKAkSDgoGYnJhbmNoGA0gASgJEg8KB2F0dGVtcHQYDiABKAUSFQoNc3RhdHVzX3JlYXNvbhgPIAEoCRIYChBhZ2VudF9zZXNzaW9uX2lkGBAgASgJEhkKEXdvcmtpbmdfZGlyZWN0b3J5GBEgASgJEhIKCmNyZWF0ZWRfYnkYEiABKAkSLwoLY3JlYXRlX3RpbWUYEyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3VwZGF0ZV90aW1lGBQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpzdGFydF90aW1lGBUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIsCghlbmRfdGltZRgWIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASIwoIc3VidGFza3MYFyADKAsyES50YXNrbWVzaC52MS5UYXNrEhAKCGxhc3Rfc2VxGBggASgDEhgKEHByb2dyZXNzX3N1bW1hcnkYGSABKAkSGAoQcHJvZ3Jlc3NfcGVyY2VudBgaIAEoBRIWCg5wbGFuX3RydW5jYXRlZBgbIAEoCBIVCg1zdWJ0YXNrX2NvdW50GBwgASgFEg0KBW1vZGVsGB0gASgJEhcKD3Blcm1pc3Npb25fbW9kZRgeIAEoCRIZChFwZW5kaW5nX2FwcHJvdmFscxgfIAEoBRI4ChFjb21wbGV0aW9uX2FjdGlvbhggIAEoDjIdLnRhc2ttZXNoLnYxLkNvbXBsZXRpb25BY3Rpb24SFQoNdGFyZ2V0X2JyYW5jaBghIAEoCRIpCgdjaGFuZ2VzGCIgASgLMhgudGFza21lc2gudjEuVGFza0NoYW5nZXMinQIKC1Rhc2tDaGFuZ2VzEg8KB2F0dGVtcHQYASABKAUSDgoGYnJhbmNoGAIgASgJEhMKC2Jhc2VfY29tbWl0GAMgASgJEhMKC2hlYWRfY29tbWl0GAQgASgJEg8KB2NvbW1pdHMYBSABKAUSFQoNZmlsZXNfY2hhbmdlZBgGIAEoBRISCgppbnNlcnRpb25zGAcgASgFEhEKCWRlbGV0aW9ucxgIIAEoBRImCgVmaWxlcxgJIAMoCzIXLnRhc2ttZXNoLnYxLkZpbGVDaGFuZ2USFwoPcGF0Y2hfdHJ1bmNhdGVkGAogASgIEhgKEGNvbXBsZXRpb25fc3RhdGUYCyABKAkSGQoRY29tcGxldGlvbl9kZXRhaWwYDCABKAkiUQoKRmlsZUNoYW5nZRIMCgRwYXRoGAEgASgJEhIKCmluc2VydGlvbnMYAiABKAUSEQoJZGVsZXRpb25zGAMgASgFEg4KBmJpbmFyeRgEIAEoCCLnAQoLVGFza01lc3NhZ2USDwoHdGFza19pZBgBIAEoCRILCgNzZXEYAiABKAMSJgoEa2luZBgDIAEoDjIYLnRhc2ttZXNoLnYxLk1lc3NhZ2VLaW5kEg8KB2NvbnRlbnQYBCABKAkSEQoJdG9vbF9uYW1lGAUgASgJEhcKD3Rvb2xfaW5wdXRfanNvbhgGIAEoCRIPCgdhdHRlbXB0GAcgASgFEi8KC2NyZWF0ZV90aW1lGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBITCgthcHByb3ZhbF9pZBgJIAEoCSLjAQoJVGFza0V2ZW50EgoKAmlkGAEgASgDEg8KB3Rhc2tfaWQYAiABKAkSLAoLZnJvbV9zdGF0dXMYAyABKA4yFy50YXNrbWVzaC52MS5UYXNrU3RhdHVzEioKCXRvX3N0YXR1cxgEIAEoDjIXLnRhc2ttZXNoLnYxLlRhc2tTdGF0dXMSDQoFYWN0b3IYBSABKAkSDgoGcmVhc29uGAYgASgJEg8KB2F0dGVtcHQYByABKAUSLwoLY3JlYXRlX3RpbWUYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIpABCglUYXNrVXNhZ2USEAoIcHJvdmlkZXIYASABKAkSDQoFbW9kZWwYAiABKAkSFAoMaW5wdXRfdG9rZW5zGAMgASgDEhUKDW91dHB1dF90b2tlbnMYBCABKAMSGQoRY2FjaGVfcmVhZF90b2tlbnMYBSABKAMSGgoSY2FjaGVfd3JpdGVfdG9rZW5zGAYgASgDIogCChFDcmVhdGVUYXNrUmVxdWVzdBIRCgl3b3Jrc3BhY2UYASABKAkSDAoEbmFtZRgCIAEoCRIMCgRwbGFuGAMgASgJEhYKDnBhcmVudF90YXNrX2lkGAQgASgJEg8KB3J1bnRpbWUYBSABKAkSEgoKcmVwb3NpdG9yeRgGIAEoCRIOCgZicmFuY2gYByABKAkSDQoFbW9kZWwYCCABKAkSFwoPcGVybWlzc2lvbl9tb2RlGAkgASgJEjgKEWNvbXBsZXRpb25fYWN0aW9uGAogASgOMh0udGFza21lc2gudjEuQ29tcGxldGlvbkFjdGlvbhIVCg10YXJnZXRfYnJhbmNoGAsgASgJIjUKEkNyZWF0ZVRhc2tSZXNwb25zZRIfCgR0YXNrGAEgASgLMhEudGFza21lc2gudjEuVGFzayIcCg5HZXRUYXNrUmVxdWVzdBIKCgJpZBgBIAEoCSIyCg9HZXRUYXNrUmVzcG9uc2USHwoEdGFzaxgBIAEoCzIRLnRhc2ttZXNoLnYxLlRhc2siogEKEExpc3RUYXNrc1JlcXVlc3QSEQoJd29ya3NwYWNlGAEgASgJEikKCHN0YXR1c2VzGAIgAygOMhcudGFza21lc2gudjEuVGFza1N0YXR1cxIWCg5wYXJlbnRfdGFza19pZBgDIAEoCRIRCglkYWVtb25faWQYBCABKAkSEQoJcGFnZV9zaXplGAUgASgFEhIKCnBhZ2VfdG9rZW4YBiABKAkiTgoRTGlzdFRhc2tzUmVzcG9uc2USIAoFdGFza3MYASADKAsyES50YXNrbWVzaC52MS5UYXNrEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSJ/ChFVcGRhdGVUYXNrUmVxdWVzdBIfCgR0YXNrGAEgASgLMhEudGFza21lc2gudjEuVGFzaxIvCgt1cGRhdGVfbWFzaxgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5GaWVsZE1hc2sSGAoQZXhwZWN0ZWRfdmVyc2lvbhgDIAEoAyI1ChJVcGRhdGVUYXNrUmVzcG9uc2USHwoEdGFzaxgBIAEoCzIRLnRhc2ttZXNoLnYxLlRhc2siHwoRRGVsZXRlVGFza1JlcXVlc3QSCgoCaWQYASABKAkiFAoSRGVsZXRlVGFza1Jlc3BvbnNlIjEKEFN0YXJ0VGFza1JlcXVlc3QSCgoCaWQYASABKAkSEQoJZGFlbW9uX2lkGAIgASgJIkUKEVN0YXJ0VGFza1Jlc3BvbnNlEh8KBHRhc2sYASABKAsyES50YXNrbWVzaC52MS5UYXNrEg8KB3dhcm5pbmcYAiABKAkiHQoPU3RvcFRhc2tSZXF1ZXN0EgoKAmlkGAEgASgJIl4KEFN0b3BUYXNrUmVzcG9uc2USHwoEdGFzaxgBIAEoCzIRLnRhc2ttZXNoLnYxLlRhc2sSKQoHb3V0Y29tZRgCIAEoDjIYLnRhc2ttZXNoLnYxLlN0b3BPdXRjb21lIjMKElNlbmRNZXNzYWdlUmVxdWVzdBIPCgd0YXNrX2lkGAEgASgJEgwKBHRleHQYAiABKAkiKQoTU2VuZE1lc3NhZ2VSZXNwb25zZRISCgpjb21tYW5kX2lkGAEgASgJIkwKF0xpc3RUYXNrTWVzc2FnZXNSZXF1ZXN0Eg8KB3Rhc2tfaWQYASABKAkSEQoJc2luY2Vfc2VxGAIgASgDEg0KBWxpbWl0GAMgASgFIlgKGExpc3RUYXNrTWVzc2FnZXNSZXNwb25zZRIqCghtZXNzYWdlcxgBIAMoCzIYLnRhc2ttZXNoLnYxLlRhc2tNZXNzYWdlEhAKCGxhc3Rfc2VxGAIgASgDIjYKEFdhdGNoVGFza1JlcXVlc3QSDwoHdGFza19pZBgBIAEoCRIRCglzaW5jZV9zZXEYAiABKAMibAoRV2F0Y2hUYXNrUmVzcG9uc2USKwoHbWVzc2FnZRgBIAEoCzIYLnRhc2ttZXNoLnYxLlRhc2tNZXNzYWdlSAASIQoEdGFzaxgCIAEoCzIRLnRhc2ttZXNoLnYxLlRhc2tIAEIHCgVldmVudCImChFXYXRjaFRhc2tzUmVxdWVzdBIRCgl3b3Jrc3BhY2UYASABKAkiRgoSV2F0Y2hUYXNrc1Jlc3BvbnNlEh8KBHRhc2sYASABKAsyES50YXNrbWVzaC52MS5UYXNrEg8KB2RlbGV0ZWQYAiABKAgiTwoVTGlzdFRhc2tFdmVudHNSZXF1ZXN0Eg8KB3Rhc2tfaWQYASABKAkSEQoJcGFnZV9zaXplGAIgASgFEhIKCnBhZ2VfdG9rZW4YAyABKAkiWQoWTGlzdFRhc2tFdmVudHNSZXNwb25zZRImCgZldmVudHMYASADKAsyFi50YXNrbWVzaC52MS5UYXNrRXZlbnQSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIjQKE1JlYXNzaWduVGFza1JlcXVlc3QSCgoCaWQYASABKAkSEQoJZGFlbW9uX2lkGAIgASgJIjcKFFJlYXNzaWduVGFza1Jlc3BvbnNlEh8KBHRhc2sYASABKAsyES50YXNrbWVzaC52MS5UYXNrIkQKE0NvbnRpbnVlVGFza1JlcXVlc3QSCgoCaWQYASABKAkSDgoGcHJvbXB0GAIgASgJEhEKCWRhZW1vbl9pZBgDIAEoCSI3ChRDb250aW51ZVRhc2tSZXNwb25zZRIfCgR0YXNrGAEgASgLMhEudGFza21lc2gudjEuVGFzayIgChJHZXRUYXNrRGlmZlJlcXVlc3QSCgoCaWQYASABKAkiTwoTR2V0VGFza0RpZmZSZXNwb25zZRIpCgdjaGFuZ2VzGAEgASgLMhgudGFza21lc2gudjEuVGFza0NoYW5nZXMSDQoFcGF0Y2gYAiABKAkiJAoWUmV0cnlDb21wbGV0aW9uUmVxdWVzdBIKCgJpZBgBIAEoCSJOChdSZXRyeUNvbXBsZXRpb25SZXNwb25zZRIfCgR0YXNrGAEgASgLMhEudGFza21lc2gudjEuVGFzaxISCgpjb21tYW5kX2lkGAIgASgJIiYKE0dldFRhc2tVc2FnZVJlcXVlc3QSDwoHdGFza19pZBgBIAEoCSKFAQoUR2V0VGFza1VzYWdlUmVzcG9uc2USJQoFdXNhZ2UYASADKAsyFi50YXNrbWVzaC52MS5UYXNrVXNhZ2USJQoFdG90YWwYAiABKAsyFi50YXNrbWVzaC52MS5UYXNrVXNhZ2USEAoIY29zdF91c2QYAyABKAESDQoFdHVybnMYBCABKAUi4wIKCEFwcHJvdmFsEgoKAmlkGAEgASgJEg8KB3Rhc2tfaWQYAiABKAkSDwoHYXR0ZW1wdBgDIAEoBRIRCgl0b29sX25hbWUYBCABKAkSFwoPdG9vbF9pbnB1dF9qc29uGAUgASgJEikKBXN0YXRlGAYgASgOMhoudGFza21lc2gudjEuQXBwcm92YWxTdGF0ZRISCgpkZWNpZGVkX2J5GAcgASgJEg8KB21lc3NhZ2UYCCABKAkSGgoSdXBkYXRlZF9pbnB1dF9qc29uGAkgASgJEi8KC2NyZWF0ZV90aW1lGAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgtkZWNpZGVfdGltZRgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLZXhwaXJlX3RpbWUYDCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIpMBChVEZWNpZGVBcHByb3ZhbFJlcXVlc3QSDwoHdGFza19pZBgBIAEoCRITCgthcHByb3ZhbF9pZBgCIAEoCRInCghkZWNpc2lvbhgDIAEoDjIVLnRhc2ttZXNoLnYxLkRlY2lzaW9uEhoKEnVwZGF0ZWRfaW5wdXRfanNvbhgEIAEoCRIPCgdtZXNzYWdlGAUgASgJIkEKFkRlY2lkZUFwcHJvdmFsUmVzcG9uc2USJwoIYXBwcm92YWwYASABKAsyFS50YXNrbWVzaC52MS5BcHByb3ZhbCInChRMaXN0QXBwcm92YWxzUmVxdWVzdBIPCgd0YXNrX2lkGAEgASgJIkEKFUxpc3RBcHByb3ZhbHNSZXNwb25zZRIoCglhcHByb3ZhbHMYASADKAsyFS50YXNrbWVzaC52MS5BcHByb3ZhbCr6AQoKVGFza1N0YXR1cxIbChdUQVNLX1NUQVRVU19VTlNQRUNJRklFRBAAEhcKE1RBU0tfU1RBVFVTX1BFTkRJTkcQARIWChJUQVNLX1NUQVRVU19RVUVVRUQQAhIaChZUQVNLX1NUQVRVU19ESVNQQVRDSEVEEAMSFwoTVEFTS19TVEFUVVNfUlVOTklORxAEEhkKFVRBU0tfU1RBVFVTX0NPTVBMRVRFRBAFEhYKElRBU0tfU1RBVFVTX0ZBSUxFRBAGEhkKFVRBU0tfU1RBVFVTX0NBTkNFTExFRBAHEhsKF1RBU0tfU1RBVFVTX0lOVEVSUlVQVEVEEAgqigEKEENvbXBsZXRpb25BY3Rpb24SIQodQ09NUExFVElPTl9BQ1RJT05fVU5TUEVDSUZJRUQQABIaChZDT01QTEVUSU9OX0FDVElPTl9OT05FEAESGgoWQ09NUExFVElPTl9BQ1RJT05fUFVTSBACEhsKF0NPTVBMRVRJT05fQUNUSU9OX01FUkdFEAMq/QEKC01lc3NhZ2VLaW5kEhwKGE1FU1NBR0VfS0lORF9VTlNQRUNJRklFRBAAEhoKFk1FU1NBR0VfS0lORF9BU1NJU1RBTlQQARIZChVNRVNTQUdFX0tJTkRfVE9PTF9VU0UQAhIcChhNRVNTQUdFX0tJTkRfVE9PTF9SRVNVTFQQAxIVChFNRVNTQUdFX0tJTkRfVVNFUhAEEhcKE01FU1NBR0VfS0lORF9TWVNURU0QBRIXChNNRVNTQUdFX0tJTkRfU1RET1VUEAYSFwoTTUVTU0FHRV9LSU5EX1NUREVSUhAHEhkKFU1FU1NBR0VfS0lORF9BUFBST1ZBTBAIKq0BCgtTdG9wT3V0Y29tZRIcChhTVE9QX09VVENPTUVfVU5TUEVDSUZJRUQQABIaChZTVE9QX09VVENPTUVfQ0FOQ0VMTEVEEAESHQoZU1RPUF9PVVRDT01FX0lOVEVSUlVQVElORxACEiEKHVNUT1BfT1VUQ09NRV9BTFJFQURZX1NUT1BQSU5HEAMSIgoeU1RPUF9PVVRDT01FX0FMUkVBRFlfQ0FOQ0VMTEVEEAQqngEKDUFwcHJvdmFsU3RhdGUSHgoaQVBQUk9WQUxfU1RBVEVfVU5TUEVDSUZJRUQQABIaChZBUFBST1ZBTF9TVEFURV9QRU5ESU5HEAESGgoWQVBQUk9WQUxfU1RBVEVfQUxMT1dFRBACEhkKFUFQUFJPVkFMX1NUQVRFX0RFTklFRBADEhoKFkFQUFJPVkFMX1NUQVRFX0VYUElSRUQQBCpLCghEZWNpc2lvbhIYChRERUNJU0lPTl9VTlNQRUNJRklFRBAAEhIKDkRFQ0lTSU9OX0FMTE9XEAESEQoNREVDSVNJT05fREVOWRACMrAMCgtUYXNrU2VydmljZRJNCgpDcmVhdGVUYXNrEh4udGFza21lc2gudjEuQ3JlYXRlVGFza1JlcXVlc3QaHy50YXNrbWVzaC52MS5DcmVhdGVUYXNrUmVzcG9uc2USRAoHR2V0VGFzaxIbLnRhc2ttZXNoLnYxLkdldFRhc2tSZXF1ZXN0GhwudGFza21lc2gudjEuR2V0VGFza1Jlc3BvbnNlEkoKCUxpc3RUYXNrcxIdLnRhc2ttZXNoLnYxLkxpc3RUYXNrc1JlcXVlc3QaHi50YXNrbWVzaC52MS5MaXN0VGFza3NSZXNwb25zZRJNCgpVcGRhdGVUYXNrEh4udGFza21lc2gudjEuVXBkYXRlVGFza1JlcXVlc3QaHy50YXNrbWVzaC52MS5VcGRhdGVUYXNrUmVzcG9uc2USTQoKRGVsZXRlVGFzaxIeLnRhc2ttZXNoLnYxLkRlbGV0ZVRhc2tSZXF1ZXN0Gh8udGFza21lc2gudjEuRGVsZXRlVGFza1Jlc3BvbnNlEkoKCVN0YXJ0VGFzaxIdLnRhc2ttZXNoLnYxLlN0YXJ0VGFza1JlcXVlc3QaHi50YXNrbWVzaC52MS5TdGFydFRhc2tSZXNwb25zZRJHCghTdG9wVGFzaxIcLnRhc2ttZXNoLnYxLlN0b3BUYXNrUmVxdWVzdBodLnRhc2ttZXNoLnYxLlN0b3BUYXNrUmVzcG9uc2USUAoLU2VuZE1lc3NhZ2USHy50YXNrbWVzaC52MS5TZW5kTWVzc2FnZVJlcXVlc3QaIC50YXNrbWVzaC52MS5TZW5kTWVzc2FnZVJlc3BvbnNlEl8KEExpc3RUYXNrTWVzc2FnZXMSJC50YXNrbWVzaC52MS5MaXN0VGFza01lc3NhZ2VzUmVxdWVzdBolLnRhc2ttZXNoLnYxLkxpc3RUYXNrTWVzc2FnZXNSZXNwb25zZRJMCglXYXRjaFRhc2sSHS50YXNrbWVzaC52MS5XYXRjaFRhc2tSZXF1ZXN0Gh4udGFza21lc2gudjEuV2F0Y2hUYXNrUmVzcG9uc2UwARJPCgpXYXRjaFRhc2tzEh4udGFza21lc2gudjEuV2F0Y2hUYXNrc1JlcXVlc3QaHy50YXNrbWVzaC52MS5XYXRjaFRhc2tzUmVzcG9uc2UwARJZCg5MaXN0VGFza0V2ZW50cxIiLnRhc2ttZXNoLnYxLkxpc3RUYXNrRXZlbnRzUmVxdWVzdBojLnRhc2ttZXNoLnYxLkxpc3RUYXNrRXZlbnRzUmVzcG9uc2USUwoMUmVhc3NpZ25UYXNrEiAudGFza21lc2gudjEuUmVhc3NpZ25UYXNrUmVxdWVzdBohLnRhc2ttZXNoLnYxLlJlYXNzaWduVGFza1Jlc3BvbnNlElMKDENvbnRpbnVlVGFzaxIgLnRhc2ttZXNoLnYxLkNvbnRpbnVlVGFza1JlcXVlc3QaIS50YXNrbWVzaC52MS5Db250aW51ZVRhc2tSZXNwb25zZRJcCg9SZXRyeUNvbXBsZXRpb24SIy50YXNrbWVzaC52MS5SZXRyeUNvbXBsZXRpb25SZXF1ZXN0GiQudGFza21lc2gudjEuUmV0cnlDb21wbGV0aW9uUmVzcG9uc2USUAoLR2V0VGFza0RpZmYSHy50YXNrbWVzaC52MS5HZXRUYXNrRGlmZlJlcXVlc3QaIC50YXNrbWVzaC52MS5HZXRUYXNrRGlmZlJlc3BvbnNlElMKDEdldFRhc2tVc2FnZRIgLnRhc2ttZXNoLnYxLkdldFRhc2tVc2FnZVJlcXVlc3QaIS50YXNrbWVzaC52MS5HZXRUYXNrVXNhZ2VSZXNwb25zZRJZCg5EZWNpZGVBcHByb3ZhbBIiLnRhc2ttZXNoLnYxLkRlY2lkZUFwcHJvdmFsUmVxdWVzdBojLnRhc2ttZXNoLnYxLkRlY2lkZUFwcHJvdmFsUmVzcG9uc2USVgoNTGlzdEFwcHJvdmFscxIhLnRhc2ttZXNoLnYxLkxpc3RBcHByb3ZhbHNSZXF1ZXN0GiIudGFza21lc2gudjEuTGlzdEFwcHJvdmFsc1Jlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_field_mask, file_google_protobuf_timestamp]);
 
 /**
  * @generated from message taskmesh.v1.Task
@@ -214,6 +214,29 @@ export type Task = Message<"taskmesh.v1.Task"> & {
    * @generated from field: int32 pending_approvals = 31;
    */
   pendingApprovals: number;
+
+  /**
+   * What the daemon does with the task's branch once the agent completes.
+   *
+   * @generated from field: taskmesh.v1.CompletionAction completion_action = 32;
+   */
+  completionAction: CompletionAction;
+
+  /**
+   * For COMPLETION_ACTION_MERGE: the branch the work is merged into; the
+   * repository's default branch when empty.
+   *
+   * @generated from field: string target_branch = 33;
+   */
+  targetBranch: string;
+
+  /**
+   * What the newest attempt that reported changes did to the repository
+   * (without the patch: GetTaskDiff has it). Filled by GetTask only.
+   *
+   * @generated from field: taskmesh.v1.TaskChanges changes = 34;
+   */
+  changes?: TaskChanges | undefined;
 };
 
 /**
@@ -222,6 +245,127 @@ export type Task = Message<"taskmesh.v1.Task"> & {
  */
 export const TaskSchema: GenMessage<Task> = /*@__PURE__*/
   messageDesc(file_taskmesh_v1_task, 0);
+
+/**
+ * TaskChanges is what an attempt changed in its repository: the daemon
+ * commits what the agent left uncommitted, then compares its branch with
+ * where it started.
+ *
+ * @generated from message taskmesh.v1.TaskChanges
+ */
+export type TaskChanges = Message<"taskmesh.v1.TaskChanges"> & {
+  /**
+   * @generated from field: int32 attempt = 1;
+   */
+  attempt: number;
+
+  /**
+   * The task's working branch: its branch, or taskmesh/<short id>.
+   *
+   * @generated from field: string branch = 2;
+   */
+  branch: string;
+
+  /**
+   * @generated from field: string base_commit = 3;
+   */
+  baseCommit: string;
+
+  /**
+   * @generated from field: string head_commit = 4;
+   */
+  headCommit: string;
+
+  /**
+   * @generated from field: int32 commits = 5;
+   */
+  commits: number;
+
+  /**
+   * @generated from field: int32 files_changed = 6;
+   */
+  filesChanged: number;
+
+  /**
+   * @generated from field: int32 insertions = 7;
+   */
+  insertions: number;
+
+  /**
+   * @generated from field: int32 deletions = 8;
+   */
+  deletions: number;
+
+  /**
+   * Per file, at most 1,000.
+   *
+   * @generated from field: repeated taskmesh.v1.FileChange files = 9;
+   */
+  files: FileChange[];
+
+  /**
+   * The patch was cut at 1 MiB.
+   *
+   * @generated from field: bool patch_truncated = 10;
+   */
+  patchTruncated: boolean;
+
+  /**
+   * The completion action's last result: "ok", "failed", or empty when
+   * none ran.
+   *
+   * @generated from field: string completion_state = 11;
+   */
+  completionState: string;
+
+  /**
+   * What it did (the pushed ref, the merge commit) or the git error.
+   *
+   * @generated from field: string completion_detail = 12;
+   */
+  completionDetail: string;
+};
+
+/**
+ * Describes the message taskmesh.v1.TaskChanges.
+ * Use `create(TaskChangesSchema)` to create a new message.
+ */
+export const TaskChangesSchema: GenMessage<TaskChanges> = /*@__PURE__*/
+  messageDesc(file_taskmesh_v1_task, 1);
+
+/**
+ * @generated from message taskmesh.v1.FileChange
+ */
+export type FileChange = Message<"taskmesh.v1.FileChange"> & {
+  /**
+   * @generated from field: string path = 1;
+   */
+  path: string;
+
+  /**
+   * @generated from field: int32 insertions = 2;
+   */
+  insertions: number;
+
+  /**
+   * @generated from field: int32 deletions = 3;
+   */
+  deletions: number;
+
+  /**
+   * Binary files count no lines.
+   *
+   * @generated from field: bool binary = 4;
+   */
+  binary: boolean;
+};
+
+/**
+ * Describes the message taskmesh.v1.FileChange.
+ * Use `create(FileChangeSchema)` to create a new message.
+ */
+export const FileChangeSchema: GenMessage<FileChange> = /*@__PURE__*/
+  messageDesc(file_taskmesh_v1_task, 2);
 
 /**
  * TaskMessage is one numbered piece of a task's output.
@@ -288,7 +432,7 @@ export type TaskMessage = Message<"taskmesh.v1.TaskMessage"> & {
  * Use `create(TaskMessageSchema)` to create a new message.
  */
 export const TaskMessageSchema: GenMessage<TaskMessage> = /*@__PURE__*/
-  messageDesc(file_taskmesh_v1_task, 1);
+  messageDesc(file_taskmesh_v1_task, 3);
 
 /**
  * TaskEvent records one status transition and who caused it.
@@ -344,7 +488,7 @@ export type TaskEvent = Message<"taskmesh.v1.TaskEvent"> & {
  * Use `create(TaskEventSchema)` to create a new message.
  */
 export const TaskEventSchema: GenMessage<TaskEvent> = /*@__PURE__*/
-  messageDesc(file_taskmesh_v1_task, 2);
+  messageDesc(file_taskmesh_v1_task, 4);
 
 /**
  * TaskUsage is token usage of one provider and model.
@@ -388,7 +532,7 @@ export type TaskUsage = Message<"taskmesh.v1.TaskUsage"> & {
  * Use `create(TaskUsageSchema)` to create a new message.
  */
 export const TaskUsageSchema: GenMessage<TaskUsage> = /*@__PURE__*/
-  messageDesc(file_taskmesh_v1_task, 3);
+  messageDesc(file_taskmesh_v1_task, 5);
 
 /**
  * @generated from message taskmesh.v1.CreateTaskRequest
@@ -449,6 +593,20 @@ export type CreateTaskRequest = Message<"taskmesh.v1.CreateTaskRequest"> & {
    * @generated from field: string permission_mode = 9;
    */
   permissionMode: string;
+
+  /**
+   * Needs a repository unless NONE.
+   *
+   * @generated from field: taskmesh.v1.CompletionAction completion_action = 10;
+   */
+  completionAction: CompletionAction;
+
+  /**
+   * For MERGE; the repository's default branch when empty.
+   *
+   * @generated from field: string target_branch = 11;
+   */
+  targetBranch: string;
 };
 
 /**
@@ -456,7 +614,7 @@ export type CreateTaskRequest = Message<"taskmesh.v1.CreateTaskRequest"> & {
  * Use `create(CreateTaskRequestSchema)` to create a new message.
  */
 export const CreateTaskRequestSchema: GenMessage<CreateTaskRequest> = /*@__PURE__*/
-  messageDesc(file_taskmesh_v1_task, 4);
+  messageDesc(file_taskmesh_v1_task, 6);
 
 /**
  * @generated from message taskmesh.v1.CreateTaskResponse
@@ -473,7 +631,7 @@ export type CreateTaskResponse = Message<"taskmesh.v1.CreateTaskResponse"> & {
  * Use `create(CreateTaskResponseSchema)` to create a new message.
  */
 export const CreateTaskResponseSchema: GenMessage<CreateTaskResponse> = /*@__PURE__*/
-  messageDesc(file_taskmesh_v1_task, 5);
+  messageDesc(file_taskmesh_v1_task, 7);
 
 /**
  * @generated from message taskmesh.v1.GetTaskRequest
@@ -490,7 +648,7 @@ export type GetTaskRequest = Message<"taskmesh.v1.GetTaskRequest"> & {
  * Use `create(GetTaskRequestSchema)` to create a new message.
  */
 export const GetTaskRequestSchema: GenMessage<GetTaskRequest> = /*@__PURE__*/
-  messageDesc(file_taskmesh_v1_task, 6);
+  messageDesc(file_taskmesh_v1_task, 8);
 
 /**
  * @generated from message taskmesh.v1.GetTaskResponse
@@ -507,7 +665,7 @@ export type GetTaskResponse = Message<"taskmesh.v1.GetTaskResponse"> & {
  * Use `create(GetTaskResponseSchema)` to create a new message.
  */
 export const GetTaskResponseSchema: GenMessage<GetTaskResponse> = /*@__PURE__*/
-  messageDesc(file_taskmesh_v1_task, 7);
+  messageDesc(file_taskmesh_v1_task, 9);
 
 /**
  * @generated from message taskmesh.v1.ListTasksRequest
@@ -559,7 +717,7 @@ export type ListTasksRequest = Message<"taskmesh.v1.ListTasksRequest"> & {
  * Use `create(ListTasksRequestSchema)` to create a new message.
  */
 export const ListTasksRequestSchema: GenMessage<ListTasksRequest> = /*@__PURE__*/
-  messageDesc(file_taskmesh_v1_task, 8);
+  messageDesc(file_taskmesh_v1_task, 10);
 
 /**
  * @generated from message taskmesh.v1.ListTasksResponse
@@ -585,7 +743,7 @@ export type ListTasksResponse = Message<"taskmesh.v1.ListTasksResponse"> & {
  * Use `create(ListTasksResponseSchema)` to create a new message.
  */
 export const ListTasksResponseSchema: GenMessage<ListTasksResponse> = /*@__PURE__*/
-  messageDesc(file_taskmesh_v1_task, 9);
+  messageDesc(file_taskmesh_v1_task, 11);
 
 /**
  * @generated from message taskmesh.v1.UpdateTaskRequest
@@ -619,7 +777,7 @@ export type UpdateTaskRequest = Message<"taskmesh.v1.UpdateTaskRequest"> & {
  * Use `create(UpdateTaskRequestSchema)` to create a new message.
  */
 export const UpdateTaskRequestSchema: GenMessage<UpdateTaskRequest> = /*@__PURE__*/
-  messageDesc(file_taskmesh_v1_task, 10);
+  messageDesc(file_taskmesh_v1_task, 12);
 
 /**
  * @generated from message taskmesh.v1.UpdateTaskResponse
@@ -636,7 +794,7 @@ export type UpdateTaskResponse = Message<"taskmesh.v1.UpdateTaskResponse"> & {
  * Use `create(UpdateTaskResponseSchema)` to create a new message.
  */
 export const UpdateTaskResponseSchema: GenMessage<UpdateTaskResponse> = /*@__PURE__*/
-  messageDesc(file_taskmesh_v1_task, 11);
+  messageDesc(file_taskmesh_v1_task, 13);
 
 /**
  * @generated from message taskmesh.v1.DeleteTaskRequest
@@ -653,7 +811,7 @@ export type DeleteTaskRequest = Message<"taskmesh.v1.DeleteTaskRequest"> & {
  * Use `create(DeleteTaskRequestSchema)` to create a new message.
  */
 export const DeleteTaskRequestSchema: GenMessage<DeleteTaskRequest> = /*@__PURE__*/
-  messageDesc(file_taskmesh_v1_task, 12);
+  messageDesc(file_taskmesh_v1_task, 14);
 
 /**
  * @generated from message taskmesh.v1.DeleteTaskResponse
@@ -666,7 +824,7 @@ export type DeleteTaskResponse = Message<"taskmesh.v1.DeleteTaskResponse"> & {
  * Use `create(DeleteTaskResponseSchema)` to create a new message.
  */
 export const DeleteTaskResponseSchema: GenMessage<DeleteTaskResponse> = /*@__PURE__*/
-  messageDesc(file_taskmesh_v1_task, 13);
+  messageDesc(file_taskmesh_v1_task, 15);
 
 /**
  * @generated from message taskmesh.v1.StartTaskRequest
@@ -690,7 +848,7 @@ export type StartTaskRequest = Message<"taskmesh.v1.StartTaskRequest"> & {
  * Use `create(StartTaskRequestSchema)` to create a new message.
  */
 export const StartTaskRequestSchema: GenMessage<StartTaskRequest> = /*@__PURE__*/
-  messageDesc(file_taskmesh_v1_task, 14);
+  messageDesc(file_taskmesh_v1_task, 16);
 
 /**
  * @generated from message taskmesh.v1.StartTaskResponse
@@ -715,7 +873,7 @@ export type StartTaskResponse = Message<"taskmesh.v1.StartTaskResponse"> & {
  * Use `create(StartTaskResponseSchema)` to create a new message.
  */
 export const StartTaskResponseSchema: GenMessage<StartTaskResponse> = /*@__PURE__*/
-  messageDesc(file_taskmesh_v1_task, 15);
+  messageDesc(file_taskmesh_v1_task, 17);
 
 /**
  * @generated from message taskmesh.v1.StopTaskRequest
@@ -732,7 +890,7 @@ export type StopTaskRequest = Message<"taskmesh.v1.StopTaskRequest"> & {
  * Use `create(StopTaskRequestSchema)` to create a new message.
  */
 export const StopTaskRequestSchema: GenMessage<StopTaskRequest> = /*@__PURE__*/
-  messageDesc(file_taskmesh_v1_task, 16);
+  messageDesc(file_taskmesh_v1_task, 18);
 
 /**
  * @generated from message taskmesh.v1.StopTaskResponse
@@ -757,7 +915,7 @@ export type StopTaskResponse = Message<"taskmesh.v1.StopTaskResponse"> & {
  * Use `create(StopTaskResponseSchema)` to create a new message.
  */
 export const StopTaskResponseSchema: GenMessage<StopTaskResponse> = /*@__PURE__*/
-  messageDesc(file_taskmesh_v1_task, 17);
+  messageDesc(file_taskmesh_v1_task, 19);
 
 /**
  * @generated from message taskmesh.v1.SendMessageRequest
@@ -779,7 +937,7 @@ export type SendMessageRequest = Message<"taskmesh.v1.SendMessageRequest"> & {
  * Use `create(SendMessageRequestSchema)` to create a new message.
  */
 export const SendMessageRequestSchema: GenMessage<SendMessageRequest> = /*@__PURE__*/
-  messageDesc(file_taskmesh_v1_task, 18);
+  messageDesc(file_taskmesh_v1_task, 20);
 
 /**
  * @generated from message taskmesh.v1.SendMessageResponse
@@ -798,7 +956,7 @@ export type SendMessageResponse = Message<"taskmesh.v1.SendMessageResponse"> & {
  * Use `create(SendMessageResponseSchema)` to create a new message.
  */
 export const SendMessageResponseSchema: GenMessage<SendMessageResponse> = /*@__PURE__*/
-  messageDesc(file_taskmesh_v1_task, 19);
+  messageDesc(file_taskmesh_v1_task, 21);
 
 /**
  * @generated from message taskmesh.v1.ListTaskMessagesRequest
@@ -829,7 +987,7 @@ export type ListTaskMessagesRequest = Message<"taskmesh.v1.ListTaskMessagesReque
  * Use `create(ListTaskMessagesRequestSchema)` to create a new message.
  */
 export const ListTaskMessagesRequestSchema: GenMessage<ListTaskMessagesRequest> = /*@__PURE__*/
-  messageDesc(file_taskmesh_v1_task, 20);
+  messageDesc(file_taskmesh_v1_task, 22);
 
 /**
  * @generated from message taskmesh.v1.ListTaskMessagesResponse
@@ -853,7 +1011,7 @@ export type ListTaskMessagesResponse = Message<"taskmesh.v1.ListTaskMessagesResp
  * Use `create(ListTaskMessagesResponseSchema)` to create a new message.
  */
 export const ListTaskMessagesResponseSchema: GenMessage<ListTaskMessagesResponse> = /*@__PURE__*/
-  messageDesc(file_taskmesh_v1_task, 21);
+  messageDesc(file_taskmesh_v1_task, 23);
 
 /**
  * @generated from message taskmesh.v1.WatchTaskRequest
@@ -877,7 +1035,7 @@ export type WatchTaskRequest = Message<"taskmesh.v1.WatchTaskRequest"> & {
  * Use `create(WatchTaskRequestSchema)` to create a new message.
  */
 export const WatchTaskRequestSchema: GenMessage<WatchTaskRequest> = /*@__PURE__*/
-  messageDesc(file_taskmesh_v1_task, 22);
+  messageDesc(file_taskmesh_v1_task, 24);
 
 /**
  * @generated from message taskmesh.v1.WatchTaskResponse
@@ -908,7 +1066,7 @@ export type WatchTaskResponse = Message<"taskmesh.v1.WatchTaskResponse"> & {
  * Use `create(WatchTaskResponseSchema)` to create a new message.
  */
 export const WatchTaskResponseSchema: GenMessage<WatchTaskResponse> = /*@__PURE__*/
-  messageDesc(file_taskmesh_v1_task, 23);
+  messageDesc(file_taskmesh_v1_task, 25);
 
 /**
  * @generated from message taskmesh.v1.WatchTasksRequest
@@ -927,7 +1085,7 @@ export type WatchTasksRequest = Message<"taskmesh.v1.WatchTasksRequest"> & {
  * Use `create(WatchTasksRequestSchema)` to create a new message.
  */
 export const WatchTasksRequestSchema: GenMessage<WatchTasksRequest> = /*@__PURE__*/
-  messageDesc(file_taskmesh_v1_task, 24);
+  messageDesc(file_taskmesh_v1_task, 26);
 
 /**
  * @generated from message taskmesh.v1.WatchTasksResponse
@@ -951,7 +1109,7 @@ export type WatchTasksResponse = Message<"taskmesh.v1.WatchTasksResponse"> & {
  * Use `create(WatchTasksResponseSchema)` to create a new message.
  */
 export const WatchTasksResponseSchema: GenMessage<WatchTasksResponse> = /*@__PURE__*/
-  messageDesc(file_taskmesh_v1_task, 25);
+  messageDesc(file_taskmesh_v1_task, 27);
 
 /**
  * @generated from message taskmesh.v1.ListTaskEventsRequest
@@ -980,7 +1138,7 @@ export type ListTaskEventsRequest = Message<"taskmesh.v1.ListTaskEventsRequest">
  * Use `create(ListTaskEventsRequestSchema)` to create a new message.
  */
 export const ListTaskEventsRequestSchema: GenMessage<ListTaskEventsRequest> = /*@__PURE__*/
-  messageDesc(file_taskmesh_v1_task, 26);
+  messageDesc(file_taskmesh_v1_task, 28);
 
 /**
  * @generated from message taskmesh.v1.ListTaskEventsResponse
@@ -1004,7 +1162,7 @@ export type ListTaskEventsResponse = Message<"taskmesh.v1.ListTaskEventsResponse
  * Use `create(ListTaskEventsResponseSchema)` to create a new message.
  */
 export const ListTaskEventsResponseSchema: GenMessage<ListTaskEventsResponse> = /*@__PURE__*/
-  messageDesc(file_taskmesh_v1_task, 27);
+  messageDesc(file_taskmesh_v1_task, 29);
 
 /**
  * @generated from message taskmesh.v1.ReassignTaskRequest
@@ -1028,7 +1186,7 @@ export type ReassignTaskRequest = Message<"taskmesh.v1.ReassignTaskRequest"> & {
  * Use `create(ReassignTaskRequestSchema)` to create a new message.
  */
 export const ReassignTaskRequestSchema: GenMessage<ReassignTaskRequest> = /*@__PURE__*/
-  messageDesc(file_taskmesh_v1_task, 28);
+  messageDesc(file_taskmesh_v1_task, 30);
 
 /**
  * @generated from message taskmesh.v1.ReassignTaskResponse
@@ -1045,7 +1203,7 @@ export type ReassignTaskResponse = Message<"taskmesh.v1.ReassignTaskResponse"> &
  * Use `create(ReassignTaskResponseSchema)` to create a new message.
  */
 export const ReassignTaskResponseSchema: GenMessage<ReassignTaskResponse> = /*@__PURE__*/
-  messageDesc(file_taskmesh_v1_task, 29);
+  messageDesc(file_taskmesh_v1_task, 31);
 
 /**
  * @generated from message taskmesh.v1.ContinueTaskRequest
@@ -1074,7 +1232,7 @@ export type ContinueTaskRequest = Message<"taskmesh.v1.ContinueTaskRequest"> & {
  * Use `create(ContinueTaskRequestSchema)` to create a new message.
  */
 export const ContinueTaskRequestSchema: GenMessage<ContinueTaskRequest> = /*@__PURE__*/
-  messageDesc(file_taskmesh_v1_task, 30);
+  messageDesc(file_taskmesh_v1_task, 32);
 
 /**
  * @generated from message taskmesh.v1.ContinueTaskResponse
@@ -1091,7 +1249,48 @@ export type ContinueTaskResponse = Message<"taskmesh.v1.ContinueTaskResponse"> &
  * Use `create(ContinueTaskResponseSchema)` to create a new message.
  */
 export const ContinueTaskResponseSchema: GenMessage<ContinueTaskResponse> = /*@__PURE__*/
-  messageDesc(file_taskmesh_v1_task, 31);
+  messageDesc(file_taskmesh_v1_task, 33);
+
+/**
+ * @generated from message taskmesh.v1.GetTaskDiffRequest
+ */
+export type GetTaskDiffRequest = Message<"taskmesh.v1.GetTaskDiffRequest"> & {
+  /**
+   * @generated from field: string id = 1;
+   */
+  id: string;
+};
+
+/**
+ * Describes the message taskmesh.v1.GetTaskDiffRequest.
+ * Use `create(GetTaskDiffRequestSchema)` to create a new message.
+ */
+export const GetTaskDiffRequestSchema: GenMessage<GetTaskDiffRequest> = /*@__PURE__*/
+  messageDesc(file_taskmesh_v1_task, 34);
+
+/**
+ * @generated from message taskmesh.v1.GetTaskDiffResponse
+ */
+export type GetTaskDiffResponse = Message<"taskmesh.v1.GetTaskDiffResponse"> & {
+  /**
+   * @generated from field: taskmesh.v1.TaskChanges changes = 1;
+   */
+  changes?: TaskChanges | undefined;
+
+  /**
+   * `git diff` of base_commit..head_commit.
+   *
+   * @generated from field: string patch = 2;
+   */
+  patch: string;
+};
+
+/**
+ * Describes the message taskmesh.v1.GetTaskDiffResponse.
+ * Use `create(GetTaskDiffResponseSchema)` to create a new message.
+ */
+export const GetTaskDiffResponseSchema: GenMessage<GetTaskDiffResponse> = /*@__PURE__*/
+  messageDesc(file_taskmesh_v1_task, 35);
 
 /**
  * @generated from message taskmesh.v1.RetryCompletionRequest
@@ -1108,7 +1307,7 @@ export type RetryCompletionRequest = Message<"taskmesh.v1.RetryCompletionRequest
  * Use `create(RetryCompletionRequestSchema)` to create a new message.
  */
 export const RetryCompletionRequestSchema: GenMessage<RetryCompletionRequest> = /*@__PURE__*/
-  messageDesc(file_taskmesh_v1_task, 32);
+  messageDesc(file_taskmesh_v1_task, 36);
 
 /**
  * @generated from message taskmesh.v1.RetryCompletionResponse
@@ -1130,7 +1329,7 @@ export type RetryCompletionResponse = Message<"taskmesh.v1.RetryCompletionRespon
  * Use `create(RetryCompletionResponseSchema)` to create a new message.
  */
 export const RetryCompletionResponseSchema: GenMessage<RetryCompletionResponse> = /*@__PURE__*/
-  messageDesc(file_taskmesh_v1_task, 33);
+  messageDesc(file_taskmesh_v1_task, 37);
 
 /**
  * @generated from message taskmesh.v1.GetTaskUsageRequest
@@ -1147,7 +1346,7 @@ export type GetTaskUsageRequest = Message<"taskmesh.v1.GetTaskUsageRequest"> & {
  * Use `create(GetTaskUsageRequestSchema)` to create a new message.
  */
 export const GetTaskUsageRequestSchema: GenMessage<GetTaskUsageRequest> = /*@__PURE__*/
-  messageDesc(file_taskmesh_v1_task, 34);
+  messageDesc(file_taskmesh_v1_task, 38);
 
 /**
  * @generated from message taskmesh.v1.GetTaskUsageResponse
@@ -1185,7 +1384,7 @@ export type GetTaskUsageResponse = Message<"taskmesh.v1.GetTaskUsageResponse"> &
  * Use `create(GetTaskUsageResponseSchema)` to create a new message.
  */
 export const GetTaskUsageResponseSchema: GenMessage<GetTaskUsageResponse> = /*@__PURE__*/
-  messageDesc(file_taskmesh_v1_task, 35);
+  messageDesc(file_taskmesh_v1_task, 39);
 
 /**
  * Approval is a permission an agent asked for.
@@ -1267,7 +1466,7 @@ export type Approval = Message<"taskmesh.v1.Approval"> & {
  * Use `create(ApprovalSchema)` to create a new message.
  */
 export const ApprovalSchema: GenMessage<Approval> = /*@__PURE__*/
-  messageDesc(file_taskmesh_v1_task, 36);
+  messageDesc(file_taskmesh_v1_task, 40);
 
 /**
  * @generated from message taskmesh.v1.DecideApprovalRequest
@@ -1311,7 +1510,7 @@ export type DecideApprovalRequest = Message<"taskmesh.v1.DecideApprovalRequest">
  * Use `create(DecideApprovalRequestSchema)` to create a new message.
  */
 export const DecideApprovalRequestSchema: GenMessage<DecideApprovalRequest> = /*@__PURE__*/
-  messageDesc(file_taskmesh_v1_task, 37);
+  messageDesc(file_taskmesh_v1_task, 41);
 
 /**
  * @generated from message taskmesh.v1.DecideApprovalResponse
@@ -1328,7 +1527,7 @@ export type DecideApprovalResponse = Message<"taskmesh.v1.DecideApprovalResponse
  * Use `create(DecideApprovalResponseSchema)` to create a new message.
  */
 export const DecideApprovalResponseSchema: GenMessage<DecideApprovalResponse> = /*@__PURE__*/
-  messageDesc(file_taskmesh_v1_task, 38);
+  messageDesc(file_taskmesh_v1_task, 42);
 
 /**
  * @generated from message taskmesh.v1.ListApprovalsRequest
@@ -1345,7 +1544,7 @@ export type ListApprovalsRequest = Message<"taskmesh.v1.ListApprovalsRequest"> &
  * Use `create(ListApprovalsRequestSchema)` to create a new message.
  */
 export const ListApprovalsRequestSchema: GenMessage<ListApprovalsRequest> = /*@__PURE__*/
-  messageDesc(file_taskmesh_v1_task, 39);
+  messageDesc(file_taskmesh_v1_task, 43);
 
 /**
  * @generated from message taskmesh.v1.ListApprovalsResponse
@@ -1362,7 +1561,7 @@ export type ListApprovalsResponse = Message<"taskmesh.v1.ListApprovalsResponse">
  * Use `create(ListApprovalsResponseSchema)` to create a new message.
  */
 export const ListApprovalsResponseSchema: GenMessage<ListApprovalsResponse> = /*@__PURE__*/
-  messageDesc(file_taskmesh_v1_task, 40);
+  messageDesc(file_taskmesh_v1_task, 44);
 
 /**
  * TaskStatus is a task's place in its lifecycle:
@@ -1433,6 +1632,50 @@ export const TaskStatusSchema: GenEnum<TaskStatus> = /*@__PURE__*/
   enumDesc(file_taskmesh_v1_task, 0);
 
 /**
+ * CompletionAction is what happens to an agent's work in a repository when
+ * it completes. The daemon uses its own git configuration and credential
+ * helpers.
+ *
+ * @generated from enum taskmesh.v1.CompletionAction
+ */
+export enum CompletionAction {
+  /**
+   * The same as NONE.
+   *
+   * @generated from enum value: COMPLETION_ACTION_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * The work stays in the daemon's worktree (CloneWorktree can copy it).
+   *
+   * @generated from enum value: COMPLETION_ACTION_NONE = 1;
+   */
+  NONE = 1,
+
+  /**
+   * Push the task's branch to the repository's remote.
+   *
+   * @generated from enum value: COMPLETION_ACTION_PUSH = 2;
+   */
+  PUSH = 2,
+
+  /**
+   * Merge the task's branch into target_branch and push that; a conflict
+   * refuses the merge with the files it concerns.
+   *
+   * @generated from enum value: COMPLETION_ACTION_MERGE = 3;
+   */
+  MERGE = 3,
+}
+
+/**
+ * Describes the enum taskmesh.v1.CompletionAction.
+ */
+export const CompletionActionSchema: GenEnum<CompletionAction> = /*@__PURE__*/
+  enumDesc(file_taskmesh_v1_task, 1);
+
+/**
  * MessageKind is the type of one piece of agent output.
  *
  * @generated from enum taskmesh.v1.MessageKind
@@ -1491,7 +1734,7 @@ export enum MessageKind {
  * Describes the enum taskmesh.v1.MessageKind.
  */
 export const MessageKindSchema: GenEnum<MessageKind> = /*@__PURE__*/
-  enumDesc(file_taskmesh_v1_task, 1);
+  enumDesc(file_taskmesh_v1_task, 2);
 
 /**
  * StopOutcome says what a StopTask did.
@@ -1538,7 +1781,7 @@ export enum StopOutcome {
  * Describes the enum taskmesh.v1.StopOutcome.
  */
 export const StopOutcomeSchema: GenEnum<StopOutcome> = /*@__PURE__*/
-  enumDesc(file_taskmesh_v1_task, 2);
+  enumDesc(file_taskmesh_v1_task, 3);
 
 /**
  * ApprovalState is where a permission request stands.
@@ -1578,7 +1821,7 @@ export enum ApprovalState {
  * Describes the enum taskmesh.v1.ApprovalState.
  */
 export const ApprovalStateSchema: GenEnum<ApprovalState> = /*@__PURE__*/
-  enumDesc(file_taskmesh_v1_task, 3);
+  enumDesc(file_taskmesh_v1_task, 4);
 
 /**
  * Decision answers an approval.
@@ -1606,7 +1849,7 @@ export enum Decision {
  * Describes the enum taskmesh.v1.Decision.
  */
 export const DecisionSchema: GenEnum<Decision> = /*@__PURE__*/
-  enumDesc(file_taskmesh_v1_task, 4);
+  enumDesc(file_taskmesh_v1_task, 5);
 
 /**
  * TaskService is how people and scripts create, steer and watch tasks.
@@ -1754,7 +1997,9 @@ export const TaskService: GenService<{
     output: typeof ContinueTaskResponseSchema;
   },
   /**
-   * RetryCompletion asks the daemon to run the task's completion action again.
+   * RetryCompletion asks the daemon that holds the task's worktree to run
+   * its completion action again; the result is a task event and the
+   * task's changes.completion_*. UNAVAILABLE when that daemon is offline.
    *
    * @generated from rpc taskmesh.v1.TaskService.RetryCompletion
    */
@@ -1762,6 +2007,18 @@ export const TaskService: GenService<{
     methodKind: "unary";
     input: typeof RetryCompletionRequestSchema;
     output: typeof RetryCompletionResponseSchema;
+  },
+  /**
+   * GetTaskDiff answers what the task's newest attempt changed in its
+   * repository, with the patch (at most 1 MiB). NOT_FOUND when no attempt
+   * reported changes.
+   *
+   * @generated from rpc taskmesh.v1.TaskService.GetTaskDiff
+   */
+  getTaskDiff: {
+    methodKind: "unary";
+    input: typeof GetTaskDiffRequestSchema;
+    output: typeof GetTaskDiffResponseSchema;
   },
   /**
    * GetTaskUsage answers token usage per model, the total, and the cost in
