@@ -284,6 +284,10 @@ pub(crate) struct Config {
     pub shutdown_grace: Duration,
     /// Values no agent may see in its environment (the daemon's token).
     pub hidden_secrets: Vec<String>,
+    /// What an agent is told to reach the server with (TASKMESH_SERVER,
+    /// TASKMESH_CA_CERT), beside its own task's token.
+    pub server_url: String,
+    pub ca_cert: Option<PathBuf>,
     /// Held while the daemon runs: one daemon per state directory.
     pub _state_lock: Option<Arc<std::fs::File>>,
 }
@@ -419,6 +423,11 @@ async fn resolve_config(args: &DaemonArgs) -> Result<Config, DaemonError> {
             .then(|| Duration::from_secs(args.silence_minutes.saturating_mul(60))),
         shutdown_grace: Duration::from_secs(args.shutdown_secs),
         hidden_secrets: Vec::new(),
+        server_url: args.server.clone(),
+        ca_cert: args
+            .ca_cert
+            .as_ref()
+            .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone())),
         _state_lock: Some(Arc::new(state_lock)),
     })
 }

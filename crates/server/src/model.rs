@@ -83,6 +83,8 @@ stored_enum! {
         User => "user",
         Daemon => "daemon",
         Viewer => "viewer",
+        /// One attempt of a task, for its agent; never stored.
+        Agent => "agent",
     }
 }
 
@@ -378,6 +380,8 @@ pub struct Principal {
     /// The daemon a session speaks for: its reports may only touch tasks
     /// assigned to it.
     pub daemon_id: Option<String>,
+    /// An agent token's task: the caller sees only it and its subtasks.
+    pub task_scope: Option<String>,
 }
 
 impl Principal {

@@ -40,6 +40,7 @@ pub fn token_kind(k: model::TokenKind) -> pb::TokenKind {
         model::TokenKind::User => pb::TokenKind::User,
         model::TokenKind::Daemon => pb::TokenKind::Daemon,
         model::TokenKind::Viewer => pb::TokenKind::Viewer,
+        model::TokenKind::Agent => pb::TokenKind::Agent,
     }
 }
 

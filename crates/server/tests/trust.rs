@@ -18,11 +18,31 @@ use tonic::{Code, Status};
 /// The policy, written here apart from the server's table: users call
 /// TaskService and WorkspaceService; viewers only list, get and watch,
 /// except the workspace's tokens, which are an admin's business;
-/// daemons only DaemonService.
+/// daemons only DaemonService; an agent reads, makes and steers the tasks
+/// of its own task's tree and reports its progress.
 fn may_call(kind: TokenKind, path: &str) -> bool {
     let method = path.rsplit('/').next().unwrap();
     let daemon_service = path.starts_with("/taskmesh.v1.DaemonService/");
+    let task_service = path.starts_with("/taskmesh.v1.TaskService/");
     match kind {
+        TokenKind::Agent => {
+            (task_service
+                && [
+                    "CreateTask",
+                    "GetTask",
+                    "GetTaskDiff",
+                    "ListTasks",
+                    "StartTask",
+                    "StopTask",
+                    "SendMessage",
+                    "ListTaskMessages",
+                    "WatchTask",
+                    "ListTaskEvents",
+                    "GetTaskUsage",
+                ]
+                .contains(&method))
+                || path == "/taskmesh.v1.DaemonService/ReportTaskProgress"
+        }
         TokenKind::Daemon => daemon_service,
         TokenKind::User => !daemon_service,
         TokenKind::Viewer => {
@@ -39,6 +59,7 @@ fn may_call(kind: TokenKind, path: &str) -> bool {
 /// exactly where the policy says; without a token, UNAUTHENTICATED.
 async fn every_rpc_checks_the_token_kind(backend: Backend) {
     let s = start_server(backend).await;
+    let (agent, _runs_it) = agent_token(&s).await;
     let tokens = [
         (TokenKind::User, s.token.clone()),
         (
@@ -49,6 +70,7 @@ async fn every_rpc_checks_the_token_kind(backend: Backend) {
             TokenKind::Daemon,
             s.token_in("default", TokenKind::Daemon).await,
         ),
+        (TokenKind::Agent, agent.clone()),
     ];
     let mut checked = 0;
     for (path, shape) in every_rpc() {
@@ -76,8 +98,30 @@ async fn every_rpc_checks_the_token_kind(backend: Backend) {
             checked += 1;
         }
     }
-    assert!(checked >= 38 * 3);
+    assert!(checked >= 38 * 4);
     s.stop().await;
+}
+
+/// The agent token of a task a scripted daemon took (its SpawnTask carries
+/// it), and that daemon's session, which keeps the task (and the token)
+/// alive.
+async fn agent_token(s: &TestServer) -> (String, Session) {
+    let (mut d, id) = connect_daemon(s, "runner", 1).await;
+    let mut session = Session::open(&mut d, &id, vec![]).await;
+    let task = new_task(s, "agent at work").await;
+    s.tasks()
+        .await
+        .start_task(pb::StartTaskRequest {
+            id: task.id.clone(),
+            daemon_id: String::new(),
+        })
+        .await
+        .unwrap();
+    let cmd = session.command().await;
+    session.ack(&cmd.id).await;
+    let token = spawn_of(&cmd).agent_token.clone();
+    assert!(token.starts_with("tma_"), "{token}");
+    (token, session)
 }
 
 /// A request that does not decode is the caller's mistake.

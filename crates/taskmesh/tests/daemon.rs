@@ -264,19 +264,20 @@ async fn send_message_reaches_stdin(backend: Backend) {
 
 /// The daemon's token reaches it through `TASKMESH_TOKEN` here, as in a
 /// shell where an admin exported theirs; no task sees it, under that name
-/// or any other (checked inside the task: stored output would be redacted
+/// or any other (the task's TASKMESH_TOKEN is its own agent token) (checked inside the task: stored output would be redacted
 /// anyway).
 async fn tasks_never_see_the_daemons_token(backend: Backend) {
     let s = start_server(backend).await;
     let token = s.token_in("default", TokenKind::Daemon).await;
     let daemon = DaemonProcess::start(&s.url(), &token, &[]);
     let mut tasks = s.tasks().await;
-    let plan = r#"echo "TASKMESH_TOKEN:${TASKMESH_TOKEN:+set}"; echo "vars holding a token: $(env | grep -c tm[a-z]_)""#;
+    let plan = r#"echo "TASKMESH_TOKEN:${TASKMESH_TOKEN%%_*}"; echo "vars holding a token: $(env | grep -c tm[a-z]_)""#;
     let task = create_and_start(&mut tasks, "looks around", plan).await;
     let mut watch = Watch::open(&mut tasks, &task.id, 0).await;
     watch.until_status(TaskStatus::Completed).await;
     let contents: Vec<&str> = watch.messages.iter().map(|m| m.content.as_str()).collect();
-    assert_eq!(contents, ["TASKMESH_TOKEN:", "vars holding a token: 0"]);
+    // Its own attempt's agent token, and no other.
+    assert_eq!(contents, ["TASKMESH_TOKEN:tma", "vars holding a token: 1"]);
     daemon.stop().await;
 }
 

@@ -68,6 +68,9 @@ pub(crate) struct TaskSpec {
     pub attempt: i32,
     /// Values no child may see in its environment (the daemon's token).
     pub hidden_secrets: Vec<String>,
+    /// The agent's own access: TASKMESH_TOKEN (its attempt's agent token),
+    /// TASKMESH_SERVER and TASKMESH_CA_CERT.
+    pub agent_env: Vec<(String, String)>,
 }
 
 /// Instructions from the session loop.
@@ -241,6 +244,7 @@ async fn start(
     let agent = spec.agent.build();
     let mut cmd = agent.command(&spec.turn, &spec.dir);
     scrub_env(&mut cmd, &spec.hidden_secrets);
+    cmd.envs(spec.agent_env.iter().map(|(k, v)| (k, v)));
     cmd.current_dir(&spec.dir)
         .env("TASKMESH_TASK_ID", &spec.task_id)
         .env("TASKMESH_PLAN", &spec.turn.prompt)

@@ -42,6 +42,7 @@ fn spec(plan: &str, first_seq: i64, dir: &TempDir) -> TaskSpec {
         silence_limit: None,
         attempt: 1,
         hidden_secrets: Vec::new(),
+        agent_env: Vec::new(),
     }
 }
 

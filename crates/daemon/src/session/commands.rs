@@ -235,6 +235,22 @@ impl Session {
         }
     }
 
+    /// What an agent needs to call the server as its task: its attempt's
+    /// token (never the daemon's), the server and the CA to trust.
+    fn agent_env(&self, token: &str) -> Vec<(String, String)> {
+        if token.is_empty() {
+            return Vec::new();
+        }
+        let mut env = vec![
+            ("TASKMESH_TOKEN".to_owned(), token.to_owned()),
+            ("TASKMESH_SERVER".to_owned(), self.cfg.server_url.clone()),
+        ];
+        if let Some(ca) = &self.cfg.ca_cert {
+            env.push(("TASKMESH_CA_CERT".to_owned(), ca.display().to_string()));
+        }
+        env
+    }
+
     /// Runs a finished task's completion action again in its worktree,
     /// off the loop; the command's result says what it did.
     fn retry_completion(
@@ -351,6 +367,7 @@ impl Session {
             silence_limit: self.cfg.silence_limit,
             attempt: task.attempt,
             hidden_secrets: self.cfg.hidden_secrets.clone(),
+            agent_env: self.agent_env(&spawn.agent_token),
         };
         let (control_tx, control_rx) = mpsc::channel(CONTROL_CAPACITY);
         let (pressure_tx, pressure_rx) = watch::channel(false);

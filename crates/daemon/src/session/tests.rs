@@ -37,6 +37,8 @@ fn test_config(max_tasks: usize) -> (Arc<Config>, PathBuf) {
         silence_limit: None,
         shutdown_grace: Duration::from_secs(5),
         hidden_secrets: Vec::new(),
+        server_url: String::new(),
+        ca_cert: None,
         _state_lock: None,
     };
     (Arc::new(cfg), dir)
@@ -317,6 +319,8 @@ async fn shutdown_interrupts_running_tasks_and_reports_them() {
         runtimes: cfg.runtimes.clone(),
         max_tasks: cfg.max_tasks,
         hidden_secrets: Vec::new(),
+        server_url: String::new(),
+        ca_cert: None,
         _state_lock: None,
     });
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
@@ -414,6 +418,8 @@ async fn a_second_stop_request_interrupts_at_once() {
         runtimes: cfg.runtimes.clone(),
         max_tasks: cfg.max_tasks,
         hidden_secrets: Vec::new(),
+        server_url: String::new(),
+        ca_cert: None,
         _state_lock: None,
     });
     let (stops, stop_rx) = mpsc::unbounded_channel::<()>();

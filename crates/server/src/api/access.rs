@@ -28,32 +28,36 @@ use crate::conn::ConnInfo;
 use crate::domain::{Domain, Error, hash_secret};
 use crate::model::{Principal, StoredEnum, TokenKind};
 
-use TokenKind::{Daemon, User, Viewer};
+use TokenKind::{Agent, Daemon, User, Viewer};
 
 const USER: &[TokenKind] = &[User];
 const READ: &[TokenKind] = &[User, Viewer];
 const DAEMON: &[TokenKind] = &[Daemon];
+/// Also for an agent token, within its task's tree (`domain::agents`).
+const TREE_READ: &[TokenKind] = &[User, Viewer, Agent];
+const TREE_WRITE: &[TokenKind] = &[User, Agent];
 
 /// Every taskmesh RPC and the token kinds it accepts. Users steer tasks and
-/// manage workspaces; viewers read and watch; daemons run tasks.
+/// manage workspaces; viewers read and watch; daemons run tasks; an agent
+/// works on its own task's tree (`domain::agents`).
 pub const RULES: &[(&str, &[TokenKind])] = &[
-    ("taskmesh.v1.TaskService/CreateTask", USER),
-    ("taskmesh.v1.TaskService/GetTask", READ),
-    ("taskmesh.v1.TaskService/GetTaskDiff", READ),
-    ("taskmesh.v1.TaskService/ListTasks", READ),
+    ("taskmesh.v1.TaskService/CreateTask", TREE_WRITE),
+    ("taskmesh.v1.TaskService/GetTask", TREE_READ),
+    ("taskmesh.v1.TaskService/GetTaskDiff", TREE_READ),
+    ("taskmesh.v1.TaskService/ListTasks", TREE_READ),
     ("taskmesh.v1.TaskService/UpdateTask", USER),
     ("taskmesh.v1.TaskService/DeleteTask", USER),
-    ("taskmesh.v1.TaskService/StartTask", USER),
-    ("taskmesh.v1.TaskService/StopTask", USER),
-    ("taskmesh.v1.TaskService/SendMessage", USER),
-    ("taskmesh.v1.TaskService/ListTaskMessages", READ),
-    ("taskmesh.v1.TaskService/WatchTask", READ),
+    ("taskmesh.v1.TaskService/StartTask", TREE_WRITE),
+    ("taskmesh.v1.TaskService/StopTask", TREE_WRITE),
+    ("taskmesh.v1.TaskService/SendMessage", TREE_WRITE),
+    ("taskmesh.v1.TaskService/ListTaskMessages", TREE_READ),
+    ("taskmesh.v1.TaskService/WatchTask", TREE_READ),
     ("taskmesh.v1.TaskService/WatchTasks", READ),
-    ("taskmesh.v1.TaskService/ListTaskEvents", READ),
+    ("taskmesh.v1.TaskService/ListTaskEvents", TREE_READ),
     ("taskmesh.v1.TaskService/ReassignTask", USER),
     ("taskmesh.v1.TaskService/ContinueTask", USER),
     ("taskmesh.v1.TaskService/RetryCompletion", USER),
-    ("taskmesh.v1.TaskService/GetTaskUsage", READ),
+    ("taskmesh.v1.TaskService/GetTaskUsage", TREE_READ),
     ("taskmesh.v1.TaskService/DecideApproval", USER),
     ("taskmesh.v1.TaskService/ListApprovals", READ),
     ("taskmesh.v1.DaemonService/Register", DAEMON),
@@ -61,7 +65,10 @@ pub const RULES: &[(&str, &[TokenKind])] = &[
     ("taskmesh.v1.DaemonService/Heartbeat", DAEMON),
     ("taskmesh.v1.DaemonService/ClaimTask", DAEMON),
     ("taskmesh.v1.DaemonService/ReportTaskStarted", DAEMON),
-    ("taskmesh.v1.DaemonService/ReportTaskProgress", DAEMON),
+    (
+        "taskmesh.v1.DaemonService/ReportTaskProgress",
+        &[Daemon, Agent],
+    ),
     ("taskmesh.v1.DaemonService/ReportTaskMessages", DAEMON),
     ("taskmesh.v1.DaemonService/ReportTaskUsage", DAEMON),
     ("taskmesh.v1.DaemonService/CompleteTask", DAEMON),

@@ -31,6 +31,7 @@ pub fn token_kind(field: &'static str, v: i32) -> Result<model::TokenKind> {
         pb::TokenKind::User => Ok(model::TokenKind::User),
         pb::TokenKind::Daemon => Ok(model::TokenKind::Daemon),
         pb::TokenKind::Viewer => Ok(model::TokenKind::Viewer),
+        pb::TokenKind::Agent => Ok(model::TokenKind::Agent),
     }
 }
 

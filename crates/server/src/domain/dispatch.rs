@@ -58,7 +58,8 @@ impl Domain {
     /// Claims up to `free` queued tasks for a connected daemon, each with
     /// its SpawnTask, then wakes the daemon's session.
     pub(super) async fn fill(&self, daemon: &Daemon, free: i64) -> Result<usize> {
-        let make = |task: &Task, input: &AttemptInput| spawn_command(&daemon.id, task, input);
+        let key = self.agent_key().await?;
+        let make = |task: &Task, input: &AttemptInput| spawn_command(&daemon.id, task, input, &key);
         let mut n = 0;
         while (n as i64) < free {
             let Some((task, _)) = self.store.claim_task(daemon, Some(&make)).await? else {
@@ -85,7 +86,12 @@ impl Domain {
     }
 }
 
-pub(super) fn spawn_command(daemon_id: &str, task: &Task, input: &AttemptInput) -> NewCommand {
+pub(super) fn spawn_command(
+    daemon_id: &str,
+    task: &Task,
+    input: &AttemptInput,
+    agent_key: &[u8],
+) -> NewCommand {
     let id = uuid::Uuid::now_v7().to_string();
     let resume = (!task.agent_session_id.is_empty()).then(|| pb::AgentResume {
         agent_session_id: task.agent_session_id.clone(),
@@ -100,6 +106,7 @@ pub(super) fn spawn_command(daemon_id: &str, task: &Task, input: &AttemptInput) 
             resume,
             context: input.context.clone(),
             prompt: input.prompt.clone(),
+            agent_token: super::agents::mint(agent_key, &task.id, task.attempt),
         })),
     };
     NewCommand {

@@ -17,6 +17,7 @@
 //!   session registry, the ingest fast path's marks.
 //! - [`redact`]: secrets out of everything derived from agent output.
 
+mod agents;
 mod approvals;
 mod attempts;
 mod changes;
@@ -78,6 +79,8 @@ pub struct Domain {
     /// Every long-lived stream, by token.
     streams: Arc<streams::StreamRegistry>,
     pub limits: Limits,
+    /// The key agent tokens are signed with (`agents`), read once.
+    agent_key: tokio::sync::OnceCell<Vec<u8>>,
 }
 
 /// What one caller may hold on a server.
@@ -120,6 +123,7 @@ impl Domain {
             key_blocks: marks::KeyBlocks::default(),
             streams: Arc::new(streams::StreamRegistry::new(limits.max_streams_per_token)),
             limits,
+            agent_key: tokio::sync::OnceCell::new(),
         })
     }
 

@@ -37,6 +37,14 @@ impl Domain {
         task_id: &str,
         attempt: i64,
     ) -> Result<Task> {
+        if p.kind == TokenKind::Agent {
+            // An agent reports (progress) on its own task only.
+            if p.task_scope.as_deref() != Some(task_id) {
+                // Other tasks do not exist for it.
+                return Err(Error::NotFound(format!("task {task_id} not found")));
+            }
+            return self.load_task(p, task_id).await;
+        }
         self.daemon_workspace(p)?;
         let task = self.load_task(p, task_id).await?;
         match (&task.daemon_id, &p.daemon_id) {

@@ -209,6 +209,22 @@ impl Domain {
         for token_id in self.store.revoked_among(&tokens).await? {
             ended += self.streams.end_token(&token_id, StreamEnd::Revoked);
         }
+        // Agent tokens live as long as their attempt (ended elsewhere, say
+        // on another replica).
+        for token_id in tokens.iter().filter(|t| t.starts_with("agent:")) {
+            let mut parts = token_id.splitn(3, ':').skip(1);
+            let (Some(task_id), Some(attempt)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            let live = self
+                .store
+                .get_task(task_id)
+                .await?
+                .is_some_and(|t| t.status.is_active() && t.attempt.to_string() == attempt);
+            if !live {
+                ended += self.streams.end_token(token_id, StreamEnd::Revoked);
+            }
+        }
         if !members.is_empty() {
             let kept = self.store.memberships_among(&members).await?;
             for (user, ws) in members.iter().filter(|m| !kept.contains(m)) {

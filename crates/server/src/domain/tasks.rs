@@ -51,7 +51,7 @@ impl Domain {
     /// Loads a task the caller may see; anything else is NOT_FOUND.
     pub async fn load_task(&self, p: &Principal, id: &str) -> Result<Task> {
         match self.store.get_task(id).await? {
-            Some(t) if p.sees(&t.workspace_id) => Ok(t),
+            Some(t) if p.sees(&t.workspace_id) && self.in_scope(p, &t).await? => Ok(t),
             _ => Err(Error::NotFound(format!("task {id} not found"))),
         }
     }
@@ -66,7 +66,12 @@ impl Domain {
         let target_branch = check_branch("target_branch", &new.target_branch)?;
         let model = check_model("model", &new.model)?;
         let permission_mode = check_permission_mode("permission_mode", &new.permission_mode)?;
-        let depth = match &new.parent_id {
+        let parent_id = match &p.task_scope {
+            // An agent's subtasks go under its own task.
+            Some(root) => Some(self.agent_parent(p, root, new.parent_id).await?),
+            None => new.parent_id,
+        };
+        let depth = match &parent_id {
             None => 0,
             Some(parent_id) => {
                 let parent = self.load_task(p, parent_id).await?;
@@ -89,7 +94,7 @@ impl Domain {
         let task = Task {
             id: uuid::Uuid::now_v7().to_string(),
             workspace_id: ws.id,
-            parent_id: new.parent_id,
+            parent_id,
             depth,
             name,
             plan,
@@ -153,12 +158,21 @@ impl Domain {
         q: ListTasks,
     ) -> Result<(Vec<Task>, Option<String>)> {
         let ws = self.resolve_workspace(p, &q.workspace)?;
+        // An agent lists the subtasks of its task, or of one below it.
+        let parent_id = match (&p.task_scope, q.parent_id) {
+            (Some(root), named) => Some(
+                self.load_task(p, named.as_deref().unwrap_or(root))
+                    .await?
+                    .id,
+            ),
+            (None, named) => named,
+        };
         let mut tasks = self
             .store
             .list_tasks(&TaskFilter {
                 workspace_id: ws.id,
                 statuses: q.statuses,
-                parent_id: q.parent_id,
+                parent_id,
                 daemon_id: q.daemon_id,
                 before_id: q.page_token,
                 limit: q.page_size + 1,

@@ -24,15 +24,26 @@ fn new_secret(kind: TokenKind) -> String {
         TokenKind::User => "tmu_",
         TokenKind::Daemon => "tmd_",
         TokenKind::Viewer => "tmv_",
+        TokenKind::Agent => super::agents::PREFIX,
     };
     let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     format!("{prefix}{hex}")
+}
+
+fn agent_tokens_are_minted() -> Error {
+    invalid(
+        "kind",
+        "agent tokens are made for each attempt of a task and handed to its agent; create a user, daemon or viewer token",
+    )
 }
 
 impl Domain {
     /// Resolves a bearer secret to the caller. Revocation is checked on
     /// every call, so a revoked token stops working at once.
     pub async fn authenticate(&self, secret: &str) -> Result<Principal> {
+        if secret.starts_with(super::agents::PREFIX) {
+            return self.authenticate_agent(secret).await;
+        }
         let unauthenticated = || Error::Unauthenticated("invalid or revoked token".into());
         let token = self
             .store
@@ -63,6 +74,7 @@ impl Domain {
             subject,
             workspaces,
             daemon_id: None,
+            task_scope: None,
         })
     }
 
@@ -84,6 +96,7 @@ impl Domain {
                 Some(id)
             }
             TokenKind::Daemon | TokenKind::Viewer => None,
+            TokenKind::Agent => return Err(agent_tokens_are_minted()),
         };
         let (token, secret) = self.insert_token(&ws, kind, name, user_id).await?;
         Ok((token, secret, ws))
@@ -117,6 +130,9 @@ impl Domain {
         name: &str,
     ) -> Result<(Token, String)> {
         let user_id = require_user(p)?.to_string();
+        if kind == TokenKind::Agent {
+            return Err(agent_tokens_are_minted());
+        }
         let ws = self.resolve_workspace(p, workspace)?;
         let name = name.trim();
         if name.chars().count() > super::MAX_NAME_CHARS || name.chars().any(char::is_control) {

@@ -119,6 +119,15 @@ impl Domain {
                 .await?
             {
                 self.task_changed(&next, false);
+                if task.status.is_active() && !next.status.is_active() {
+                    // The attempt's agent token stops working: so do its streams.
+                    let agent = super::agents::token_id(&task.id, task.attempt);
+                    self.streams
+                        .end_token(&agent, super::streams::StreamEnd::Revoked);
+                }
+                if task.status != next.status {
+                    self.note_parent(&next).await;
+                }
                 return Ok(Some(next));
             }
             task = self

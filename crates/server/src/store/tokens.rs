@@ -101,4 +101,25 @@ impl Store {
         }
         Ok(revoked)
     }
+
+    /// The secret named `name`, made (random, 256 bits, hex) on first use;
+    /// replicas racing to make it all end up with the first one written.
+    pub async fn server_secret(&self, name: &str) -> Result<String> {
+        use rand::RngCore;
+        let mut bytes = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut bytes);
+        let fresh: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        sqlx::query(
+            "INSERT INTO server_secrets (name, value) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(name)
+        .bind(&fresh)
+        .execute(&self.writer)
+        .await?;
+        let row = sqlx::query("SELECT value FROM server_secrets WHERE name = $1")
+            .bind(name)
+            .fetch_one(&self.writer)
+            .await?;
+        Ok(row.try_get(0)?)
+    }
 }
