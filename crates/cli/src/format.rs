@@ -308,6 +308,46 @@ pub fn task_table(tasks: &[pb::Task], now: i64) -> String {
     )
 }
 
+/// `daemons get`: one daemon's fields, a line each.
+pub fn daemon_details(d: &pb::Daemon, now: i64) -> String {
+    let state = pb::DaemonState::try_from(d.state)
+        .map(|s| {
+            s.as_str_name()
+                .trim_start_matches("DAEMON_STATE_")
+                .to_lowercase()
+        })
+        .unwrap_or_default();
+    let runtimes: Vec<String> = d
+        .runtimes
+        .iter()
+        .map(|r| format!("{} {}", r.name, r.version))
+        .collect();
+    let seen = d
+        .last_seen_time
+        .as_ref()
+        .map(|t| when(t, now))
+        .unwrap_or_default();
+    let fields = [
+        ("id", d.id.clone()),
+        ("hostname", d.hostname.clone()),
+        ("state", state),
+        (
+            "tasks",
+            format!("{} of {}", d.active_tasks, d.max_concurrent_tasks),
+        ),
+        ("runtimes", runtimes.join(", ")),
+        ("version", d.version.clone()),
+        ("last seen", seen),
+        ("work dir", d.work_dir.clone()),
+        ("clone targets", d.suggested_targets.join(", ")),
+    ];
+    let mut out = String::new();
+    for (name, value) in fields.iter().filter(|(_, v)| !v.is_empty()) {
+        let _ = writeln!(out, "{:<14} {value}", format!("{name}:"));
+    }
+    out
+}
+
 pub fn daemon_table(daemons: &[pb::Daemon], now: i64) -> String {
     let rows: Vec<[String; 6]> = daemons
         .iter()

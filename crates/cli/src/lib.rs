@@ -153,6 +153,20 @@ pub enum TaskCommand {
     ///
     /// Example: taskmesh task retry-completion $ID
     RetryCompletion(IdArg),
+    /// Copy a finished task's directory, with its git state, to a directory
+    /// on the daemon that ran it (absolute; missing or empty). Waits for the
+    /// daemon to say it is done.
+    ///
+    /// Example: taskmesh task clone-worktree $ID /home/me/src/review-1
+    CloneWorktree(CloneWorktreeArgs),
+}
+
+#[derive(clap::Args)]
+pub struct CloneWorktreeArgs {
+    /// The task's id.
+    pub id: String,
+    /// Where to copy it, on the daemon's machine.
+    pub path: String,
 }
 
 #[derive(clap::Args)]
@@ -330,6 +344,24 @@ pub enum DaemonsCommand {
         /// The daemon's id.
         id: String,
     },
+    /// Show one daemon: its state, runtimes, where its task directories
+    /// are and the directories it suggests for copies of them.
+    ///
+    /// Example: taskmesh daemons get $DAEMON_ID
+    Get {
+        /// The daemon's id.
+        id: String,
+    },
+    /// Ask a daemon whether a path exists on its machine (before a
+    /// `task clone-worktree`, say). Exits 1 when it does not.
+    ///
+    /// Example: taskmesh daemons check-target $DAEMON_ID /home/me/src/copy
+    CheckTarget {
+        /// The daemon's id.
+        id: String,
+        /// An absolute path on the daemon's machine.
+        path: String,
+    },
 }
 
 fn parse_status(s: &str) -> Result<TaskStatus, String> {
@@ -478,6 +510,19 @@ pub async fn task(args: TaskArgs) -> Result<()> {
         TaskCommand::Approvals(a) => approvals(&server.connect().await?, a).await,
         TaskCommand::Diff(a) => diff(&server.connect().await?, a).await,
         TaskCommand::RetryCompletion(a) => retry_completion(&server.connect().await?, a).await,
+        TaskCommand::CloneWorktree(a) => {
+            let done = server
+                .connect()
+                .await?
+                .tasks()
+                .clone_worktree(pb::CloneWorktreeRequest {
+                    id: a.id,
+                    path: a.path,
+                })
+                .await?
+                .into_inner();
+            say(&format!("{}\n", done.detail))
+        }
     }
 }
 
@@ -734,6 +779,34 @@ async fn approvals(conn: &Connection, a: IdArg) -> Result<()> {
 pub async fn daemons(args: DaemonsArgs) -> Result<()> {
     let conn = args.server.connect().await?;
     let mut client = conn.workspaces();
+    match args.command {
+        Some(DaemonsCommand::Get { id }) => {
+            let daemon = client
+                .get_daemon(pb::GetDaemonRequest { id })
+                .await?
+                .into_inner()
+                .daemon
+                .ok_or(CliError::Incomplete("daemon"))?;
+            return say(&format::daemon_details(&daemon, format::now()));
+        }
+        Some(DaemonsCommand::CheckTarget { id, path }) => {
+            let found = client
+                .check_target_exists(pb::CheckTargetExistsRequest {
+                    daemon_id: id,
+                    path: path.clone(),
+                })
+                .await?
+                .into_inner();
+            return match (found.exists, found.is_directory) {
+                (true, true) => say(&format!("{path}: a directory\n")),
+                (true, false) => say(&format!("{path}: a file\n")),
+                (false, _) => Err(CliError::Failed(format!(
+                    "{path}: not found on that daemon"
+                ))),
+            };
+        }
+        _ => {}
+    }
     if let Some(DaemonsCommand::Disconnect { id }) = args.command {
         let daemon = client
             .disconnect_daemon(pb::DisconnectDaemonRequest { id })

@@ -14,6 +14,7 @@ mod client;
 mod output;
 mod runner;
 mod session;
+mod worktrees;
 
 /// The stream-json parser, public for the fuzz targets.
 pub use output::{MAX_LINE_BYTES, StreamParser};
@@ -105,6 +106,23 @@ pub struct DaemonArgs {
     /// when it names one); defaults to `<state-dir>/tasks`.
     #[arg(long, env = "TASKMESH_DAEMON_WORK_DIR", value_name = "DIR")]
     pub work_dir: Option<PathBuf>,
+
+    /// How long a task's directory is kept after its task last ran there
+    /// (`7d`, `12h`, `30m`, `45s`, or `never`); a directory with a running
+    /// agent is never removed, and a deleted task's goes at once.
+    #[arg(long, env = "TASKMESH_DAEMON_KEEP_WORKTREES", default_value = "7d",
+          value_parser = worktrees::parse_keep, value_name = "DURATION")]
+    pub keep_worktrees: Duration,
+
+    /// A directory this daemon suggests for copies of task directories
+    /// (CloneWorktree), shown by GetDaemon; repeatable. Defaults to $HOME.
+    #[arg(
+        long = "clone-target",
+        env = "TASKMESH_DAEMON_CLONE_TARGETS",
+        value_delimiter = ',',
+        value_name = "DIR"
+    )]
+    pub clone_targets: Vec<PathBuf>,
 
     /// A runtime this daemon offers. `claude` is Claude Code driven in its
     /// stream-json protocol (follow-ups, --resume, usage and cost,
@@ -284,6 +302,10 @@ pub(crate) struct Config {
     pub shutdown_grace: Duration,
     /// Values no agent may see in its environment (the daemon's token).
     pub hidden_secrets: Vec<String>,
+    /// Task directories unused this long are removed; `None`: never.
+    pub keep_worktrees: Option<Duration>,
+    /// Suggested targets for copies of task directories.
+    pub clone_targets: Vec<String>,
     /// What an agent is told to reach the server with (TASKMESH_SERVER,
     /// TASKMESH_CA_CERT), beside its own task's token.
     pub server_url: String,
@@ -335,6 +357,9 @@ pub async fn run(
         max_tasks = config.max_tasks,
         "daemon starting"
     );
+    if let Some(keep) = config.keep_worktrees {
+        tokio::spawn(worktrees::keep_sweeping(config.work_dir.clone(), keep));
+    }
     let client = client::connect(endpoint, bearer);
     Session::new(Arc::new(config), client, Box::pin(stops))
         .run()
@@ -423,6 +448,23 @@ async fn resolve_config(args: &DaemonArgs) -> Result<Config, DaemonError> {
             .then(|| Duration::from_secs(args.silence_minutes.saturating_mul(60))),
         shutdown_grace: Duration::from_secs(args.shutdown_secs),
         hidden_secrets: Vec::new(),
+        keep_worktrees: (args.keep_worktrees != Duration::MAX).then_some(args.keep_worktrees),
+        clone_targets: if args.clone_targets.is_empty() {
+            std::env::var("HOME")
+                .into_iter()
+                .filter(|h| !h.is_empty())
+                .collect()
+        } else {
+            args.clone_targets
+                .iter()
+                .map(|p| {
+                    std::path::absolute(p)
+                        .unwrap_or_else(|_| p.clone())
+                        .display()
+                        .to_string()
+                })
+                .collect()
+        },
         server_url: args.server.clone(),
         ca_cert: args
             .ca_cert
@@ -664,6 +706,8 @@ mod tests {
         assert_eq!(cli.args.max_tasks, 4);
         assert_eq!(cli.args.interrupt_grace_secs, 10);
         assert_eq!(cli.args.shutdown_secs, 30);
+        assert_eq!(cli.args.keep_worktrees, Duration::from_secs(7 * 86_400));
+        assert!(Cli::try_parse_from(["daemon", "--keep-worktrees", "soon"]).is_err());
         assert_eq!(token(&cli.args).unwrap().expose(), "tmd_secret");
         assert!(!format!("{:?}", cli.args).contains("tmd_secret"));
         assert!(Cli::try_parse_from(["daemon", "--token", "t", "--max-tasks", "0"]).is_err());

@@ -355,6 +355,9 @@ pub struct Daemon {
     pub token_id: Option<String>,
     /// The token an admin cut it off from (DisconnectDaemon).
     pub blocked_token_id: Option<String>,
+    /// Where its tasks' directories are, and suggested CloneWorktree targets.
+    pub work_dir: String,
+    pub suggested_targets: Vec<String>,
 }
 
 /// What a reassigned or continued attempt starts from; empty for a plain

@@ -244,6 +244,8 @@ pub fn daemon(d: model::Daemon) -> pb::Daemon {
         active_tasks: d.active_tasks as i32,
         create_time: timestamp(d.created_at),
         last_seen_time: timestamp(d.last_seen_at),
+        work_dir: d.work_dir,
+        suggested_targets: d.suggested_targets,
     }
 }
 

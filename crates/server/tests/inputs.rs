@@ -245,7 +245,7 @@ async fn nul_bytes_store_the_same_everywhere(backend: Backend) {
                 version: "bash\0 5".into(),
             }],
             max_concurrent_tasks: 2,
-            legacy_ids: vec![],
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -382,6 +382,8 @@ async fn register_is_bounded(backend: Backend) {
             .collect(),
         max_concurrent_tasks: 1,
         legacy_ids: (0..16).map(|_| uuid::Uuid::new_v4().to_string()).collect(),
+        work_dir: "/".repeat(4096),
+        suggested_targets: vec!["/t".repeat(2048); 16],
     };
     dc.register(ok()).await.unwrap();
     let cases = [
@@ -422,6 +424,27 @@ async fn register_is_bounded(backend: Backend) {
             "machine_id",
             pb::RegisterRequest {
                 machine_id: "m".repeat(1 << 20),
+                ..ok()
+            },
+        ),
+        (
+            "work_dir",
+            pb::RegisterRequest {
+                work_dir: "/".repeat(4097),
+                ..ok()
+            },
+        ),
+        (
+            "suggested_targets",
+            pb::RegisterRequest {
+                suggested_targets: vec!["/t".into(); 17],
+                ..ok()
+            },
+        ),
+        (
+            "suggested_targets",
+            pb::RegisterRequest {
+                suggested_targets: vec!["/t".repeat(2049)],
                 ..ok()
             },
         ),

@@ -113,7 +113,7 @@ impl ScriptedDaemon {
                     version: "builtin".into(),
                 }],
                 max_concurrent_tasks: 2,
-                legacy_ids: vec![],
+                ..Default::default()
             })
             .await
             .expect("register")

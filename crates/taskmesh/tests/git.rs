@@ -5,7 +5,8 @@
 //! changed; a merge completion action, and a conflicting one that is
 //! retried after the conflict is gone; a retry whose daemon is offline
 //! answers UNAVAILABLE naming it; a token in a repository URL is never
-//! stored, shown or logged.
+//! stored, shown or logged; task directories copied (CloneWorktree), paths
+//! looked up (CheckTargetExists) and directories cleaned up.
 
 use taskmesh_testkit as common;
 use taskmesh_testkit::both_backends;
@@ -418,7 +419,147 @@ async fn a_token_in_a_repository_url_is_never_kept(backend: Backend) {
     }
 }
 
+/// A finished task's directory is copied elsewhere on its daemon's machine
+/// with its git state; paths there are looked up; GetDaemon tells where
+/// the daemon keeps its directories; a directory unused for
+/// `--keep-worktrees` is removed while one with a running agent stays; a
+/// deleted task's goes at once; with the daemon gone, both calls name it.
+async fn worktrees_are_copied_checked_and_cleaned_up(backend: Backend) {
+    let root = TempDir::new("worktrees");
+    let bare = remote(&root.0);
+    let targets = root.0.join("targets");
+    std::fs::create_dir_all(&targets).unwrap();
+    let s = start_server(backend).await;
+    let token = s.token_in("default", TokenKind::Daemon).await;
+    let targets_arg = targets.display().to_string();
+    let extra = ["--keep-worktrees", "2s", "--clone-target", &targets_arg];
+    let (mut daemon, mut log) = DaemonProcess::start_logged(&s.url(), &token, &extra, "info");
+    let work = daemon.dir.0.join("work");
+    let mut tasks = s.tasks().await;
+    let plan = "echo hi > x.txt";
+    let done = create(
+        &mut tasks,
+        "copied",
+        plan,
+        &bare,
+        pb::CompletionAction::None,
+    )
+    .await;
+    Watch::open(&mut tasks, &done.id, 0)
+        .await
+        .until_status(TaskStatus::Completed)
+        .await;
+    let daemon_id = get(&mut tasks, &done.id).await.daemon_id;
+    let mut ws = s.workspaces().await;
+    let d = ws
+        .get_daemon(pb::GetDaemonRequest {
+            id: daemon_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .daemon
+        .unwrap();
+    assert_eq!(Path::new(&d.work_dir), work);
+    assert_eq!(d.suggested_targets, std::slice::from_ref(&targets_arg));
+
+    let copy = targets.join("copy");
+    let check = |path: &Path| pb::CheckTargetExistsRequest {
+        daemon_id: daemon_id.clone(),
+        path: path.display().to_string(),
+    };
+    let found = ws
+        .check_target_exists(check(&copy))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!found.exists);
+    let cloned = tasks
+        .clone_worktree(pb::CloneWorktreeRequest {
+            id: done.id.clone(),
+            path: copy.display().to_string(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(cloned.detail.starts_with("copied"), "{}", cloned.detail);
+    assert_eq!(std::fs::read_to_string(copy.join("x.txt")).unwrap(), "hi\n");
+    assert!(git(&copy, &["log", "--format=%s"]).starts_with("Work of taskmesh task"));
+    let found = ws
+        .check_target_exists(check(&copy))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(found.exists && found.is_directory);
+    let err = tasks
+        .clone_worktree(pb::CloneWorktreeRequest {
+            id: done.id.clone(),
+            path: copy.display().to_string(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("not an empty directory"), "{err:?}");
+
+    // An agent that waits for a line keeps its directory through sweeps;
+    // the finished task's goes once unused for 2 s.
+    let waiting = create(
+        &mut tasks,
+        "waits",
+        "read line; echo got $line",
+        &bare,
+        pb::CompletionAction::None,
+    )
+    .await;
+    let mut watch = Watch::open(&mut tasks, &waiting.id, 0).await;
+    watch.until_status(TaskStatus::Running).await;
+    log.wait_for(&["removed the task's directory", &done.id], PATIENCE)
+        .await;
+    assert!(!work.join(&done.id).exists());
+    log.wait_for(&["worktree sweep", "in_use=1"], PATIENCE)
+        .await;
+    assert!(
+        work.join(&waiting.id).is_dir(),
+        "a running agent's directory stays"
+    );
+    tasks
+        .send_message(pb::SendMessageRequest {
+            task_id: waiting.id.clone(),
+            text: "go".into(),
+        })
+        .await
+        .unwrap();
+    watch.until_status(TaskStatus::Completed).await;
+    tasks
+        .delete_task(pb::DeleteTaskRequest {
+            id: waiting.id.clone(),
+        })
+        .await
+        .unwrap();
+    log.wait_for(
+        &["removed the deleted task's directory", &waiting.id],
+        PATIENCE,
+    )
+    .await;
+    assert!(!work.join(&waiting.id).exists());
+
+    daemon.signal(libc::SIGTERM);
+    assert!(daemon.exit_status(PATIENCE).await.success());
+    let err = tasks
+        .clone_worktree(pb::CloneWorktreeRequest {
+            id: done.id.clone(),
+            path: targets.join("again").display().to_string(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains(&daemon_id), "{err:?}");
+    let err = ws.check_target_exists(check(&copy)).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+}
+
 both_backends!(
+    worktrees_are_copied_checked_and_cleaned_up,
     a_tasks_work_is_pushed_to_its_branch,
     merges_conflicts_and_retries,
     git_fields_are_checked_together,

@@ -41,6 +41,7 @@ pub async fn try_register(c: &mut Daemons, machine: &str, max: i32) -> Result<St
             }],
             max_concurrent_tasks: max,
             legacy_ids: vec![],
+            ..Default::default()
         })
         .await?
         .into_inner()

@@ -68,6 +68,8 @@ pub(crate) struct TaskSpec {
     pub attempt: i32,
     /// Values no child may see in its environment (the daemon's token).
     pub hidden_secrets: Vec<String>,
+    /// `<work-dir>`, where the directory's lock file is.
+    pub work_dir: PathBuf,
     /// The agent's own access: TASKMESH_TOKEN (its attempt's agent token),
     /// TASKMESH_SERVER and TASKMESH_CA_CERT.
     pub agent_env: Vec<(String, String)>,
@@ -129,8 +131,9 @@ pub(crate) enum RunnerEvent {
         command_id: String,
         result: Result<(), String>,
     },
-    /// A retried completion action's result: what it did, or why not.
-    CompletionRetried {
+    /// The answer to a command run off the loop (a retried completion
+    /// action, a worktree copied or removed, a path looked up).
+    CommandAnswered {
         command_id: String,
         result: Result<String, String>,
     },
@@ -192,7 +195,13 @@ pub(crate) async fn run_task(
     mut control: mpsc::Receiver<Control>,
     pressure: watch::Receiver<bool>,
 ) {
-    let (child, agent) = match start(&spec, &mut control, &events).await {
+    // Held while the task runs, so no cleanup touches its directory.
+    let lock = crate::worktrees::lock_for_run(&spec.work_dir, &spec.task_id).await;
+    let started = match lock {
+        Ok(lock) => start(&spec, &mut control, &events).await.map(|s| (s, lock)),
+        Err(why) => Err(StartError::new(why)),
+    };
+    let ((child, agent), lock) = match started {
         Ok(started) => started,
         Err(e) => {
             warn!(reason = %e.reason, "task failed before its agent started");
@@ -217,6 +226,9 @@ pub(crate) async fn run_task(
     TaskRunner::new(spec, child, agent, events, control, pressure)
         .run()
         .await;
+    // When the directory was last used, for --keep-worktrees.
+    let _ = lock.set_modified(std::time::SystemTime::now());
+    drop(lock);
 }
 
 /// Creates the task directory, clones the repository, spawns the agent and

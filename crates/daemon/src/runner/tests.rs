@@ -43,6 +43,7 @@ fn spec(plan: &str, first_seq: i64, dir: &TempDir) -> TaskSpec {
         attempt: 1,
         hidden_secrets: Vec::new(),
         agent_env: Vec::new(),
+        work_dir: dir.0.clone(),
     }
 }
 
@@ -159,7 +160,7 @@ async fn send_input_reaches_stdin() {
             RunnerEvent::Started { .. }
             | RunnerEvent::Usage { .. }
             | RunnerEvent::Changes { .. }
-            | RunnerEvent::CompletionRetried { .. } => {}
+            | RunnerEvent::CommandAnswered { .. } => {}
         }
     };
     assert_eq!(done, Some(("c1".to_owned(), Ok(()))));

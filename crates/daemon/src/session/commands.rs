@@ -19,6 +19,7 @@ use crate::pb::{
     SpawnTask, command,
 };
 use crate::runner::{self, Control, RunnerEvent, TaskSpec, git, send_control};
+use crate::worktrees;
 
 /// Results of recent commands by id, so a redelivered command is answered
 /// again without running twice. `None` while the result is not known yet.
@@ -219,12 +220,28 @@ impl Session {
             Some(command::Kind::RetryCompletionAction(retry)) => {
                 self.retry_completion(&cmd.id, &cmd.task_id, retry)
             }
-            Some(command::Kind::CloneWorktree(_) | command::Kind::CheckTargetExists(_)) => {
-                Reply::Now(
-                    CommandResultStatus::Unsupported,
-                    "the reference daemon does not implement this command".into(),
-                )
+            Some(command::Kind::CloneWorktree(c)) => {
+                let (work_dir, task_id) = (self.cfg.work_dir.clone(), cmd.task_id.clone());
+                self.answer_later(&cmd.id, async move {
+                    worktrees::clone_to(&work_dir, &task_id, &c.path).await
+                })
             }
+            Some(command::Kind::RemoveWorktree(_)) => {
+                if uuid::Uuid::parse_str(&cmd.task_id).is_err() {
+                    Reply::Now(CommandResultStatus::Failed, "not a task id".into())
+                } else {
+                    let (work_dir, task_id) = (self.cfg.work_dir.clone(), cmd.task_id.clone());
+                    self.answer_later(&cmd.id, async move {
+                        tokio::task::spawn_blocking(move || worktrees::remove(&work_dir, &task_id))
+                            .await
+                            .map_err(|e| e.to_string())?
+                    })
+                }
+            }
+            Some(command::Kind::CheckTargetExists(c)) => match worktrees::look_up(&c.path) {
+                Ok(kind) => Reply::Now(CommandResultStatus::Ok, kind),
+                Err(why) => Reply::Now(CommandResultStatus::Failed, why),
+            },
             None => Reply::Now(
                 CommandResultStatus::Unsupported,
                 "unknown command kind (newer server?)".into(),
@@ -279,14 +296,32 @@ impl Session {
             "merge" => CompletionAction::Merge,
             other => return failed(format!("unknown completion action {other:?}")),
         };
-        let events = self.events_tx.clone();
         let hidden = self.cfg.hidden_secrets.clone();
-        let command_id = command_id.to_owned();
+        let work_dir = self.cfg.work_dir.clone();
+        let task_id = task_id.to_owned();
         info!(%task_id, action = %retry.action, "running the completion action again");
+        self.answer_later(command_id, async move {
+            let Some(_lock) =
+                worktrees::try_lock(&work_dir, &task_id).map_err(|e| e.to_string())?
+            else {
+                return Err(format!("the directory of task {task_id} is in use"));
+            };
+            git::complete(&dir, action, &retry.target_branch, &hidden).await
+        })
+    }
+
+    /// Runs `work` off the loop; its outcome answers the command.
+    fn answer_later(
+        &mut self,
+        command_id: &str,
+        work: impl std::future::Future<Output = Result<String, String>> + Send + 'static,
+    ) -> Reply {
+        let events = self.events_tx.clone();
+        let command_id = command_id.to_owned();
         tokio::spawn(async move {
-            let result = git::complete(&dir, action, &retry.target_branch, &hidden).await;
+            let result = work.await;
             let _ = events
-                .send(RunnerEvent::CompletionRetried { command_id, result })
+                .send(RunnerEvent::CommandAnswered { command_id, result })
                 .await;
         });
         Reply::Later
@@ -368,6 +403,7 @@ impl Session {
             attempt: task.attempt,
             hidden_secrets: self.cfg.hidden_secrets.clone(),
             agent_env: self.agent_env(&spawn.agent_token),
+            work_dir: self.cfg.work_dir.clone(),
         };
         let (control_tx, control_rx) = mpsc::channel(CONTROL_CAPACITY);
         let (pressure_tx, pressure_rx) = watch::channel(false);

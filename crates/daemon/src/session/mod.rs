@@ -251,6 +251,8 @@ impl Session {
                 .collect(),
             max_concurrent_tasks: i32::try_from(self.cfg.max_tasks).unwrap_or(i32::MAX),
             legacy_ids: Vec::new(),
+            work_dir: self.cfg.work_dir.display().to_string(),
+            suggested_targets: self.cfg.clone_targets.clone(),
         }
     }
 

@@ -16,8 +16,8 @@ use crate::RuntimeDef;
 use crate::client::open_session;
 use crate::pb::daemon_service_client::DaemonServiceClient;
 use crate::pb::{
-    self, Command, CommandResultStatus, InterruptTask, OutputAck, SendInput, SessionError,
-    SpawnTask, Task, command,
+    Command, CommandResultStatus, InterruptTask, OutputAck, SendInput, SessionError, SpawnTask,
+    Task, command,
 };
 use taskmesh_proto::Bearer;
 
@@ -39,6 +39,8 @@ fn test_config(max_tasks: usize) -> (Arc<Config>, PathBuf) {
         hidden_secrets: Vec::new(),
         server_url: String::new(),
         ca_cert: None,
+        keep_worktrees: None,
+        clone_targets: Vec::new(),
         _state_lock: None,
     };
     (Arc::new(cfg), dir)
@@ -112,7 +114,8 @@ async fn unsupported_commands_and_redelivery() {
     let cmd = Command {
         id: "c1".into(),
         task_id: "t".into(),
-        kind: Some(command::Kind::CloneWorktree(pb::CloneWorktree::default())),
+        // A kind this daemon does not know (a newer server's).
+        kind: None,
     };
     s.on_command(cmd.clone());
     s.on_command(cmd);
@@ -120,7 +123,7 @@ async fn unsupported_commands_and_redelivery() {
     assert_eq!(r.len(), 2);
     assert!(r.iter().all(|(id, st, msg)| id == "c1"
         && *st == CommandResultStatus::Unsupported
-        && msg.contains("reference daemon")));
+        && msg.contains("unknown command kind")));
 
     s.on_command(Command {
         id: "c2".into(),
@@ -321,6 +324,8 @@ async fn shutdown_interrupts_running_tasks_and_reports_them() {
         hidden_secrets: Vec::new(),
         server_url: String::new(),
         ca_cert: None,
+        keep_worktrees: None,
+        clone_targets: Vec::new(),
         _state_lock: None,
     });
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
@@ -420,6 +425,8 @@ async fn a_second_stop_request_interrupts_at_once() {
         hidden_secrets: Vec::new(),
         server_url: String::new(),
         ca_cert: None,
+        keep_worktrees: None,
+        clone_targets: Vec::new(),
         _state_lock: None,
     });
     let (stops, stop_rx) = mpsc::unbounded_channel::<()>();

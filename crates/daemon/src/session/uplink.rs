@@ -202,7 +202,7 @@ impl Session {
                 Ok(()) => self.finish_command(&command_id, CommandResultStatus::Ok, String::new()),
                 Err(e) => self.finish_command(&command_id, CommandResultStatus::Failed, e),
             },
-            RunnerEvent::CompletionRetried { command_id, result } => match result {
+            RunnerEvent::CommandAnswered { command_id, result } => match result {
                 Ok(done) => self.finish_command(&command_id, CommandResultStatus::Ok, done),
                 Err(why) => self.finish_command(&command_id, CommandResultStatus::Failed, why),
             },

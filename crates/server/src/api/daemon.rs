@@ -64,6 +64,8 @@ impl DaemonService for DaemonApi {
                 })
                 .collect(),
             max_concurrent_tasks: i64::from(r.max_concurrent_tasks),
+            work_dir: r.work_dir,
+            suggested_targets: r.suggested_targets,
         };
         let daemon = self.domain.register_daemon(&p, info, &r.legacy_ids).await?;
         Ok(Response::new(pb::RegisterResponse {

@@ -473,6 +473,8 @@ mod tests {
                 runtimes: vec![],
                 max_concurrent_tasks: 1,
                 token_id: String::new(),
+                work_dir: String::new(),
+                suggested_targets: vec![],
             };
             let daemon = domain.register_daemon(&principal, info, &[]).await.unwrap();
             Fixture {

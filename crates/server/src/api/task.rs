@@ -320,6 +320,20 @@ impl TaskService for TaskApi {
         }))
     }
 
+    async fn clone_worktree(
+        &self,
+        req: Request<pb::CloneWorktreeRequest>,
+    ) -> Result<Response<pb::CloneWorktreeResponse>, Status> {
+        let p = principal(&req)?;
+        let r = req.into_inner();
+        let id = parse_id("id", &r.id)?;
+        let detail = self.domain.clone_worktree(&p, &id, &r.path).await?;
+        Ok(Response::new(pb::CloneWorktreeResponse {
+            path: r.path.trim().to_owned(),
+            detail,
+        }))
+    }
+
     async fn retry_completion(
         &self,
         req: Request<pb::RetryCompletionRequest>,

@@ -76,6 +76,20 @@ impl WorkspaceService for WorkspaceApi {
         }))
     }
 
+    async fn check_target_exists(
+        &self,
+        req: Request<pb::CheckTargetExistsRequest>,
+    ) -> Result<Response<pb::CheckTargetExistsResponse>, Status> {
+        let p = principal(&req)?;
+        let r = req.into_inner();
+        let id = parse_id("daemon_id", &r.daemon_id)?;
+        let (exists, is_directory) = self.domain.check_target_exists(&p, &id, &r.path).await?;
+        Ok(Response::new(pb::CheckTargetExistsResponse {
+            exists,
+            is_directory,
+        }))
+    }
+
     async fn disconnect_daemon(
         &self,
         req: Request<pb::DisconnectDaemonRequest>,

@@ -40,6 +40,7 @@ pub mod transition;
 mod validate;
 mod watch;
 mod workspaces;
+mod worktrees;
 
 use std::sync::{Arc, OnceLock};
 

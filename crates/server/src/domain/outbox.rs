@@ -17,21 +17,32 @@ impl Domain {
         let daemon_id = task.daemon_id.clone().ok_or_else(|| {
             Error::FailedPrecondition(format!("task {} is not on a daemon", task.id))
         })?;
+        self.queue_command(&daemon_id, &task.id, kind).await
+    }
+
+    /// Queues a command for `daemon_id` (about `task_id`, or none) and wakes
+    /// its session. Answers the command id.
+    pub(super) async fn queue_command(
+        &self,
+        daemon_id: &str,
+        task_id: &str,
+        kind: pb::command::Kind,
+    ) -> Result<String> {
         let id = uuid::Uuid::now_v7().to_string();
         let command = pb::Command {
             id: id.clone(),
-            task_id: task.id.clone(),
+            task_id: task_id.to_owned(),
             kind: Some(kind),
         };
         self.store
             .insert_command(&NewCommand {
                 id: id.clone(),
-                daemon_id: daemon_id.clone(),
-                task_id: task.id.clone(),
+                daemon_id: daemon_id.to_owned(),
+                task_id: task_id.to_owned(),
                 payload: command.encode_to_vec(),
             })
             .await?;
-        self.wake_daemon(&daemon_id);
+        self.wake_daemon(daemon_id);
         Ok(id)
     }
 

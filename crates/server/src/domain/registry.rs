@@ -14,6 +14,10 @@ pub const MAX_LEGACY_IDS: usize = 16;
 use crate::model::*;
 use crate::store::DaemonInfo;
 
+/// Longest directory a daemon names, and most suggested targets.
+const MAX_PATH_BYTES: usize = 4096;
+const MAX_TARGETS: usize = 16;
+
 impl Domain {
     /// The one workspace of a daemon token; user tokens are refused.
     pub(super) fn daemon_workspace<'p>(&self, p: &'p Principal) -> Result<&'p Workspace> {
@@ -63,6 +67,19 @@ impl Domain {
         for r in &mut info.runtimes {
             check_runtime("runtimes.name", &r.name)?;
             r.version = text("runtimes.version", &r.version, MAX_VERSION_BYTES)?;
+        }
+        info.work_dir = text("work_dir", &info.work_dir, MAX_PATH_BYTES)?;
+        if info.suggested_targets.len() > MAX_TARGETS {
+            return Err(invalid(
+                "suggested_targets",
+                format!(
+                    "{} paths; at most {MAX_TARGETS}",
+                    info.suggested_targets.len()
+                ),
+            ));
+        }
+        for t in &mut info.suggested_targets {
+            *t = text("suggested_targets", t, MAX_PATH_BYTES)?.replace('\n', " ");
         }
         if legacy_ids.len() > MAX_LEGACY_IDS {
             return Err(invalid(

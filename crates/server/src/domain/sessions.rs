@@ -222,6 +222,8 @@ mod tests {
             last_seen_at: 0,
             token_id: None,
             blocked_token_id: None,
+            work_dir: String::new(),
+            suggested_targets: vec![],
         }
     }
 

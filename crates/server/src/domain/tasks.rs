@@ -248,6 +248,7 @@ impl Domain {
         for t in &doomed {
             self.task_changed(t, true);
         }
+        self.remove_worktrees(&doomed).await;
         Ok(())
     }
 

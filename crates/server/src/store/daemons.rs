@@ -19,13 +19,15 @@ pub struct DaemonInfo {
     pub max_concurrent_tasks: i64,
     /// The token the daemon registers with.
     pub token_id: String,
+    pub work_dir: String,
+    pub suggested_targets: Vec<String>,
 }
 
 static DAEMON_SELECT: LazyLock<String> = LazyLock::new(|| {
     format!(
         "SELECT d.id, d.workspace_id, d.machine_id, d.hostname, d.version, \
          d.runtimes, d.max_concurrent_tasks, d.state, d.created_at, d.last_seen_at, \
-         d.token_id, d.blocked_token_id, \
+         d.token_id, d.blocked_token_id, d.work_dir, d.suggested_targets, \
          (SELECT COUNT(*) FROM tasks t WHERE t.daemon_id = d.id \
          AND t.status IN {}) AS active_tasks FROM daemons d",
         *ACTIVE
@@ -48,6 +50,12 @@ fn daemon_from_row(r: &AnyRow) -> Result<Daemon> {
         last_seen_at: r.try_get("last_seen_at")?,
         token_id: r.try_get("token_id")?,
         blocked_token_id: r.try_get("blocked_token_id")?,
+        work_dir: r.try_get("work_dir")?,
+        suggested_targets: r
+            .try_get::<String, _>("suggested_targets")?
+            .lines()
+            .map(str::to_owned)
+            .collect(),
     })
 }
 
@@ -118,11 +126,12 @@ impl Store {
         let mut tx = self.writer.begin().await?;
         let row = sqlx::query(
             "INSERT INTO daemons (id, workspace_id, machine_id, hostname, version, runtimes, \
-             max_concurrent_tasks, state, created_at, last_seen_at, token_id) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, 'online', $8, $8, $9) \
+             max_concurrent_tasks, state, created_at, last_seen_at, token_id, work_dir, \
+             suggested_targets) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 'online', $8, $8, $9, $10, $11) \
              ON CONFLICT (workspace_id, machine_id) DO UPDATE SET hostname = $4, version = $5, \
              runtimes = $6, max_concurrent_tasks = $7, state = 'online', last_seen_at = $8, \
-             token_id = $9 \
+             token_id = $9, work_dir = $10, suggested_targets = $11 \
              WHERE daemons.blocked_token_id IS NULL OR daemons.blocked_token_id <> $9 \
              RETURNING id",
         )
@@ -135,6 +144,8 @@ impl Store {
         .bind(info.max_concurrent_tasks)
         .bind(now)
         .bind(&info.token_id)
+        .bind(&info.work_dir)
+        .bind(info.suggested_targets.join("\n"))
         .fetch_optional(&mut *tx)
         .await?;
         let Some(row) = row else {

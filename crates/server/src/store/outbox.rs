@@ -93,6 +93,18 @@ impl Store {
         .transpose()
     }
 
+    /// A command's result once its daemon answered: status and message.
+    pub async fn command_result(&self, command_id: &str) -> Result<Option<(String, String)>> {
+        let row = sqlx::query(
+            "SELECT result_status, result_message FROM commands \
+             WHERE id = $1 AND acked_at IS NOT NULL",
+        )
+        .bind(command_id)
+        .fetch_optional(&self.writer)
+        .await?;
+        row.map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).transpose()
+    }
+
     /// Takes a task's unacknowledged commands for `daemon_id` out of the
     /// outbox, recording why.
     pub async fn drop_commands(&self, task_id: &str, daemon_id: &str, why: &str) -> Result<u64> {

@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file taskmesh/v1/workspace.proto.
  */
 export const file_taskmesh_v1_workspace: GenFile = /*@__PURE__*/
-  fileDesc("Cht0YXNrbWVzaC92MS93b3Jrc3BhY2UucHJvdG8SC3Rhc2ttZXNoLnYxIlYKCVdvcmtzcGFjZRIKCgJpZBgBIAEoCRIMCgRuYW1lGAIgASgJEi8KC2NyZWF0ZV90aW1lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCLSAQoFVG9rZW4SCgoCaWQYASABKAkSJAoEa2luZBgCIAEoDjIWLnRhc2ttZXNoLnYxLlRva2VuS2luZBIMCgRuYW1lGAMgASgJEhQKDHdvcmtzcGFjZV9pZBgEIAEoCRIRCgl1c2VyX25hbWUYBSABKAkSLwoLY3JlYXRlX3RpbWUYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3Jldm9rZV90aW1lGAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCIoCgdSdW50aW1lEgwKBG5hbWUYASABKAkSDwoHdmVyc2lvbhgCIAEoCSLLAgoGRGFlbW9uEgoKAmlkGAEgASgJEhQKDHdvcmtzcGFjZV9pZBgCIAEoCRISCgptYWNoaW5lX2lkGAMgASgJEhAKCGhvc3RuYW1lGAQgASgJEg8KB3ZlcnNpb24YBSABKAkSJgoIcnVudGltZXMYBiADKAsyFC50YXNrbWVzaC52MS5SdW50aW1lEhwKFG1heF9jb25jdXJyZW50X3Rhc2tzGAcgASgFEicKBXN0YXRlGAggASgOMhgudGFza21lc2gudjEuRGFlbW9uU3RhdGUSFAoMYWN0aXZlX3Rhc2tzGAkgASgFEi8KC2NyZWF0ZV90aW1lGAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIyCg5sYXN0X3NlZW5fdGltZRgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiFwoVTGlzdFdvcmtzcGFjZXNSZXF1ZXN0IkQKFkxpc3RXb3Jrc3BhY2VzUmVzcG9uc2USKgoKd29ya3NwYWNlcxgBIAMoCzIWLnRhc2ttZXNoLnYxLldvcmtzcGFjZSImChZDcmVhdGVXb3Jrc3BhY2VSZXF1ZXN0EgwKBG5hbWUYASABKAkiRAoXQ3JlYXRlV29ya3NwYWNlUmVzcG9uc2USKQoJd29ya3NwYWNlGAEgASgLMhYudGFza21lc2gudjEuV29ya3NwYWNlIk4KEkxpc3REYWVtb25zUmVxdWVzdBIRCgl3b3Jrc3BhY2UYASABKAkSEQoJcGFnZV9zaXplGAIgASgFEhIKCnBhZ2VfdG9rZW4YAyABKAkiVAoTTGlzdERhZW1vbnNSZXNwb25zZRIkCgdkYWVtb25zGAEgAygLMhMudGFza21lc2gudjEuRGFlbW9uEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIeChBHZXREYWVtb25SZXF1ZXN0EgoKAmlkGAEgASgJIjgKEUdldERhZW1vblJlc3BvbnNlEiMKBmRhZW1vbhgBIAEoCzITLnRhc2ttZXNoLnYxLkRhZW1vbiIlChdEaXNjb25uZWN0RGFlbW9uUmVxdWVzdBIKCgJpZBgBIAEoCSI/ChhEaXNjb25uZWN0RGFlbW9uUmVzcG9uc2USIwoGZGFlbW9uGAEgASgLMhMudGFza21lc2gudjEuRGFlbW9uIlsKEkNyZWF0ZVRva2VuUmVxdWVzdBIRCgl3b3Jrc3BhY2UYASABKAkSJAoEa2luZBgCIAEoDjIWLnRhc2ttZXNoLnYxLlRva2VuS2luZBIMCgRuYW1lGAMgASgJIkgKE0NyZWF0ZVRva2VuUmVzcG9uc2USIQoFdG9rZW4YASABKAsyEi50YXNrbWVzaC52MS5Ub2tlbhIOCgZzZWNyZXQYAiABKAkiJgoRTGlzdFRva2Vuc1JlcXVlc3QSEQoJd29ya3NwYWNlGAEgASgJIjgKEkxpc3RUb2tlbnNSZXNwb25zZRIiCgZ0b2tlbnMYASADKAsyEi50YXNrbWVzaC52MS5Ub2tlbiIgChJSZXZva2VUb2tlblJlcXVlc3QSCgoCaWQYASABKAkiOAoTUmV2b2tlVG9rZW5SZXNwb25zZRIhCgV0b2tlbhgBIAEoCzISLnRhc2ttZXNoLnYxLlRva2VuKoABCglUb2tlbktpbmQSGgoWVE9LRU5fS0lORF9VTlNQRUNJRklFRBAAEhMKD1RPS0VOX0tJTkRfVVNFUhABEhUKEVRPS0VOX0tJTkRfREFFTU9OEAISFQoRVE9LRU5fS0lORF9WSUVXRVIQAxIUChBUT0tFTl9LSU5EX0FHRU5UEAQqdQoLRGFlbW9uU3RhdGUSHAoYREFFTU9OX1NUQVRFX1VOU1BFQ0lGSUVEEAASFwoTREFFTU9OX1NUQVRFX09OTElORRABEhgKFERBRU1PTl9TVEFURV9PRkZMSU5FEAISFQoRREFFTU9OX1NUQVRFX0dPTkUQAzK9BQoQV29ya3NwYWNlU2VydmljZRJZCg5MaXN0V29ya3NwYWNlcxIiLnRhc2ttZXNoLnYxLkxpc3RXb3Jrc3BhY2VzUmVxdWVzdBojLnRhc2ttZXNoLnYxLkxpc3RXb3Jrc3BhY2VzUmVzcG9uc2USXAoPQ3JlYXRlV29ya3NwYWNlEiMudGFza21lc2gudjEuQ3JlYXRlV29ya3NwYWNlUmVxdWVzdBokLnRhc2ttZXNoLnYxLkNyZWF0ZVdvcmtzcGFjZVJlc3BvbnNlElAKC0xpc3REYWVtb25zEh8udGFza21lc2gudjEuTGlzdERhZW1vbnNSZXF1ZXN0GiAudGFza21lc2gudjEuTGlzdERhZW1vbnNSZXNwb25zZRJKCglHZXREYWVtb24SHS50YXNrbWVzaC52MS5HZXREYWVtb25SZXF1ZXN0Gh4udGFza21lc2gudjEuR2V0RGFlbW9uUmVzcG9uc2USXwoQRGlzY29ubmVjdERhZW1vbhIkLnRhc2ttZXNoLnYxLkRpc2Nvbm5lY3REYWVtb25SZXF1ZXN0GiUudGFza21lc2gudjEuRGlzY29ubmVjdERhZW1vblJlc3BvbnNlElAKC0NyZWF0ZVRva2VuEh8udGFza21lc2gudjEuQ3JlYXRlVG9rZW5SZXF1ZXN0GiAudGFza21lc2gudjEuQ3JlYXRlVG9rZW5SZXNwb25zZRJNCgpMaXN0VG9rZW5zEh4udGFza21lc2gudjEuTGlzdFRva2Vuc1JlcXVlc3QaHy50YXNrbWVzaC52MS5MaXN0VG9rZW5zUmVzcG9uc2USUAoLUmV2b2tlVG9rZW4SHy50YXNrbWVzaC52MS5SZXZva2VUb2tlblJlcXVlc3QaIC50YXNrbWVzaC52MS5SZXZva2VUb2tlblJlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_timestamp]);
+  fileDesc("Cht0YXNrbWVzaC92MS93b3Jrc3BhY2UucHJvdG8SC3Rhc2ttZXNoLnYxIlYKCVdvcmtzcGFjZRIKCgJpZBgBIAEoCRIMCgRuYW1lGAIgASgJEi8KC2NyZWF0ZV90aW1lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCLSAQoFVG9rZW4SCgoCaWQYASABKAkSJAoEa2luZBgCIAEoDjIWLnRhc2ttZXNoLnYxLlRva2VuS2luZBIMCgRuYW1lGAMgASgJEhQKDHdvcmtzcGFjZV9pZBgEIAEoCRIRCgl1c2VyX25hbWUYBSABKAkSLwoLY3JlYXRlX3RpbWUYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3Jldm9rZV90aW1lGAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCIoCgdSdW50aW1lEgwKBG5hbWUYASABKAkSDwoHdmVyc2lvbhgCIAEoCSL4AgoGRGFlbW9uEgoKAmlkGAEgASgJEhQKDHdvcmtzcGFjZV9pZBgCIAEoCRISCgptYWNoaW5lX2lkGAMgASgJEhAKCGhvc3RuYW1lGAQgASgJEg8KB3ZlcnNpb24YBSABKAkSJgoIcnVudGltZXMYBiADKAsyFC50YXNrbWVzaC52MS5SdW50aW1lEhwKFG1heF9jb25jdXJyZW50X3Rhc2tzGAcgASgFEicKBXN0YXRlGAggASgOMhgudGFza21lc2gudjEuRGFlbW9uU3RhdGUSFAoMYWN0aXZlX3Rhc2tzGAkgASgFEi8KC2NyZWF0ZV90aW1lGAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIyCg5sYXN0X3NlZW5fdGltZRgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEAoId29ya19kaXIYDCABKAkSGQoRc3VnZ2VzdGVkX3RhcmdldHMYDSADKAkiOwoYQ2hlY2tUYXJnZXRFeGlzdHNSZXF1ZXN0EhEKCWRhZW1vbl9pZBgBIAEoCRIMCgRwYXRoGAIgASgJIkEKGUNoZWNrVGFyZ2V0RXhpc3RzUmVzcG9uc2USDgoGZXhpc3RzGAEgASgIEhQKDGlzX2RpcmVjdG9yeRgCIAEoCCIXChVMaXN0V29ya3NwYWNlc1JlcXVlc3QiRAoWTGlzdFdvcmtzcGFjZXNSZXNwb25zZRIqCgp3b3Jrc3BhY2VzGAEgAygLMhYudGFza21lc2gudjEuV29ya3NwYWNlIiYKFkNyZWF0ZVdvcmtzcGFjZVJlcXVlc3QSDAoEbmFtZRgBIAEoCSJEChdDcmVhdGVXb3Jrc3BhY2VSZXNwb25zZRIpCgl3b3Jrc3BhY2UYASABKAsyFi50YXNrbWVzaC52MS5Xb3Jrc3BhY2UiTgoSTGlzdERhZW1vbnNSZXF1ZXN0EhEKCXdvcmtzcGFjZRgBIAEoCRIRCglwYWdlX3NpemUYAiABKAUSEgoKcGFnZV90b2tlbhgDIAEoCSJUChNMaXN0RGFlbW9uc1Jlc3BvbnNlEiQKB2RhZW1vbnMYASADKAsyEy50YXNrbWVzaC52MS5EYWVtb24SFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIh4KEEdldERhZW1vblJlcXVlc3QSCgoCaWQYASABKAkiOAoRR2V0RGFlbW9uUmVzcG9uc2USIwoGZGFlbW9uGAEgASgLMhMudGFza21lc2gudjEuRGFlbW9uIiUKF0Rpc2Nvbm5lY3REYWVtb25SZXF1ZXN0EgoKAmlkGAEgASgJIj8KGERpc2Nvbm5lY3REYWVtb25SZXNwb25zZRIjCgZkYWVtb24YASABKAsyEy50YXNrbWVzaC52MS5EYWVtb24iWwoSQ3JlYXRlVG9rZW5SZXF1ZXN0EhEKCXdvcmtzcGFjZRgBIAEoCRIkCgRraW5kGAIgASgOMhYudGFza21lc2gudjEuVG9rZW5LaW5kEgwKBG5hbWUYAyABKAkiSAoTQ3JlYXRlVG9rZW5SZXNwb25zZRIhCgV0b2tlbhgBIAEoCzISLnRhc2ttZXNoLnYxLlRva2VuEg4KBnNlY3JldBgCIAEoCSImChFMaXN0VG9rZW5zUmVxdWVzdBIRCgl3b3Jrc3BhY2UYASABKAkiOAoSTGlzdFRva2Vuc1Jlc3BvbnNlEiIKBnRva2VucxgBIAMoCzISLnRhc2ttZXNoLnYxLlRva2VuIiAKElJldm9rZVRva2VuUmVxdWVzdBIKCgJpZBgBIAEoCSI4ChNSZXZva2VUb2tlblJlc3BvbnNlEiEKBXRva2VuGAEgASgLMhIudGFza21lc2gudjEuVG9rZW4qgAEKCVRva2VuS2luZBIaChZUT0tFTl9LSU5EX1VOU1BFQ0lGSUVEEAASEwoPVE9LRU5fS0lORF9VU0VSEAESFQoRVE9LRU5fS0lORF9EQUVNT04QAhIVChFUT0tFTl9LSU5EX1ZJRVdFUhADEhQKEFRPS0VOX0tJTkRfQUdFTlQQBCp1CgtEYWVtb25TdGF0ZRIcChhEQUVNT05fU1RBVEVfVU5TUEVDSUZJRUQQABIXChNEQUVNT05fU1RBVEVfT05MSU5FEAESGAoUREFFTU9OX1NUQVRFX09GRkxJTkUQAhIVChFEQUVNT05fU1RBVEVfR09ORRADMqEGChBXb3Jrc3BhY2VTZXJ2aWNlElkKDkxpc3RXb3Jrc3BhY2VzEiIudGFza21lc2gudjEuTGlzdFdvcmtzcGFjZXNSZXF1ZXN0GiMudGFza21lc2gudjEuTGlzdFdvcmtzcGFjZXNSZXNwb25zZRJcCg9DcmVhdGVXb3Jrc3BhY2USIy50YXNrbWVzaC52MS5DcmVhdGVXb3Jrc3BhY2VSZXF1ZXN0GiQudGFza21lc2gudjEuQ3JlYXRlV29ya3NwYWNlUmVzcG9uc2USUAoLTGlzdERhZW1vbnMSHy50YXNrbWVzaC52MS5MaXN0RGFlbW9uc1JlcXVlc3QaIC50YXNrbWVzaC52MS5MaXN0RGFlbW9uc1Jlc3BvbnNlEkoKCUdldERhZW1vbhIdLnRhc2ttZXNoLnYxLkdldERhZW1vblJlcXVlc3QaHi50YXNrbWVzaC52MS5HZXREYWVtb25SZXNwb25zZRJiChFDaGVja1RhcmdldEV4aXN0cxIlLnRhc2ttZXNoLnYxLkNoZWNrVGFyZ2V0RXhpc3RzUmVxdWVzdBomLnRhc2ttZXNoLnYxLkNoZWNrVGFyZ2V0RXhpc3RzUmVzcG9uc2USXwoQRGlzY29ubmVjdERhZW1vbhIkLnRhc2ttZXNoLnYxLkRpc2Nvbm5lY3REYWVtb25SZXF1ZXN0GiUudGFza21lc2gudjEuRGlzY29ubmVjdERhZW1vblJlc3BvbnNlElAKC0NyZWF0ZVRva2VuEh8udGFza21lc2gudjEuQ3JlYXRlVG9rZW5SZXF1ZXN0GiAudGFza21lc2gudjEuQ3JlYXRlVG9rZW5SZXNwb25zZRJNCgpMaXN0VG9rZW5zEh4udGFza21lc2gudjEuTGlzdFRva2Vuc1JlcXVlc3QaHy50YXNrbWVzaC52MS5MaXN0VG9rZW5zUmVzcG9uc2USUAoLUmV2b2tlVG9rZW4SHy50YXNrbWVzaC52MS5SZXZva2VUb2tlblJlcXVlc3QaIC50YXNrbWVzaC52MS5SZXZva2VUb2tlblJlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_timestamp]);
 
 /**
  * @generated from message taskmesh.v1.Workspace
@@ -180,6 +180,19 @@ export type Daemon = Message<"taskmesh.v1.Daemon"> & {
    * @generated from field: google.protobuf.Timestamp last_seen_time = 11;
    */
   lastSeenTime?: Timestamp | undefined;
+
+  /**
+   * Where its tasks' directories are, and the directories it suggests as
+   * CloneWorktree targets (as it said when it registered).
+   *
+   * @generated from field: string work_dir = 12;
+   */
+  workDir: string;
+
+  /**
+   * @generated from field: repeated string suggested_targets = 13;
+   */
+  suggestedTargets: string[];
 };
 
 /**
@@ -188,6 +201,52 @@ export type Daemon = Message<"taskmesh.v1.Daemon"> & {
  */
 export const DaemonSchema: GenMessage<Daemon> = /*@__PURE__*/
   messageDesc(file_taskmesh_v1_workspace, 3);
+
+/**
+ * @generated from message taskmesh.v1.CheckTargetExistsRequest
+ */
+export type CheckTargetExistsRequest = Message<"taskmesh.v1.CheckTargetExistsRequest"> & {
+  /**
+   * @generated from field: string daemon_id = 1;
+   */
+  daemonId: string;
+
+  /**
+   * Absolute, on the daemon's machine.
+   *
+   * @generated from field: string path = 2;
+   */
+  path: string;
+};
+
+/**
+ * Describes the message taskmesh.v1.CheckTargetExistsRequest.
+ * Use `create(CheckTargetExistsRequestSchema)` to create a new message.
+ */
+export const CheckTargetExistsRequestSchema: GenMessage<CheckTargetExistsRequest> = /*@__PURE__*/
+  messageDesc(file_taskmesh_v1_workspace, 4);
+
+/**
+ * @generated from message taskmesh.v1.CheckTargetExistsResponse
+ */
+export type CheckTargetExistsResponse = Message<"taskmesh.v1.CheckTargetExistsResponse"> & {
+  /**
+   * @generated from field: bool exists = 1;
+   */
+  exists: boolean;
+
+  /**
+   * @generated from field: bool is_directory = 2;
+   */
+  isDirectory: boolean;
+};
+
+/**
+ * Describes the message taskmesh.v1.CheckTargetExistsResponse.
+ * Use `create(CheckTargetExistsResponseSchema)` to create a new message.
+ */
+export const CheckTargetExistsResponseSchema: GenMessage<CheckTargetExistsResponse> = /*@__PURE__*/
+  messageDesc(file_taskmesh_v1_workspace, 5);
 
 /**
  * @generated from message taskmesh.v1.ListWorkspacesRequest
@@ -200,7 +259,7 @@ export type ListWorkspacesRequest = Message<"taskmesh.v1.ListWorkspacesRequest">
  * Use `create(ListWorkspacesRequestSchema)` to create a new message.
  */
 export const ListWorkspacesRequestSchema: GenMessage<ListWorkspacesRequest> = /*@__PURE__*/
-  messageDesc(file_taskmesh_v1_workspace, 4);
+  messageDesc(file_taskmesh_v1_workspace, 6);
 
 /**
  * @generated from message taskmesh.v1.ListWorkspacesResponse
@@ -217,7 +276,7 @@ export type ListWorkspacesResponse = Message<"taskmesh.v1.ListWorkspacesResponse
  * Use `create(ListWorkspacesResponseSchema)` to create a new message.
  */
 export const ListWorkspacesResponseSchema: GenMessage<ListWorkspacesResponse> = /*@__PURE__*/
-  messageDesc(file_taskmesh_v1_workspace, 5);
+  messageDesc(file_taskmesh_v1_workspace, 7);
 
 /**
  * @generated from message taskmesh.v1.CreateWorkspaceRequest
@@ -234,7 +293,7 @@ export type CreateWorkspaceRequest = Message<"taskmesh.v1.CreateWorkspaceRequest
  * Use `create(CreateWorkspaceRequestSchema)` to create a new message.
  */
 export const CreateWorkspaceRequestSchema: GenMessage<CreateWorkspaceRequest> = /*@__PURE__*/
-  messageDesc(file_taskmesh_v1_workspace, 6);
+  messageDesc(file_taskmesh_v1_workspace, 8);
 
 /**
  * @generated from message taskmesh.v1.CreateWorkspaceResponse
@@ -251,7 +310,7 @@ export type CreateWorkspaceResponse = Message<"taskmesh.v1.CreateWorkspaceRespon
  * Use `create(CreateWorkspaceResponseSchema)` to create a new message.
  */
 export const CreateWorkspaceResponseSchema: GenMessage<CreateWorkspaceResponse> = /*@__PURE__*/
-  messageDesc(file_taskmesh_v1_workspace, 7);
+  messageDesc(file_taskmesh_v1_workspace, 9);
 
 /**
  * @generated from message taskmesh.v1.ListDaemonsRequest
@@ -282,7 +341,7 @@ export type ListDaemonsRequest = Message<"taskmesh.v1.ListDaemonsRequest"> & {
  * Use `create(ListDaemonsRequestSchema)` to create a new message.
  */
 export const ListDaemonsRequestSchema: GenMessage<ListDaemonsRequest> = /*@__PURE__*/
-  messageDesc(file_taskmesh_v1_workspace, 8);
+  messageDesc(file_taskmesh_v1_workspace, 10);
 
 /**
  * @generated from message taskmesh.v1.ListDaemonsResponse
@@ -304,7 +363,7 @@ export type ListDaemonsResponse = Message<"taskmesh.v1.ListDaemonsResponse"> & {
  * Use `create(ListDaemonsResponseSchema)` to create a new message.
  */
 export const ListDaemonsResponseSchema: GenMessage<ListDaemonsResponse> = /*@__PURE__*/
-  messageDesc(file_taskmesh_v1_workspace, 9);
+  messageDesc(file_taskmesh_v1_workspace, 11);
 
 /**
  * @generated from message taskmesh.v1.GetDaemonRequest
@@ -321,7 +380,7 @@ export type GetDaemonRequest = Message<"taskmesh.v1.GetDaemonRequest"> & {
  * Use `create(GetDaemonRequestSchema)` to create a new message.
  */
 export const GetDaemonRequestSchema: GenMessage<GetDaemonRequest> = /*@__PURE__*/
-  messageDesc(file_taskmesh_v1_workspace, 10);
+  messageDesc(file_taskmesh_v1_workspace, 12);
 
 /**
  * @generated from message taskmesh.v1.GetDaemonResponse
@@ -338,7 +397,7 @@ export type GetDaemonResponse = Message<"taskmesh.v1.GetDaemonResponse"> & {
  * Use `create(GetDaemonResponseSchema)` to create a new message.
  */
 export const GetDaemonResponseSchema: GenMessage<GetDaemonResponse> = /*@__PURE__*/
-  messageDesc(file_taskmesh_v1_workspace, 11);
+  messageDesc(file_taskmesh_v1_workspace, 13);
 
 /**
  * @generated from message taskmesh.v1.DisconnectDaemonRequest
@@ -355,7 +414,7 @@ export type DisconnectDaemonRequest = Message<"taskmesh.v1.DisconnectDaemonReque
  * Use `create(DisconnectDaemonRequestSchema)` to create a new message.
  */
 export const DisconnectDaemonRequestSchema: GenMessage<DisconnectDaemonRequest> = /*@__PURE__*/
-  messageDesc(file_taskmesh_v1_workspace, 12);
+  messageDesc(file_taskmesh_v1_workspace, 14);
 
 /**
  * @generated from message taskmesh.v1.DisconnectDaemonResponse
@@ -372,7 +431,7 @@ export type DisconnectDaemonResponse = Message<"taskmesh.v1.DisconnectDaemonResp
  * Use `create(DisconnectDaemonResponseSchema)` to create a new message.
  */
 export const DisconnectDaemonResponseSchema: GenMessage<DisconnectDaemonResponse> = /*@__PURE__*/
-  messageDesc(file_taskmesh_v1_workspace, 13);
+  messageDesc(file_taskmesh_v1_workspace, 15);
 
 /**
  * @generated from message taskmesh.v1.CreateTokenRequest
@@ -403,7 +462,7 @@ export type CreateTokenRequest = Message<"taskmesh.v1.CreateTokenRequest"> & {
  * Use `create(CreateTokenRequestSchema)` to create a new message.
  */
 export const CreateTokenRequestSchema: GenMessage<CreateTokenRequest> = /*@__PURE__*/
-  messageDesc(file_taskmesh_v1_workspace, 14);
+  messageDesc(file_taskmesh_v1_workspace, 16);
 
 /**
  * @generated from message taskmesh.v1.CreateTokenResponse
@@ -427,7 +486,7 @@ export type CreateTokenResponse = Message<"taskmesh.v1.CreateTokenResponse"> & {
  * Use `create(CreateTokenResponseSchema)` to create a new message.
  */
 export const CreateTokenResponseSchema: GenMessage<CreateTokenResponse> = /*@__PURE__*/
-  messageDesc(file_taskmesh_v1_workspace, 15);
+  messageDesc(file_taskmesh_v1_workspace, 17);
 
 /**
  * @generated from message taskmesh.v1.ListTokensRequest
@@ -446,7 +505,7 @@ export type ListTokensRequest = Message<"taskmesh.v1.ListTokensRequest"> & {
  * Use `create(ListTokensRequestSchema)` to create a new message.
  */
 export const ListTokensRequestSchema: GenMessage<ListTokensRequest> = /*@__PURE__*/
-  messageDesc(file_taskmesh_v1_workspace, 16);
+  messageDesc(file_taskmesh_v1_workspace, 18);
 
 /**
  * @generated from message taskmesh.v1.ListTokensResponse
@@ -463,7 +522,7 @@ export type ListTokensResponse = Message<"taskmesh.v1.ListTokensResponse"> & {
  * Use `create(ListTokensResponseSchema)` to create a new message.
  */
 export const ListTokensResponseSchema: GenMessage<ListTokensResponse> = /*@__PURE__*/
-  messageDesc(file_taskmesh_v1_workspace, 17);
+  messageDesc(file_taskmesh_v1_workspace, 19);
 
 /**
  * @generated from message taskmesh.v1.RevokeTokenRequest
@@ -480,7 +539,7 @@ export type RevokeTokenRequest = Message<"taskmesh.v1.RevokeTokenRequest"> & {
  * Use `create(RevokeTokenRequestSchema)` to create a new message.
  */
 export const RevokeTokenRequestSchema: GenMessage<RevokeTokenRequest> = /*@__PURE__*/
-  messageDesc(file_taskmesh_v1_workspace, 18);
+  messageDesc(file_taskmesh_v1_workspace, 20);
 
 /**
  * @generated from message taskmesh.v1.RevokeTokenResponse
@@ -497,7 +556,7 @@ export type RevokeTokenResponse = Message<"taskmesh.v1.RevokeTokenResponse"> & {
  * Use `create(RevokeTokenResponseSchema)` to create a new message.
  */
 export const RevokeTokenResponseSchema: GenMessage<RevokeTokenResponse> = /*@__PURE__*/
-  messageDesc(file_taskmesh_v1_workspace, 19);
+  messageDesc(file_taskmesh_v1_workspace, 21);
 
 /**
  * TokenKind says what a token may do.
@@ -625,6 +684,18 @@ export const WorkspaceService: GenService<{
     methodKind: "unary";
     input: typeof GetDaemonRequestSchema;
     output: typeof GetDaemonResponseSchema;
+  },
+  /**
+   * CheckTargetExists asks a daemon whether a path exists on its machine
+   * (before a CloneWorktree, say); UNAVAILABLE, naming the daemon, when it
+   * is offline or does not answer in time.
+   *
+   * @generated from rpc taskmesh.v1.WorkspaceService.CheckTargetExists
+   */
+  checkTargetExists: {
+    methodKind: "unary";
+    input: typeof CheckTargetExistsRequestSchema;
+    output: typeof CheckTargetExistsResponseSchema;
   },
   /**
    * DisconnectDaemon ends the daemon's session at once and refuses the
