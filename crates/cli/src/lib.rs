@@ -8,6 +8,7 @@
 //!   connections.
 
 mod format;
+pub mod mcp;
 mod watch;
 
 use std::io::Write as _;

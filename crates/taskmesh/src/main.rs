@@ -38,6 +38,9 @@ enum Command {
     Daemons(taskmesh_cli::DaemonsArgs),
     /// Measure a real server with real clients, each figure beside its floor.
     Bench(taskmesh_bench::BenchArgs),
+    /// Serve an agent's taskmesh tools over MCP on stdin/stdout (the
+    /// daemon names it in Claude Code's and Codex's MCP configuration).
+    Mcp(taskmesh_cli::mcp::McpArgs),
 }
 
 fn main() -> ExitCode {
@@ -70,6 +73,7 @@ fn main() -> ExitCode {
             Command::Task(args) => taskmesh_cli::task(args).await.map_err(Into::into),
             Command::Daemons(args) => taskmesh_cli::daemons(args).await.map_err(Into::into),
             Command::Bench(args) => taskmesh_bench::run(args).await.map_err(|e| e as _),
+            Command::Mcp(args) => taskmesh_cli::mcp::run(args).await.map_err(Into::into),
         }
     });
     match result {

@@ -545,7 +545,70 @@ async fn a_missing_claude_is_not_offered(backend: Backend) {
     s.stop().await;
 }
 
+/// Claude and Codex reach taskmesh as MCP tools (`taskmesh mcp`, named in
+/// their MCP configuration by the daemon) with their task's token: each
+/// creates a subtask under its own task, which another daemon runs. The
+/// token is on no command line, and the files that carry it are gone
+/// when the run ends.
+async fn agents_call_taskmesh_over_mcp(backend: Backend) {
+    let s = start_server(backend).await;
+    let shell = s.token_in("default", TokenKind::Daemon).await;
+    let runner = DaemonProcess::start(&s.url(), &shell, &[]);
+    let mut tasks = s.tasks().await;
+    for name in ["claude", "codex"] {
+        let agent = Agent::start(&s, name, &[]).await;
+        let plan = format!(
+            r#"mcp: create_subtask {{"name": "from {name}", "plan": "echo made by {name}"}}"#
+        );
+        let task = agent_task(&mut tasks, name, &plan, "").await;
+        let mut watch = Watch::open(&mut tasks, &task.id, 0).await;
+        watch.until_status(TaskStatus::Completed).await;
+        let result = watch
+            .messages
+            .iter()
+            .find(|m| m.kind == MessageKind::ToolResult as i32)
+            .unwrap_or_else(|| panic!("{name}: no tool result in {:?}", watch.messages));
+        assert!(
+            result.content.contains("created and queued subtask"),
+            "{name}: {result:?}"
+        );
+        let parent = tasks
+            .get_task(pb::GetTaskRequest {
+                id: task.id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .task
+            .unwrap();
+        let sub = parent
+            .subtasks
+            .first()
+            .expect("the subtask is under the agent's task");
+        assert_eq!(sub.name, format!("from {name}"));
+        assert_eq!(sub.created_by, format!("task:{}", task.id));
+        let mut sub_watch = Watch::open(&mut tasks, &sub.id, 0).await;
+        sub_watch.until_line(&format!("made by {name}")).await;
+        for (args, _) in agent.starts() {
+            assert!(
+                !args.iter().any(|a| a.contains("tma_")),
+                "{name}: token in {args:?}"
+            );
+        }
+        let work = agent.daemon.dir.0.join("work");
+        for leftover in ["agent-token", "mcp.json"] {
+            assert!(
+                !work.join(format!("{}.{leftover}", task.id)).exists(),
+                "{leftover} stays"
+            );
+        }
+        agent.daemon.stop().await;
+    }
+    runner.stop().await;
+}
+
 both_backends!(
+    agents_call_taskmesh_over_mcp,
     a_claude_task_runs_and_continues,
     a_follow_up_reaches_the_same_process,
     stop_asks_claude_first,

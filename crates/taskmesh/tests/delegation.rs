@@ -116,8 +116,9 @@ printf '%s' "$TASKMESH_TOKEN" > {saved}"#,
 }
 
 /// While its attempt runs, an agent's token reaches only its own tree:
-/// another task is NOT_FOUND for reading and for steering, and what is not
-/// an agent's business (workspace tokens, deleting) is PERMISSION_DENIED.
+/// another task is NOT_FOUND for reading and for steering, what is not an
+/// agent's business (deleting) is PERMISSION_DENIED, and its subtasks nest
+/// at most 3 levels deep and number at most 100.
 async fn an_agent_token_stays_in_its_tree(backend: Backend) {
     let s = start_server(backend).await;
     let (mut d, id) = common::daemon::connect_daemon(&s, "runner", 1).await;
@@ -183,6 +184,43 @@ async fn an_agent_token_stays_in_its_tree(backend: Backend) {
         .tasks;
     let names: Vec<&str> = listed.iter().map(|t| t.name.as_str()).collect();
     assert_eq!(names, ["sub"]);
+
+    // Three levels below its task, and no deeper.
+    let mut parent = sub.id.clone();
+    for level in 2..=4 {
+        let made = agent
+            .create_task(pb::CreateTaskRequest {
+                name: format!("level {level}"),
+                parent_task_id: parent.clone(),
+                ..Default::default()
+            })
+            .await;
+        if level <= 3 {
+            parent = made.unwrap().into_inner().task.unwrap().id;
+        } else {
+            let err = made.unwrap_err();
+            assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+            assert!(err.message().contains("3 levels"), "{err:?}");
+        }
+    }
+    // At most 100 tasks below it in all (3 made so far).
+    for i in 3..100 {
+        agent
+            .create_task(pb::CreateTaskRequest {
+                name: format!("many {i}"),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    let err = agent
+        .create_task(pb::CreateTaskRequest {
+            name: "one too many".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     drop(session);
 }
 

@@ -201,8 +201,19 @@ impl Agent for Claude {
         if let Some(mode) = mode {
             cmd.args(["--permission-mode", mode]);
         }
-        if let Some(tools) = &self.settings.allowed_tools {
+        // Its own taskmesh tools need no approval: they reach only its
+        // task's tree.
+        let allowed = match (&self.settings.allowed_tools, &turn.tools) {
+            (Some(tools), Some(_)) => Some(format!("{tools},mcp__{}", super::TOOLS_NAME)),
+            (Some(tools), None) => Some(tools.clone()),
+            (None, Some(_)) => Some(format!("mcp__{}", super::TOOLS_NAME)),
+            (None, None) => None,
+        };
+        if let Some(tools) = &allowed {
             cmd.args(["--allowedTools", tools]);
+        }
+        if let Some(tools) = &turn.tools {
+            cmd.arg("--mcp-config").arg(&tools.config_file);
         }
         if let Some(id) = &turn.resume_session_id {
             cmd.args(["--resume", id]);

@@ -160,6 +160,14 @@ impl Agent for Codex {
         if let Some(sandbox) = &self.settings.sandbox {
             cmd.args(["--sandbox", sandbox]);
         }
+        if let Some(tools) = &turn.tools {
+            // TOML values: a JSON string or array of strings is one.
+            let key = format!("mcp_servers.{}", super::TOOLS_NAME);
+            let command = serde_json::Value::from(tools.command.as_str());
+            let args = serde_json::Value::from(tools.args.clone());
+            cmd.arg("-c").arg(format!("{key}.command={command}"));
+            cmd.arg("-c").arg(format!("{key}.args={args}"));
+        }
         if let Some(id) = &turn.resume_session_id {
             cmd.args(["resume", id]);
         }

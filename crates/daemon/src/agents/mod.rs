@@ -33,7 +33,23 @@ pub(crate) struct Turn {
     /// Per task; empty means the daemon's default.
     pub model: String,
     pub permission_mode: String,
+    /// The agent's taskmesh tools (`taskmesh mcp`), when it has a task
+    /// token.
+    pub tools: Option<TaskTools>,
 }
+
+/// How an agent starts its taskmesh MCP server: the command and its
+/// arguments, also as a Claude Code MCP configuration file.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct TaskTools {
+    pub command: String,
+    pub args: Vec<String>,
+    /// `{"mcpServers": {"taskmesh": …}}`, for `claude --mcp-config`.
+    pub config_file: std::path::PathBuf,
+}
+
+/// The name agents know the tools by (Claude calls them `mcp__taskmesh__…`).
+pub(crate) const TOOLS_NAME: &str = "taskmesh";
 
 /// Usage so far in this run (totals, not increments), per model.
 #[derive(Debug, Clone, Default, PartialEq)]

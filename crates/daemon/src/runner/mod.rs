@@ -23,7 +23,7 @@ use tracing::{debug, info, warn};
 use process::{describe_status, outcome_of, scrub_env, signal_group, spawn_stdin_writer};
 
 use super::output::LineReader;
-use crate::agents::{Agent, AgentKind, Turn, UsageReport};
+use crate::agents::{Agent, AgentKind, TaskTools, Turn, UsageReport};
 use crate::pb::{
     AgentResume, ApprovalDecision, CompletionAction, MessageKind, TaskChanges, TaskMessageInput,
 };
@@ -205,6 +205,9 @@ pub(crate) async fn run_task(
         Ok(started) => started,
         Err(e) => {
             warn!(reason = %e.reason, "task failed before its agent started");
+            for file in tool_files(&spec) {
+                let _ = tokio::fs::remove_file(file).await;
+            }
             let end = TaskEnd {
                 outcome: Outcome::Failed {
                     reason: e.reason,
@@ -223,12 +226,87 @@ pub(crate) async fn run_task(
             return;
         }
     };
+    let tool_files = tool_files(&spec);
     TaskRunner::new(spec, child, agent, events, control, pressure)
         .run()
         .await;
     // When the directory was last used, for --keep-worktrees.
     let _ = lock.set_modified(std::time::SystemTime::now());
+    for file in tool_files {
+        let _ = tokio::fs::remove_file(file).await;
+    }
     drop(lock);
+}
+
+/// The agent token's file and the MCP configuration of a run, beside the
+/// task's directory (never in it: a repository would commit them).
+fn tool_files(spec: &TaskSpec) -> [PathBuf; 2] {
+    [
+        spec.work_dir.join(format!("{}.agent-token", spec.task_id)),
+        spec.work_dir.join(format!("{}.mcp.json", spec.task_id)),
+    ]
+}
+
+/// For Claude and Codex with a task token: `taskmesh mcp` as their MCP
+/// server, reading the token from a file only the daemon's user may read
+/// (a command line shows in `ps`).
+async fn task_tools(spec: &TaskSpec) -> Result<Option<TaskTools>, String> {
+    let env = |name: &str| {
+        spec.agent_env
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
+    let (Some(token), Some(server)) = (env("TASKMESH_TOKEN"), env("TASKMESH_SERVER")) else {
+        return Ok(None);
+    };
+    if !matches!(spec.agent, AgentKind::Claude(_) | AgentKind::Codex(_)) {
+        return Ok(None);
+    }
+    let command = std::env::current_exe()
+        .map_err(|e| format!("cannot tell this program's path for the agent's tools: {e}"))?
+        .display()
+        .to_string();
+    let [token_file, config_file] = tool_files(spec);
+    let mut args = vec![
+        "mcp".to_owned(),
+        "--server".to_owned(),
+        server,
+        "--token-file".to_owned(),
+        token_file.display().to_string(),
+    ];
+    if let Some(ca) = env("TASKMESH_CA_CERT") {
+        args.extend(["--ca-cert".to_owned(), ca]);
+    }
+    let config = serde_json::json!({"mcpServers": {crate::agents::TOOLS_NAME: {
+        "type": "stdio", "command": command, "args": args,
+    }}});
+    private_file(&token_file, token.as_bytes()).await?;
+    private_file(&config_file, config.to_string().as_bytes()).await?;
+    Ok(Some(TaskTools {
+        command,
+        args,
+        config_file,
+    }))
+}
+
+/// Writes a file only its owner may read.
+async fn private_file(path: &std::path::Path, contents: &[u8]) -> Result<(), String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = path.to_owned();
+    let contents = contents.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .mode(0o600)
+            .open(&path)?;
+        std::io::Write::write_all(&mut file, &contents)
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| format!("writing the agent's tool files failed: {e}"))
 }
 
 /// Creates the task directory, clones the repository, spawns the agent and
@@ -254,7 +332,9 @@ async fn start(
     }
 
     let agent = spec.agent.build();
-    let mut cmd = agent.command(&spec.turn, &spec.dir);
+    let mut turn = spec.turn.clone();
+    turn.tools = task_tools(spec).await.map_err(StartError::new)?;
+    let mut cmd = agent.command(&turn, &spec.dir);
     scrub_env(&mut cmd, &spec.hidden_secrets);
     cmd.envs(spec.agent_env.iter().map(|(k, v)| (k, v)));
     cmd.current_dir(&spec.dir)

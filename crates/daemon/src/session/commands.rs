@@ -387,6 +387,7 @@ impl Session {
                 resume_session_id: resumable(spawn.resume, &self.cfg.work_dir.join(&task_id)),
                 model: task.model,
                 permission_mode: task.permission_mode,
+                tools: None,
             },
             branch: if task.repository.is_empty() {
                 String::new()
