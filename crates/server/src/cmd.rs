@@ -117,6 +117,20 @@ pub struct ServeArgs {
     /// memory at most. Units: B, KiB, MiB, GiB.
     #[arg(long, env = "TASKMESH_WATCHER_BUDGET", default_value = "8MiB", value_parser = parse_bytes)]
     pub watcher_budget: usize,
+    /// Serve the Prometheus metrics on this address (plain HTTP, path
+    /// /metrics) instead of at /metrics on --listen.
+    #[arg(long, env = "TASKMESH_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
+    /// The log's format on stderr: `text` for people, `json` (one object a
+    /// line) for log shippers. RUST_LOG sets what is logged.
+    #[arg(long, env = "TASKMESH_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 /// `4MiB`, `512KiB`, `1048576`: a size in bytes.
@@ -257,6 +271,26 @@ pub async fn serve(
         tracing::info!("shutting down: no new connections; draining open ones");
         let _ = stop_tx.send(true);
     });
+    let metrics = match &args.metrics_listen {
+        Some(listen) => {
+            let listener = TcpListener::bind(listen)
+                .await
+                .map_err(|e| format!("cannot listen on --metrics-listen {listen}: {e}"))?;
+            println!("metrics on http://{}/metrics", listener.local_addr()?);
+            let mut stopped = stop_rx.clone();
+            Some(tokio::spawn(server::serve_metrics(
+                listener,
+                domain.clone(),
+                async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                },
+            )))
+        }
+        None => {
+            println!("metrics at {scheme}://{addr}/metrics");
+            None
+        }
+    };
     let mut stopped = stop_rx.clone();
     let config = ServerConfig {
         cors_origins: args.cors_origins,
@@ -265,6 +299,7 @@ pub async fn serve(
         max_message_bytes: args.max_message_bytes,
         max_streams_per_connection: args.max_streams_per_connection,
         idle_timeout: Some(args.idle_timeout),
+        metrics_here: args.metrics_listen.is_none(),
     };
     let server = server::run(listener, domain, config, async move {
         let _ = stopped.wait_for(|s| *s).await;
@@ -278,6 +313,9 @@ pub async fn serve(
     }
     if let Some(reloader) = reloader {
         reloader.abort();
+    }
+    if let Some(metrics) = metrics {
+        metrics.abort();
     }
     store.close().await;
     tracing::info!("stopped");

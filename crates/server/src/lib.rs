@@ -21,6 +21,7 @@ pub mod cluster;
 pub mod cmd;
 pub mod conn;
 pub mod domain;
+pub mod metrics;
 pub mod model;
 pub mod server;
 pub mod store;

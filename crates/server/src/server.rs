@@ -43,6 +43,9 @@ pub struct ServerConfig {
     pub max_streams_per_connection: u32,
     /// Close a connection that has carried no request for this long.
     pub idle_timeout: Option<Duration>,
+    /// Serve `/metrics` on this port too (not when `serve
+    /// --metrics-listen` moved them).
+    pub metrics_here: bool,
 }
 
 /// gRPC's own default: every client library accepts this much.
@@ -59,6 +62,7 @@ impl Default for ServerConfig {
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             max_streams_per_connection: DEFAULT_MAX_STREAMS_PER_CONNECTION,
             idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
+            metrics_here: true,
         }
     }
 }
@@ -113,6 +117,7 @@ pub async fn run(
     let tasks = TaskServiceServer::new(TaskApi::new(domain.clone())).max_decoding_message_size(max);
     let daemons =
         DaemonServiceServer::new(DaemonApi::new(domain.clone())).max_decoding_message_size(max);
+    let scraped = domain.clone();
     let workspaces =
         WorkspaceServiceServer::new(WorkspaceApi::new(domain)).max_decoding_message_size(max);
     let routes = Routes::builder()
@@ -126,6 +131,11 @@ pub async fn run(
         .routes()
         .into_axum_router()
         .fallback(page);
+    let routes = if config.metrics_here {
+        routes.merge(metrics_router(scraped))
+    } else {
+        routes
+    };
 
     // With PostgreSQL, replicas may share the database: listen to them.
     // Started first: it is the step that can fail.
@@ -160,6 +170,46 @@ pub async fn run(
         peers.abort();
     }
     Ok(served?)
+}
+
+/// `GET /metrics`: this replica's metrics in the Prometheus (OpenMetrics)
+/// text format.
+pub fn metrics_router(domain: Arc<Domain>) -> axum::Router {
+    let scrape = move || {
+        let domain = domain.clone();
+        async move {
+            match domain.metrics_text().await {
+                Ok(text) => {
+                    ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response()
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading the metrics failed");
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("metrics unavailable: {e}\n"),
+                    )
+                        .into_response()
+                }
+            }
+        }
+    };
+    axum::Router::new().route("/metrics", axum::routing::get(scrape))
+}
+
+/// Serves only `/metrics` on `listener` (`serve --metrics-listen`) until
+/// `shutdown` completes.
+pub async fn serve_metrics(
+    listener: TcpListener,
+    domain: Arc<Domain>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let incoming = conn::incoming(listener, None, Some(DEFAULT_IDLE_TIMEOUT));
+    tonic::transport::Server::builder()
+        .accept_http1(true)
+        .add_routes(Routes::from(metrics_router(domain)))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await?;
+    Ok(())
 }
 
 /// The dashboard: its views (deep links included) get index.html, never
@@ -267,6 +317,25 @@ where
                         .and_then(|v| v.parse::<i32>().ok())
                         .map_or(tonic::Code::Ok, tonic::Code::from_i32);
                     tracing::info!(rpc = %path, code = ?code, ms = format_args!("{ms:.2}"), "rpc");
+                    // Known methods only: a label per made-up path would
+                    // grow without bound.
+                    let known =
+                        crate::api::kinds_for(&path).is_some() || path.starts_with("/grpc.");
+                    let method = if known {
+                        path.trim_start_matches('/')
+                    } else {
+                        "other"
+                    };
+                    let m = &crate::metrics::METRICS;
+                    let labels = crate::metrics::RpcLabels {
+                        method: method.to_owned(),
+                        code: format!("{code:?}"),
+                    };
+                    m.rpcs.get_or_create(&labels).inc();
+                    let labels = crate::metrics::MethodLabels {
+                        method: method.to_owned(),
+                    };
+                    m.rpc_seconds.get_or_create(&labels).observe(ms / 1000.0);
                 } else {
                     tracing::info!(path = %path, status = r.status().as_u16(), ms = format_args!("{ms:.2}"), "http");
                 }

@@ -3,11 +3,10 @@
 
 use taskmesh_testkit as common;
 
+use common::http::http1;
 use common::{Backend, start_server};
 use prost::Message;
 use taskmesh_server::pb;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio_stream::StreamExt;
 
 const SERVICES: [&str; 6] = [
@@ -128,43 +127,6 @@ async fn health_reports_serving() {
         assert_eq!(r.status(), ServingStatus::Serving, "{service:?}");
     }
     s.stop().await;
-}
-
-/// Sends one HTTP/1.1 request on a fresh connection and reads the whole
-/// response (the server closes it: `connection: close`).
-async fn http1(addr: std::net::SocketAddr, head: &str, body: &[u8]) -> (String, Vec<u8>) {
-    let mut sock = TcpStream::connect(addr).await.unwrap();
-    sock.write_all(head.as_bytes()).await.unwrap();
-    sock.write_all(body).await.unwrap();
-    let mut raw = Vec::new();
-    sock.read_to_end(&mut raw).await.unwrap();
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("headers end")
-        + 4;
-    let headers = String::from_utf8_lossy(&raw[..split]).to_lowercase();
-    let body = dechunk(&headers, &raw[split..]);
-    (headers, body)
-}
-
-fn dechunk(headers: &str, body: &[u8]) -> Vec<u8> {
-    if !headers.contains("transfer-encoding: chunked") {
-        return body.to_vec();
-    }
-    let mut out = Vec::new();
-    let mut rest = body;
-    loop {
-        let line_end = rest.windows(2).position(|w| w == b"\r\n").unwrap();
-        let size =
-            usize::from_str_radix(std::str::from_utf8(&rest[..line_end]).unwrap().trim(), 16)
-                .unwrap();
-        if size == 0 {
-            return out;
-        }
-        out.extend_from_slice(&rest[line_end + 2..line_end + 2 + size]);
-        rest = &rest[line_end + 2 + size + 2..];
-    }
 }
 
 /// gRPC-web frames: a flag byte (0x80 marks trailers), a 4-byte length, bytes.

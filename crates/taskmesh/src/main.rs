@@ -7,7 +7,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use taskmesh_server::cmd::{ServeArgs, TokenCommand};
+use taskmesh_server::cmd::{LogFormat, ServeArgs, TokenCommand};
 use tracing_subscriber::EnvFilter;
 
 /// taskmesh: a control plane for coding-agent daemons.
@@ -45,15 +45,19 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let log = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if matches!(&cli.command, Command::Serve(a) if a.log_format == LogFormat::Json) {
+        // One JSON object a line, for log shippers.
+        log.json().init();
+    } else {
         // Colour codes only for a person at a terminal, not for a log file
         // or a journal (and never with NO_COLOR set).
-        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
-        .init();
+        log.with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
+            .init();
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

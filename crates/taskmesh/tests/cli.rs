@@ -168,4 +168,26 @@ fn a_bad_database_url_is_a_clear_error() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot open the database"));
 }
 
-both_backends!(serve_and_use);
+/// `serve --log-format json` writes one JSON object a line, for log
+/// shippers, with the message and its fields.
+async fn the_log_can_be_json(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let (server, mut log) = common::process::ServeProcess::start_logged(
+        &db.url,
+        "127.0.0.1:0",
+        &["--log-format", "json"],
+        "info",
+    )
+    .await;
+    let line = log
+        .wait_for(&["database ready"], std::time::Duration::from_secs(30))
+        .await;
+    let entry: serde_json::Value = serde_json::from_str(&line).expect("a JSON object");
+    assert_eq!(entry["level"], "INFO", "{entry}");
+    assert_eq!(entry["fields"]["message"], "database ready", "{entry}");
+    assert!(entry["fields"]["backend"].is_string(), "{entry}");
+    assert!(!line.contains('\x1b'), "no colour codes: {line}");
+    server.terminate().await;
+}
+
+both_backends!(serve_and_use, the_log_can_be_json);

@@ -13,6 +13,7 @@ pub mod certs;
 pub mod daemon;
 pub mod db;
 pub mod git;
+pub mod http;
 pub mod process;
 pub mod raw;
 pub mod watch;

@@ -65,6 +65,7 @@ impl Domain {
             let Some((task, _)) = self.store.claim_task(daemon, Some(&make)).await? else {
                 break;
             };
+            crate::metrics::METRICS.claimed(&task.id, task.queued_at);
             self.task_changed(&task, false);
             n += 1;
         }

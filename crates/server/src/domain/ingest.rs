@@ -197,6 +197,11 @@ impl Domain {
             .iter()
             .filter(|m| m.seq > old && m.seq <= new)
             .collect();
+        let metrics = &crate::metrics::METRICS;
+        metrics.output_messages.inc_by(fresh.len() as u64);
+        metrics
+            .output_bytes
+            .inc_by(fresh.iter().map(|m| m.content.len() as u64).sum());
         self.output_grew(task_id, workspace_id, old, new);
         if fresh.len() as i64 != new - old {
             // Part of the range came in an earlier batch: watchers read it

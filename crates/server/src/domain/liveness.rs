@@ -88,7 +88,15 @@ impl Domain {
                     _ = &mut closed => return,
                     _ = tick.tick() => {}
                 }
-                match domain.sweep().await {
+                let swept = domain.sweep().await;
+                if let Ok(r) = &swept {
+                    let m = &crate::metrics::METRICS;
+                    m.sweeps.inc();
+                    m.swept_daemons_offline.inc_by(r.offline as u64);
+                    m.swept_tasks_interrupted.inc_by(r.interrupted as u64);
+                    m.swept_tasks_requeued.inc_by(r.requeued as u64);
+                }
+                match swept {
                     Ok(r) if r != SweepReport::default() => tracing::info!(
                         streams_ended = r.streams_ended,
                         approvals_expired = r.approvals_expired,

@@ -133,6 +133,34 @@ impl Domain {
         self.store.backend()
     }
 
+    /// The metrics, with what the database and this replica's streams
+    /// say now.
+    pub async fn metrics_text(&self) -> Result<String> {
+        let census = self.store.census().await?;
+        let m = &crate::metrics::METRICS;
+        m.tasks.clear();
+        for (status, runtime, n) in census.tasks {
+            let labels = crate::metrics::TaskLabels { status, runtime };
+            m.tasks.get_or_create(&labels).set(n);
+        }
+        m.daemons.clear();
+        for (state, n) in census.daemons {
+            m.daemons
+                .get_or_create(&crate::metrics::StateLabels { state })
+                .set(n);
+        }
+        m.outbox_pending.set(census.pending_commands);
+        let age = census.oldest_command.map_or(0.0, |at| {
+            (crate::model::now_micros() - at).max(0) as f64 / 1e6
+        });
+        m.outbox_oldest_seconds.set(age);
+        m.approvals_pending.set(census.pending_approvals);
+        let (sessions, watchers) = self.streams.counts();
+        m.sessions.set(sessions as i64);
+        m.watchers.set(watchers as i64);
+        Ok(m.render())
+    }
+
     /// Ends every open watch and session, so a graceful shutdown can finish.
     pub fn close_streams(&self) {
         self.closing.send_replace(true);

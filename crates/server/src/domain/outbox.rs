@@ -71,6 +71,9 @@ impl Domain {
                 .await;
         }
         let is_spawn = matches!(kind, Ok(Some(pb::command::Kind::SpawnTask(_))));
+        if is_spawn {
+            crate::metrics::METRICS.spawn_answered(&acked.task_id, !refused);
+        }
         if !(refused && is_spawn) {
             return Ok(());
         }

@@ -110,6 +110,14 @@ impl StreamRegistry {
         self.end_where(&why, |e| e.daemon_id.as_deref() == Some(daemon_id))
     }
 
+    /// Open daemon sessions and watches (WatchTask, WatchTasks), for the
+    /// metrics.
+    pub fn counts(&self) -> (usize, usize) {
+        let entries = self.lock();
+        let sessions = entries.values().filter(|e| e.daemon_id.is_some()).count();
+        (sessions, entries.len() - sessions)
+    }
+
     /// The tokens, (user, workspace) pairs and (daemon, token) pairs behind
     /// the open streams.
     #[allow(clippy::type_complexity)]

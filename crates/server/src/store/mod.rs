@@ -10,6 +10,7 @@ mod attempts;
 mod changes;
 mod daemons;
 mod messages;
+mod metrics;
 mod outbox;
 mod postgres;
 mod sqlite;
@@ -20,6 +21,7 @@ mod workspaces;
 
 pub use daemons::DaemonInfo;
 pub use messages::NewMessage;
+pub use metrics::Census;
 pub use outbox::{AckedCommand, NewCommand, PendingCommand};
 pub use tasks::{CLAIM, NewEvent, SpawnMaker, TaskFilter};
 
