@@ -391,6 +391,54 @@ fn tokens(u: &pb::TaskUsage) -> String {
     )
 }
 
+/// `task usage`: per model, the total, and the cost.
+pub fn usage_lines(usage: &pb::GetTaskUsageResponse) -> String {
+    let mut out = String::new();
+    for u in &usage.usage {
+        let _ = writeln!(out, "{}: {}", u.model, tokens(u));
+    }
+    let (total, cost) = usage_fields(usage);
+    if !total.is_empty() {
+        let _ = writeln!(out, "total: {total}");
+    }
+    if !cost.is_empty() {
+        let _ = writeln!(out, "cost: {cost}");
+    }
+    if out.is_empty() {
+        out.push_str("no usage reported\n");
+    }
+    out
+}
+
+/// `task events`: a line each, oldest first.
+pub fn event_lines(events: &[pb::TaskEvent], now: i64) -> String {
+    let mut out = String::new();
+    for e in events {
+        let time = e
+            .create_time
+            .as_ref()
+            .map(|t| when(t, now))
+            .unwrap_or_default();
+        let change = if e.from_status == e.to_status {
+            String::new()
+        } else if e.from_status == 0 {
+            format!("{} ", status_name(e.to_status))
+        } else {
+            format!(
+                "{} -> {} ",
+                status_name(e.from_status),
+                status_name(e.to_status)
+            )
+        };
+        let _ = writeln!(
+            out,
+            "{time}  attempt {}  {change}{}: {}",
+            e.attempt, e.actor, e.reason
+        );
+    }
+    out
+}
+
 /// The total tokens and the cost, each empty when there is none.
 fn usage_fields(usage: &pb::GetTaskUsageResponse) -> (String, String) {
     let used = |u: &pb::TaskUsage| {

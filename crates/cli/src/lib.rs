@@ -160,6 +160,21 @@ pub enum TaskCommand {
     ///
     /// Example: taskmesh task clone-worktree $ID /home/me/src/review-1
     CloneWorktree(CloneWorktreeArgs),
+    /// A task's status changes and other events, oldest first: when, from
+    /// what to what, who, why.
+    ///
+    /// Example: taskmesh task events $ID
+    Events(IdArg),
+    /// A task's token usage per model, its cost in USD and turns, summed
+    /// over its attempts.
+    ///
+    /// Example: taskmesh task usage $ID
+    Usage(IdArg),
+    /// Delete a task and its subtasks (running ones are interrupted first)
+    /// and, on their daemons, their directories.
+    ///
+    /// Example: taskmesh task delete $ID
+    Delete(IdArg),
 }
 
 #[derive(clap::Args)]
@@ -207,7 +222,7 @@ pub struct DenyArgs {
 #[derive(clap::Args)]
 pub struct CreateArgs {
     /// Workspace id or name; needed when the token sees several.
-    #[arg(long)]
+    #[arg(long, env = "TASKMESH_WORKSPACE")]
     pub workspace: Option<String>,
     /// A short name for the task.
     #[arg(long)]
@@ -259,7 +274,7 @@ pub struct CreateArgs {
 #[derive(clap::Args)]
 pub struct ListArgs {
     /// Workspace id or name; needed when the token sees several.
-    #[arg(long)]
+    #[arg(long, env = "TASKMESH_WORKSPACE")]
     pub workspace: Option<String>,
     /// Only tasks in this state (repeat or comma-separate): pending, queued,
     /// dispatched, running, completed, failed, cancelled, interrupted.
@@ -329,7 +344,7 @@ pub struct DaemonsArgs {
     #[command(flatten)]
     pub server: ServerArgs,
     /// Workspace id or name; needed when the token sees several.
-    #[arg(long)]
+    #[arg(long, env = "TASKMESH_WORKSPACE")]
     pub workspace: Option<String>,
     #[command(subcommand)]
     pub command: Option<DaemonsCommand>,
@@ -511,6 +526,30 @@ pub async fn task(args: TaskArgs) -> Result<()> {
         TaskCommand::Approvals(a) => approvals(&server.connect().await?, a).await,
         TaskCommand::Diff(a) => diff(&server.connect().await?, a).await,
         TaskCommand::RetryCompletion(a) => retry_completion(&server.connect().await?, a).await,
+        TaskCommand::Events(a) => {
+            let mut client = server.connect().await?.tasks();
+            let events = events(&mut client, &a.id).await?;
+            say(&format::event_lines(&events, format::now()))
+        }
+        TaskCommand::Usage(a) => {
+            let usage = server
+                .connect()
+                .await?
+                .tasks()
+                .get_task_usage(pb::GetTaskUsageRequest { task_id: a.id })
+                .await?
+                .into_inner();
+            say(&format::usage_lines(&usage))
+        }
+        TaskCommand::Delete(a) => {
+            server
+                .connect()
+                .await?
+                .tasks()
+                .delete_task(pb::DeleteTaskRequest { id: a.id.clone() })
+                .await?;
+            say(&format!("deleted task {}\n", a.id))
+        }
         TaskCommand::CloneWorktree(a) => {
             let done = server
                 .connect()

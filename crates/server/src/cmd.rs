@@ -324,7 +324,16 @@ pub async fn serve(
 
 /// `taskmesh token create`: a token minted straight in the database.
 pub async fn token_create(args: TokenCreateArgs) -> CliResult {
-    let store = connect(&args.database.database_url).await?;
+    let url = &args.database.database_url;
+    let fresh = is_new_sqlite_file(url);
+    let store = connect(url).await?;
+    if fresh {
+        // The usual mistake: run where the server's database is not.
+        eprintln!(
+            "note: {url} did not exist and was created; the token works only for a server on this \
+             database (pass --database-url, or run this where `taskmesh serve` runs)"
+        );
+    }
     let domain = Domain::new(store.clone());
     let kind = match args.kind {
         KindArg::User => TokenKind::User,
@@ -343,9 +352,32 @@ pub async fn token_create(args: TokenCreateArgs) -> CliResult {
     Ok(())
 }
 
+/// Whether `url` names a SQLite file that does not exist yet.
+fn is_new_sqlite_file(url: &str) -> bool {
+    if url.starts_with("postgres") {
+        return false;
+    }
+    let path = url
+        .trim_start_matches("sqlite://")
+        .trim_start_matches("sqlite:")
+        .split('?')
+        .next()
+        .unwrap_or_default();
+    !path.is_empty() && path != ":memory:" && !std::path::Path::new(path).exists()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_missing_sqlite_file_is_noticed() {
+        assert!(is_new_sqlite_file("sqlite:///nonexistent/taskmesh.db"));
+        assert!(is_new_sqlite_file("nowhere-taskmesh.db"));
+        assert!(!is_new_sqlite_file("postgres://postgres@127.0.0.1/test"));
+        assert!(!is_new_sqlite_file("sqlite::memory:"));
+        assert!(!is_new_sqlite_file("/"));
+    }
 
     #[test]
     fn sizes_take_units() {

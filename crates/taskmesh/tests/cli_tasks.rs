@@ -626,7 +626,45 @@ async fn daemons_lists_a_registered_daemon(backend: Backend) {
     assert!(err.contains("(NOT_FOUND)"), "{err}");
 }
 
+/// `task events`, `task usage` and `task delete`; TASKMESH_WORKSPACE
+/// stands for --workspace on every verb that takes it.
+async fn events_usage_delete_and_the_workspace_variable(backend: Backend) {
+    let s = start_server(backend).await;
+    let id = ok(&s, &["task", "create", "--name", "short-lived"]).await;
+    let id = id.trim();
+    let events = ok(&s, &["task", "events", id]).await;
+    assert!(
+        events.contains("pending") && events.contains("created"),
+        "{events}"
+    );
+    let usage = ok(&s, &["task", "usage", id]).await;
+    assert_eq!(usage, "no usage reported\n");
+    assert_eq!(
+        ok(&s, &["task", "delete", id]).await,
+        format!("deleted task {id}\n")
+    );
+    let gone = fails(&s, Some(&s.token), &["task", "get", id]).await;
+    assert!(gone.contains("not found"), "{gone}");
+
+    let out = tokio::time::timeout(
+        PATIENCE,
+        command(&s.url(), Some(&s.token), &["task", "list"])
+            .env("TASKMESH_WORKSPACE", "no-such-workspace")
+            .output(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("no-such-workspace"),
+        "the variable was used: {err}"
+    );
+}
+
 both_backends!(
+    events_usage_delete_and_the_workspace_variable,
     create_start_stop,
     watch_prints_each_message_once,
     watch_resumes_after_a_dropped_connection,
@@ -636,7 +674,7 @@ both_backends!(
 
 #[test]
 fn every_verb_explains_itself_with_an_example() {
-    let verbs: [&[&str]; 15] = [
+    let verbs: [&[&str]; 23] = [
         &["task"],
         &["task", "create"],
         &["task", "list"],
@@ -650,8 +688,16 @@ fn every_verb_explains_itself_with_an_example() {
         &["task", "approve"],
         &["task", "deny"],
         &["task", "approvals"],
+        &["task", "diff"],
+        &["task", "retry-completion"],
+        &["task", "clone-worktree"],
+        &["task", "events"],
+        &["task", "usage"],
+        &["task", "delete"],
         &["daemons"],
         &["daemons", "disconnect"],
+        &["daemons", "get"],
+        &["daemons", "check-target"],
     ];
     for verb in verbs {
         let out = std::process::Command::new(BIN)
