@@ -289,7 +289,7 @@ pub(crate) struct RuntimeDef {
 }
 
 /// The daemon's resolved settings.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Config {
     pub machine_id: String,
     pub hostname: String,

@@ -8,6 +8,7 @@ use taskmesh_testkit as common;
 use taskmesh_testkit::both_backends;
 
 use common::daemon::*;
+use common::tasks::until_event;
 use common::{Backend, TestServer, start_server};
 use taskmesh_server::pb::session_request::Message as Up;
 use taskmesh_server::pb::{self, TaskStatus, command::Kind};
@@ -267,7 +268,7 @@ async fn retry_completion_reaches_the_daemon(backend: Backend) {
             ..Default::default()
         }))
         .await;
-    let reasons = until_events(&s, &task.id, |r| r.starts_with("merge done on retry")).await;
+    let reasons = until_event(&mut tasks, &task.id, "merge done on retry").await;
     assert!(
         reasons
             .iter()
@@ -277,46 +278,6 @@ async fn retry_completion_reaches_the_daemon(backend: Backend) {
     let got = get(&s, &task.id).await.changes.unwrap();
     assert_eq!(got.completion_state, "ok");
     assert!(got.completion_detail.starts_with("merged"), "{got:?}");
-}
-
-async fn get(s: &TestServer, id: &str) -> pb::Task {
-    s.tasks()
-        .await
-        .get_task(pb::GetTaskRequest { id: id.into() })
-        .await
-        .unwrap()
-        .into_inner()
-        .task
-        .unwrap()
-}
-
-/// The task's event reasons once one of them satisfies `done` (the
-/// daemon's answer is recorded as it arrives).
-async fn until_events(s: &TestServer, id: &str, done: impl Fn(&str) -> bool) -> Vec<String> {
-    let mut tasks = s.tasks().await;
-    tokio::time::timeout(common::watch::PATIENCE, async {
-        loop {
-            let reasons: Vec<String> = tasks
-                .list_task_events(pb::ListTaskEventsRequest {
-                    task_id: id.into(),
-                    page_size: 1000,
-                    ..Default::default()
-                })
-                .await
-                .unwrap()
-                .into_inner()
-                .events
-                .into_iter()
-                .map(|e| e.reason)
-                .collect();
-            if reasons.iter().any(|r| done(r)) {
-                return reasons;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("the event arrives")
 }
 
 both_backends!(

@@ -11,6 +11,7 @@ use taskmesh_testkit as common;
 use taskmesh_testkit::both_backends;
 
 use common::process::{DaemonProcess, TempDir, bin};
+use common::tasks::{create_and_start, get};
 use common::watch::Watch;
 use common::{Backend, start_server, tasks_at};
 use taskmesh_server::model::TokenKind;
@@ -49,24 +50,12 @@ printf '%s' "$TASKMESH_TOKEN" > {saved}"#,
         outside = outside.id,
         saved = saved.display()
     );
-    let parent = tasks
-        .create_task(pb::CreateTaskRequest {
-            name: "orchestrator".into(),
-            plan,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .task
-        .unwrap();
-    tasks
-        .start_task(pb::StartTaskRequest {
-            id: parent.id.clone(),
-            daemon_id: String::new(),
-        })
-        .await
-        .unwrap();
+    let request = pb::CreateTaskRequest {
+        name: "orchestrator".into(),
+        plan,
+        ..Default::default()
+    };
+    let parent = create_and_start(&mut tasks, request).await;
     let mut watch = Watch::open(&mut tasks, &parent.id, 0).await;
     watch.until_status(TaskStatus::Completed).await;
     let lines: Vec<&str> = watch.messages.iter().map(|m| m.content.as_str()).collect();
@@ -87,15 +76,7 @@ printf '%s' "$TASKMESH_TOKEN" > {saved}"#,
         "{lines:?}"
     );
 
-    let got = tasks
-        .get_task(pb::GetTaskRequest {
-            id: parent.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .task
-        .unwrap();
+    let got = get(&mut tasks, &parent.id).await;
     assert_eq!(got.subtasks.len(), 2);
     for sub in &got.subtasks {
         assert_eq!(sub.status(), TaskStatus::Completed, "{sub:?}");

@@ -12,10 +12,10 @@ use taskmesh_testkit as common;
 use taskmesh_testkit::both_backends;
 
 use std::path::Path;
-use std::time::Duration;
 
 use common::git::{IDENTITY, git, remote, show};
 use common::process::{DaemonProcess, ServeProcess, TempDir, bin};
+use common::tasks::{create_and_start, event_reasons, get, until_event};
 use common::watch::{PATIENCE, Watch};
 use common::{Backend, Tasks, TestDb, start_server};
 use taskmesh_server::model::TokenKind;
@@ -29,72 +29,14 @@ async fn create(
     repo: &Path,
     action: pb::CompletionAction,
 ) -> pb::Task {
-    let task = tasks
-        .create_task(pb::CreateTaskRequest {
-            name: name.into(),
-            plan: plan.into(),
-            repository: repo.display().to_string(),
-            completion_action: action as i32,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .task
-        .unwrap();
-    tasks
-        .start_task(pb::StartTaskRequest {
-            id: task.id.clone(),
-            daemon_id: String::new(),
-        })
-        .await
-        .unwrap();
-    task
-}
-
-async fn get(tasks: &mut Tasks, id: &str) -> pb::Task {
-    tasks
-        .get_task(pb::GetTaskRequest { id: id.into() })
-        .await
-        .unwrap()
-        .into_inner()
-        .task
-        .unwrap()
-}
-
-async fn event_reasons(tasks: &mut Tasks, id: &str) -> Vec<String> {
-    tasks
-        .list_task_events(pb::ListTaskEventsRequest {
-            task_id: id.into(),
-            page_size: 1000,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .events
-        .into_iter()
-        .map(|e| e.reason)
-        .collect()
-}
-
-/// Waits for an event whose reason starts with `prefix` (the daemon's
-/// answer to a retry arrives as one).
-async fn until_event(tasks: &mut Tasks, id: &str, prefix: &str) -> String {
-    tokio::time::timeout(PATIENCE, async {
-        loop {
-            if let Some(r) = event_reasons(tasks, id)
-                .await
-                .into_iter()
-                .find(|r| r.starts_with(prefix))
-            {
-                return r;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("no event starting {prefix:?}"))
+    let request = pb::CreateTaskRequest {
+        name: name.into(),
+        plan: plan.into(),
+        repository: repo.display().to_string(),
+        completion_action: action as i32,
+        ..Default::default()
+    };
+    create_and_start(tasks, request).await
 }
 
 /// The agent commits one file and leaves another uncommitted; the daemon
@@ -266,8 +208,11 @@ async fn merges_conflicts_and_retries(backend: Backend) {
         })
         .await
         .unwrap();
-    let done = until_event(&mut tasks, &conflicted.id, "merge done on retry").await;
-    assert!(done.contains("into main"), "{done}");
+    let reasons = until_event(&mut tasks, &conflicted.id, "merge done on retry").await;
+    let done = reasons
+        .iter()
+        .find(|r| r.starts_with("merge done on retry"));
+    assert!(done.is_some_and(|d| d.contains("into main")), "{reasons:?}");
     assert_eq!(show(&bare, "main", "a.txt"), "one\nTWO\nthree (task)\n");
     let c = get(&mut tasks, &conflicted.id).await.changes.unwrap();
     assert_eq!(c.completion_state, "ok");

@@ -16,6 +16,7 @@ pub mod git;
 pub mod http;
 pub mod process;
 pub mod raw;
+pub mod tasks;
 pub mod watch;
 
 pub use db::{Backend, DbKind, TestDb};

@@ -94,6 +94,17 @@ fn results(s: &mut Session) -> Vec<(String, CommandResultStatus, String)> {
         .collect()
 }
 
+/// `cfg` with this shutdown wait, a short interrupt grace and no
+/// watchdog.
+fn shutting_down_in(cfg: &Config, wait: Duration) -> Arc<Config> {
+    Arc::new(Config {
+        shutdown_grace: wait,
+        interrupt_grace: Duration::from_millis(200),
+        silence_limit: None,
+        ..cfg.clone()
+    })
+}
+
 async fn pump_until(s: &mut Session, stop: impl Fn(&RunnerEvent) -> bool) {
     loop {
         let ev = timeout(Duration::from_secs(30), s.events_rx.recv())
@@ -312,22 +323,7 @@ async fn session_runs_a_task_and_resends_after_a_reconnect() {
 async fn shutdown_interrupts_running_tasks_and_reports_them() {
     let (addr, mut mock) = start_mock().await;
     let (cfg, dir) = test_config(4);
-    let cfg = Arc::new(Config {
-        shutdown_grace: Duration::from_millis(50),
-        interrupt_grace: Duration::from_millis(200),
-        silence_limit: None,
-        machine_id: cfg.machine_id.clone(),
-        hostname: cfg.hostname.clone(),
-        work_dir: cfg.work_dir.clone(),
-        runtimes: cfg.runtimes.clone(),
-        max_tasks: cfg.max_tasks,
-        hidden_secrets: Vec::new(),
-        server_url: String::new(),
-        ca_cert: None,
-        keep_worktrees: None,
-        clone_targets: Vec::new(),
-        _state_lock: None,
-    });
+    let cfg = shutting_down_in(&cfg, Duration::from_millis(50));
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let session = Session::new(
         cfg,
@@ -413,22 +409,7 @@ async fn shutdown_interrupts_running_tasks_and_reports_them() {
 async fn a_second_stop_request_interrupts_at_once() {
     let (addr, mut mock) = start_mock().await;
     let (cfg, dir) = test_config(4);
-    let cfg = Arc::new(Config {
-        shutdown_grace: Duration::from_secs(600),
-        interrupt_grace: Duration::from_millis(200),
-        silence_limit: None,
-        machine_id: cfg.machine_id.clone(),
-        hostname: cfg.hostname.clone(),
-        work_dir: cfg.work_dir.clone(),
-        runtimes: cfg.runtimes.clone(),
-        max_tasks: cfg.max_tasks,
-        hidden_secrets: Vec::new(),
-        server_url: String::new(),
-        ca_cert: None,
-        keep_worktrees: None,
-        clone_targets: Vec::new(),
-        _state_lock: None,
-    });
+    let cfg = shutting_down_in(&cfg, Duration::from_secs(600));
     let (stops, stop_rx) = mpsc::unbounded_channel::<()>();
     let stop_rx = futures_util::stream::unfold(stop_rx, |mut rx| async move {
         rx.recv().await.map(|()| ((), rx))
