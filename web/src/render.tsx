@@ -5,6 +5,30 @@ import type { ComponentChildren } from "preact";
 import { useMemo } from "preact/hooks";
 import { micromark } from "micromark";
 import { gfm, gfmHtml } from "micromark-extension-gfm";
+import hljs from "highlight.js/lib/core";
+import bash from "highlight.js/lib/languages/bash";
+import css from "highlight.js/lib/languages/css";
+import go from "highlight.js/lib/languages/go";
+import javascript from "highlight.js/lib/languages/javascript";
+import json from "highlight.js/lib/languages/json";
+import markdown from "highlight.js/lib/languages/markdown";
+import python from "highlight.js/lib/languages/python";
+import rust from "highlight.js/lib/languages/rust";
+import sql from "highlight.js/lib/languages/sql";
+import typescript from "highlight.js/lib/languages/typescript";
+import xml from "highlight.js/lib/languages/xml";
+import yaml from "highlight.js/lib/languages/yaml";
+
+for (const [name, language] of Object.entries({ bash, css, go, javascript, json, markdown, python, rust, sql, typescript, xml, yaml })) {
+  hljs.registerLanguage(name, language);
+}
+
+/** The highlight.js language of a file, by its extension. */
+const LANGUAGES: Record<string, string> = {
+  sh: "bash", bash: "bash", css: "css", go: "go", js: "javascript", mjs: "javascript", jsx: "javascript",
+  json: "json", md: "markdown", py: "python", rs: "rust", sql: "sql", ts: "typescript", tsx: "typescript",
+  html: "xml", xml: "xml", svg: "xml", yml: "yaml", yaml: "yaml", toml: "yaml",
+};
 
 const ANSI = /\x1b\[([0-9;]*)m/g;
 const COLOURS = ["black", "red", "green", "yellow", "blue", "magenta", "cyan", "white"];
@@ -57,20 +81,48 @@ export function Markdown(props: { text: string }) {
   );
 }
 
-/** A unified diff, its lines coloured by what they are. */
+/** A line of code highlighted as `language`, as HTML (highlight.js escapes it). */
+function highlighted(code: string, language: string | undefined): string | null {
+  if (!language) return null;
+  try {
+    return hljs.highlight(code, { language, ignoreIllegals: true }).value;
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * A unified diff: file headers, hunks, additions and removals coloured,
+ * and the code itself highlighted by its file's language (a line at a
+ * time, so a construct spanning lines may be coloured as plain text).
+ */
 export function Patch(props: { text: string }) {
-  const lines = useMemo(() => props.text.replace(/\n$/, "").split("\n"), [props.text]);
+  const lines = useMemo(() => {
+    let language: string | undefined;
+    return props.text.replace(/\n$/, "").split("\n").map((l) => {
+      if (l.startsWith("diff --git")) {
+        const ext = l.split("/").pop()?.split(".").pop()?.toLowerCase() ?? "";
+        language = LANGUAGES[ext];
+        return { cls: "file", text: l, html: null };
+      }
+      if (l.startsWith("+++") || l.startsWith("---") || l.startsWith("index ") || l.startsWith("new file") || l.startsWith("deleted file")) {
+        return { cls: "meta", text: l, html: null };
+      }
+      if (l.startsWith("@@")) return { cls: "hunk", text: l, html: null };
+      const mark = l[0] === "+" ? "add" : l[0] === "-" ? "del" : "";
+      return { cls: mark, text: l, html: highlighted(l.slice(1), language), sign: l.slice(0, 1) };
+    });
+  }, [props.text]);
   return (
     <pre class="patch">
-      {lines.map((l) => {
-        const cls = l.startsWith("diff --git") ? "file"
-          : l.startsWith("+++") || l.startsWith("---") || l.startsWith("index ") ? "meta"
-          : l.startsWith("@@") ? "hunk"
-          : l.startsWith("+") ? "add"
-          : l.startsWith("-") ? "del"
-          : "";
-        return cls ? <span class={cls}>{l}{"\n"}</span> : l + "\n";
-      })}
+      {lines.map((l) => (
+        <span class={`line ${l.cls}`}>
+          {l.html !== null && "sign" in l
+            ? <>{l.sign}<span dangerouslySetInnerHTML={{ __html: l.html }} /></>
+            : l.text}
+          {"\n"}
+        </span>
+      ))}
     </pre>
   );
 }

@@ -121,6 +121,8 @@ await step("a task's work comes back: its branch pushed, the diff shown", async 
   await changes.getByText(/✓ pushed taskmesh\//).waitFor({ timeout: 20000 });
   await changes.getByRole("cell", { name: "main.rs" }).waitFor({ timeout: 5000 });
   await changes.locator(".patch .add", { hasText: "+fn main() {}" }).waitFor({ timeout: 5000 });
+  // The code is highlighted as Rust (main.rs).
+  await changes.locator(".patch .add .hljs-keyword", { hasText: "fn" }).waitFor({ timeout: 5000 });
   await page.getByText(/push done: pushed taskmesh\//).waitFor({ timeout: 10000 });
   await page.screenshot({ path: `${shots}/task-changes.png`, fullPage: true });
 });

@@ -75,6 +75,15 @@ printf '%s' "$TASKMESH_TOKEN" > {saved}"#,
             .any(|l| l.starts_with("note: [taskmesh] subtask \"child-")),
         "{lines:?}"
     );
+    // The notes are in the parent's transcript too, as what it was told.
+    assert!(
+        watch
+            .messages
+            .iter()
+            .any(|m| m.kind == pb::MessageKind::User as i32
+                && m.content.starts_with("[taskmesh] subtask \"child-")),
+        "{lines:?}"
+    );
 
     let got = get(&mut tasks, &parent.id).await;
     assert_eq!(got.subtasks.len(), 2);
