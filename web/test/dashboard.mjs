@@ -38,7 +38,7 @@ const browser = await chromium.launch({
   args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync", ...trust],
 });
-const page = await (await browser.newContext({ viewport: { width: 1280, height: 900 } })).newPage();
+const page = await (await browser.newContext({ viewport: { width: 1280, height: 800 } })).newPage();
 const failures = [];
 page.on("dialog", (d) => d.accept());
 page.on("pageerror", (e) => failures.push(`page error: ${e.message}`));
@@ -206,7 +206,7 @@ await step("dark theme and a phone's width", async () => {
   await page.screenshot({ path: `${shots}/tasks-phone-dark.png`, fullPage: true });
   await page.emulateMedia({ colorScheme: "light" });
   await page.screenshot({ path: `${shots}/tasks-phone.png`, fullPage: true });
-  await page.setViewportSize({ width: 1280, height: 900 });
+  await page.setViewportSize({ width: 1280, height: 800 });
 });
 
 await step("tokens: create one (shown once), revoke it", async () => {

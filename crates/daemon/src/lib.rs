@@ -480,21 +480,12 @@ async fn resolve_config(args: &DaemonArgs) -> Result<Config, DaemonError> {
 /// when the process ends, however it ends.
 fn lock_state_dir(state_dir: &Path) -> Result<std::fs::File, DaemonError> {
     let path = state_dir.join("lock");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|source| DaemonError::State {
-            path: path.clone(),
-            source,
-        })?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => Err(DaemonError::StateDirInUse {
+    match worktrees::try_lock_file(&path) {
+        Ok(Some(file)) => Ok(file),
+        Ok(None) => Err(DaemonError::StateDirInUse {
             path: state_dir.to_path_buf(),
         }),
-        Err(std::fs::TryLockError::Error(source)) => Err(DaemonError::State { path, source }),
+        Err(source) => Err(DaemonError::State { path, source }),
     }
 }
 

@@ -20,21 +20,33 @@ pub(crate) fn lock_path(work_dir: &Path, task_id: &str) -> PathBuf {
     work_dir.join(format!("{task_id}.lock"))
 }
 
-fn open_lock(path: &Path) -> io::Result<File> {
-    OpenOptions::new()
+/// The lock on the file at `path` (created if missing), taken now, or
+/// `None` while another holds it. The kernel lets go of it when the file is
+/// dropped or the process ends, however it ends.
+pub(crate) fn try_lock_file(path: &Path) -> io::Result<Option<File>> {
+    let file = OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
-        .open(path)
-}
-
-/// The task directory's lock, taken now, or `None` while someone holds it.
-pub(crate) fn try_lock(work_dir: &Path, task_id: &str) -> io::Result<Option<File>> {
-    let file = open_lock(&lock_path(work_dir, task_id))?;
+        .open(path)?;
     match file.try_lock() {
         Ok(()) => Ok(Some(file)),
         Err(TryLockError::WouldBlock) => Ok(None),
         Err(TryLockError::Error(e)) => Err(e),
+    }
+}
+
+/// The task directory's lock, taken now, or `None` while someone holds it.
+pub(crate) fn try_lock(work_dir: &Path, task_id: &str) -> io::Result<Option<File>> {
+    try_lock_file(&lock_path(work_dir, task_id))
+}
+
+/// `<work_dir>/<task_id>`, for a task id from the server: a UUID, so it
+/// names a directory below the work dir and nothing else.
+pub(crate) fn task_dir(work_dir: &Path, task_id: &str) -> Result<PathBuf, String> {
+    match uuid::Uuid::parse_str(task_id) {
+        Ok(_) => Ok(work_dir.join(task_id)),
+        Err(_) => Err(format!("{task_id:?} is not a task id")),
     }
 }
 
@@ -161,7 +173,7 @@ pub(crate) async fn keep_sweeping(work_dir: PathBuf, keep: Duration) {
 
 /// Removes a deleted task's directory now, unless it is in use.
 pub(crate) fn remove(work_dir: &Path, task_id: &str) -> Result<String, String> {
-    let dir = work_dir.join(task_id);
+    let dir = task_dir(work_dir, task_id)?;
     let Some(lock) = try_lock(work_dir, task_id).map_err(|e| e.to_string())? else {
         return Err(format!("the directory of task {task_id} is in use"));
     };
@@ -183,7 +195,7 @@ pub(crate) async fn clone_to(
     task_id: &str,
     target: &str,
 ) -> Result<String, String> {
-    let source = work_dir.join(task_id);
+    let source = task_dir(work_dir, task_id)?;
     let target = Path::new(target);
     if !target.is_absolute() {
         return Err(format!("{} is not an absolute path", target.display()));
@@ -259,6 +271,23 @@ mod tests {
         assert!(parse_keep("7").is_err());
         assert!(parse_keep("d").is_err());
         assert!(parse_keep("3w").is_err());
+    }
+
+    #[tokio::test]
+    async fn only_task_directories_are_copied_or_removed() {
+        let work = std::env::temp_dir().join(format!("taskmesh-paths-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(work.join("outside")).unwrap();
+        let target = work.join("copy").display().to_string();
+        let err = clone_to(&work, "../outside", &target).await.unwrap_err();
+        assert!(err.contains("not a task id"), "{err}");
+        assert!(!Path::new(&target).exists());
+        assert!(
+            remove(&work, "../outside")
+                .unwrap_err()
+                .contains("not a task id")
+        );
+        assert!(work.join("outside").is_dir());
+        let _ = std::fs::remove_dir_all(&work);
     }
 
     #[test]

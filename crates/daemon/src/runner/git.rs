@@ -216,20 +216,27 @@ pub(super) async fn changes(
     Ok((changes, patch))
 }
 
+/// `-c user.name=… -c user.email=…` when git knows no one to commit as
+/// (no `user.email` in the daemon's git configuration, nor the
+/// environment's author and committer), so its own commits still work.
+async fn identity(dir: &Path, hidden: &[String]) -> &'static [&'static str] {
+    let from_env = std::env::var_os("GIT_AUTHOR_EMAIL").is_some()
+        && std::env::var_os("GIT_COMMITTER_EMAIL").is_some();
+    if from_env || git(dir, &["config", "user.email"], hidden).await.is_ok() {
+        return &[];
+    }
+    &[
+        "-c",
+        "user.name=taskmesh",
+        "-c",
+        "user.email=taskmesh@localhost",
+    ]
+}
+
 /// Commits what is staged, as the daemon's git user or, when it has none,
 /// as "taskmesh".
 async fn commit(dir: &Path, message: &str, hidden: &[String]) -> Result<(), String> {
-    let has_identity = git(dir, &["config", "user.email"], hidden).await.is_ok()
-        || std::env::var_os("GIT_AUTHOR_EMAIL").is_some();
-    let mut args = Vec::new();
-    if !has_identity {
-        args.extend([
-            "-c",
-            "user.name=taskmesh",
-            "-c",
-            "user.email=taskmesh@localhost",
-        ]);
-    }
+    let mut args = identity(dir, hidden).await.to_vec();
     args.extend(["commit", "-q", "--no-verify", "-m", message]);
     git(dir, &args, hidden).await.map(|_| ())
 }
@@ -340,18 +347,7 @@ async fn merge(
     let start = format!("origin/{target}");
     git(dir, &["checkout", "-q", "--detach", &start], hidden).await?;
     let message = format!("Merge {branch} into {target}");
-    let identity = [
-        "-c",
-        "user.name=taskmesh",
-        "-c",
-        "user.email=taskmesh@localhost",
-    ];
-    let has_identity = git(dir, &["config", "user.email"], hidden).await.is_ok()
-        || std::env::var_os("GIT_COMMITTER_EMAIL").is_some();
-    let mut args: Vec<&str> = Vec::new();
-    if !has_identity {
-        args.extend(identity);
-    }
+    let mut args = identity(dir, hidden).await.to_vec();
     args.extend([
         "merge",
         "-q",

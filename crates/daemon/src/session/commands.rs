@@ -227,16 +227,12 @@ impl Session {
                 })
             }
             Some(command::Kind::RemoveWorktree(_)) => {
-                if uuid::Uuid::parse_str(&cmd.task_id).is_err() {
-                    Reply::Now(CommandResultStatus::Failed, "not a task id".into())
-                } else {
-                    let (work_dir, task_id) = (self.cfg.work_dir.clone(), cmd.task_id.clone());
-                    self.answer_later(&cmd.id, async move {
-                        tokio::task::spawn_blocking(move || worktrees::remove(&work_dir, &task_id))
-                            .await
-                            .map_err(|e| e.to_string())?
-                    })
-                }
+                let (work_dir, task_id) = (self.cfg.work_dir.clone(), cmd.task_id.clone());
+                self.answer_later(&cmd.id, async move {
+                    tokio::task::spawn_blocking(move || worktrees::remove(&work_dir, &task_id))
+                        .await
+                        .map_err(|e| e.to_string())?
+                })
             }
             Some(command::Kind::CheckTargetExists(c)) => match worktrees::look_up(&c.path) {
                 Ok(kind) => Reply::Now(CommandResultStatus::Ok, kind),
@@ -277,15 +273,15 @@ impl Session {
         retry: RetryCompletionAction,
     ) -> Reply {
         let failed = |m: String| Reply::Now(CommandResultStatus::Failed, m);
-        if uuid::Uuid::parse_str(task_id).is_err() {
-            return failed(format!("{task_id:?} is not a task id"));
-        }
+        let dir = match worktrees::task_dir(&self.cfg.work_dir, task_id) {
+            Ok(dir) => dir,
+            Err(why) => return failed(why),
+        };
         if self.tasks.get(task_id).is_some_and(TaskRecord::is_live) {
             return failed(format!(
                 "task {task_id} is running; its completion action runs when it completes"
             ));
         }
-        let dir = self.cfg.work_dir.join(task_id);
         if !dir.join(".git").exists() {
             return failed(format!(
                 "this daemon has no worktree for task {task_id} (it was cleaned up, or the task ran elsewhere)"

@@ -4,7 +4,7 @@
 
 use super::redact::redact;
 use super::reports::{MAX_REASON_BYTES, daemon_actor};
-use super::validate::text;
+use super::validate::{MAX_PATH_BYTES, text};
 use super::{Domain, Error, Result, invalid};
 use crate::model::*;
 use crate::pb;
@@ -14,7 +14,6 @@ use crate::store::NewEvent;
 pub const MAX_PATCH_BYTES: usize = 1 << 20;
 /// Most files listed per attempt (the counts cover all of them).
 pub const MAX_CHANGED_FILES: usize = 1000;
-const MAX_PATH_BYTES: usize = 4096;
 
 impl Domain {
     /// ReportTaskChanges: stored with the attempt; a completion result in
@@ -65,7 +64,13 @@ impl Domain {
         let patch = redact(&patch.replace('\0', "")).into_owned();
         self.store.put_changes(&task.id, &changes, &patch).await?;
         if !changes.completion_state.is_empty() {
-            let event = completion_event(&task, &daemon_actor(&task), &changes, false);
+            let event = completion_event(
+                &task,
+                &daemon_actor(&task),
+                &changes.completion_state,
+                &changes.completion_detail,
+                false,
+            );
             self.store.add_event(&task, &event).await?;
         }
         Ok(())
@@ -142,19 +147,11 @@ impl Domain {
         let Some(task) = self.store.get_task(task_id).await? else {
             return Ok(());
         };
-        let changes = TaskChanges {
-            completion_state: if ok { "ok" } else { "failed" }.into(),
-            completion_detail: message.to_owned(),
-            ..Default::default()
-        };
-        let event = completion_event(&task, &format!("daemon:{daemon_id}"), &changes, true);
+        let state = if ok { "ok" } else { "failed" };
+        let actor = format!("daemon:{daemon_id}");
+        let event = completion_event(&task, &actor, state, message, true);
         self.store
-            .set_completion(
-                &task,
-                &changes.completion_state,
-                &changes.completion_detail,
-                &event,
-            )
+            .set_completion(&task, state, message, &event)
             .await?;
         Ok(())
     }
@@ -162,8 +159,14 @@ impl Domain {
 
 /// "push: pushed …" or "merge failed: conflict in …", as an event that
 /// leaves the status as it is.
-fn completion_event(task: &Task, actor: &str, c: &TaskChanges, retried: bool) -> NewEvent {
-    let how = match (c.completion_state.as_str(), retried) {
+fn completion_event(
+    task: &Task,
+    actor: &str,
+    state: &str,
+    detail: &str,
+    retried: bool,
+) -> NewEvent {
+    let how = match (state, retried) {
         ("ok", false) => "done",
         ("ok", true) => "done on retry",
         (_, false) => "failed",
@@ -173,6 +176,6 @@ fn completion_event(task: &Task, actor: &str, c: &TaskChanges, retried: bool) ->
         from: Some(task.status),
         to: task.status,
         actor: actor.to_owned(),
-        reason: format!("{} {how}: {}", task.completion_action, c.completion_detail),
+        reason: format!("{} {how}: {detail}", task.completion_action),
     }
 }

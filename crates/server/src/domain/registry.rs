@@ -3,7 +3,7 @@
 
 use super::streams::StreamEnd;
 use super::tasks::next_page;
-use super::validate::{identifier, quote, text};
+use super::validate::{MAX_PATH_BYTES, identifier, quote, text};
 use super::{Domain, Error, Result, check_runtime, invalid, parse_id};
 
 /// Bounds on what a daemon registers.
@@ -14,8 +14,7 @@ pub const MAX_LEGACY_IDS: usize = 16;
 use crate::model::*;
 use crate::store::DaemonInfo;
 
-/// Longest directory a daemon names, and most suggested targets.
-const MAX_PATH_BYTES: usize = 4096;
+/// Most suggested targets a daemon names.
 const MAX_TARGETS: usize = 16;
 
 impl Domain {

@@ -20,6 +20,9 @@ pub const MAX_QUOTE: usize = 128;
 pub const MAX_NAME_CHARS: usize = 256;
 
 pub const MAX_DEPTH: i64 = 16;
+/// Longest file path a daemon reports or a client names on a daemon's
+/// machine.
+pub const MAX_PATH_BYTES: usize = 4096;
 
 /// Parses a UUID given for `field`, answering its canonical text.
 pub fn parse_id(field: &'static str, s: &str) -> Result<String> {

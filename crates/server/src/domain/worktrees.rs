@@ -4,13 +4,13 @@
 
 use std::time::Duration;
 
+use super::validate::MAX_PATH_BYTES;
 use super::{Domain, Error, Result, invalid};
 use crate::model::*;
 use crate::pb;
 
 /// How long a call waits for a daemon's answer.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
-const MAX_PATH_BYTES: usize = 4096;
 
 /// An absolute path for the daemon's machine.
 fn check_path(field: &'static str, path: &str) -> Result<String> {
