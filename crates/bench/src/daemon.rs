@@ -175,7 +175,7 @@ async fn answer(
                 e.task_id, e.code, e.message
             )));
         }
-        Some(Down::Ready(_) | Down::StartedAck(_)) | None => {}
+        Some(Down::Ready(_) | Down::StartedAck(_) | Down::Drain(_)) | None => {}
     }
     for r in replies {
         if up.send(request(r)).await.is_err() {

@@ -37,7 +37,8 @@ pub struct ServerArgs {
     /// URL of the taskmesh server. `https://` is TLS, checked against the
     /// system's roots or --ca-cert, and never falls back to cleartext; a
     /// plain `http://` URL to another machine sends the token in cleartext
-    /// (a warning says so).
+    /// (a warning says so). Several comma-separated URLs (replicas of one
+    /// control plane) are tried in turn until one answers.
     #[arg(
         long,
         env = "TASKMESH_SERVER",
@@ -460,22 +461,35 @@ impl ServerArgs {
             ca_cert: self.ca_cert.clone(),
             identity: None,
         };
-        let (endpoint, warning) = taskmesh_proto::endpoint(&self.server, &tls)?;
-        // Once per run, though `task watch` connects again after a drop.
-        static WARNED: std::sync::Once = std::sync::Once::new();
-        if let Some(warning) = warning {
-            WARNED.call_once(|| note(&format!("warning: {warning}")));
+        let mut unreachable = None;
+        for url in self
+            .server
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+        {
+            let (endpoint, warning) = taskmesh_proto::endpoint(url, &tls)?;
+            // Once per run, though `task watch` connects again after a drop.
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            if let Some(warning) = warning {
+                WARNED.call_once(|| note(&format!("warning: {warning}")));
+            }
+            match endpoint.connect_timeout(CONNECT_TIMEOUT).connect().await {
+                Ok(channel) => return Ok(Connection { channel, auth }),
+                Err(e) => {
+                    unreachable = Some(CliError::Unreachable {
+                        url: url.to_owned(),
+                        // The outermost layer only says "transport error".
+                        cause: std::error::Error::source(&e)
+                            .map_or_else(|| e.to_string(), format::causes),
+                    })
+                }
+            }
         }
-        let endpoint = endpoint.connect_timeout(CONNECT_TIMEOUT);
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|e| CliError::Unreachable {
-                url: self.server.clone(),
-                // The outermost layer only says "transport error".
-                cause: std::error::Error::source(&e).map_or_else(|| e.to_string(), format::causes),
-            })?;
-        Ok(Connection { channel, auth })
+        Err(unreachable.unwrap_or(CliError::Unreachable {
+            url: self.server.clone(),
+            cause: "no server URL given".into(),
+        }))
     }
 }
 

@@ -57,9 +57,17 @@ const VERSION_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Options of `taskmesh daemon`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct DaemonArgs {
-    /// URL of the taskmesh server.
-    #[arg(long, env = "TASKMESH_SERVER", default_value = "http://127.0.0.1:7070")]
-    pub server: String,
+    /// URL of the taskmesh server. Repeat it (or comma-separate) to name
+    /// several replicas: the daemon holds one session and moves to the
+    /// next when its server fails or shuts down. A host name that
+    /// resolves to several addresses counts as one replica per address.
+    #[arg(
+        long,
+        env = "TASKMESH_SERVER",
+        default_value = "http://127.0.0.1:7070",
+        value_delimiter = ','
+    )]
+    pub server: Vec<String>,
 
     /// Daemon token (`tmd_…`), sent as `authorization: Bearer <token>`.
     /// Prefer --token-file: a flag shows in `ps`. Never passed on to agents.
@@ -252,6 +260,8 @@ pub enum DaemonError {
     Server(#[from] taskmesh_proto::EndpointError),
     #[error("no daemon token: pass --token-file FILE (or --token, or TASKMESH_TOKEN)")]
     NoToken,
+    #[error("no server URL: pass --server http://host:7070 (repeat it for several replicas)")]
+    NoServer,
     #[error("cannot read the token file {path}: {source}")]
     TokenFile {
         path: PathBuf,
@@ -342,14 +352,25 @@ pub async fn run(
         ca_cert: args.ca_cert.clone(),
         identity: args.client_cert.clone().zip(args.client_key.clone()),
     };
-    let (endpoint, warning) = taskmesh_proto::endpoint(&args.server, &tls)?;
-    if let Some(warning) = warning {
-        tracing::warn!("{warning}");
+    let urls: Vec<String> = args
+        .server
+        .iter()
+        .map(|u| u.trim().to_owned())
+        .filter(|u| !u.is_empty())
+        .collect();
+    if urls.is_empty() {
+        return Err(DaemonError::NoServer);
+    }
+    // Every URL checked now, so a typo stops the daemon at start.
+    for url in &urls {
+        if let (_, Some(warning)) = taskmesh_proto::endpoint(url, &tls)? {
+            tracing::warn!("{warning}");
+        }
     }
     let mut config = resolve_config(&args).await?;
     config.hidden_secrets.push(token.expose().to_string());
     info!(
-        server = %args.server,
+        server = %urls.join(","),
         machine_id = %config.machine_id,
         hostname = %config.hostname,
         work_dir = %config.work_dir.display(),
@@ -360,8 +381,13 @@ pub async fn run(
     if let Some(keep) = config.keep_worktrees {
         tokio::spawn(worktrees::keep_sweeping(config.work_dir.clone(), keep));
     }
-    let client = client::connect(endpoint, bearer);
-    Session::new(Arc::new(config), client, Box::pin(stops))
+    let connector: client::Connector = Box::new(move |url, addr| {
+        let (endpoint, _) =
+            taskmesh_proto::endpoint_via(url, addr, &tls).map_err(|e| e.to_string())?;
+        Ok(client::connect(endpoint, bearer.clone()))
+    });
+    let servers = client::Servers::new(urls, connector);
+    Session::new(Arc::new(config), servers, Box::pin(stops))
         .run()
         .await
         .map_err(|e| DaemonError::Refused(e.to_string()))
@@ -465,7 +491,7 @@ async fn resolve_config(args: &DaemonArgs) -> Result<Config, DaemonError> {
                 })
                 .collect()
         },
-        server_url: args.server.clone(),
+        server_url: args.server.join(","),
         ca_cert: args
             .ca_cert
             .as_ref()
@@ -693,7 +719,19 @@ mod tests {
     fn args_parse_with_defaults_and_hide_the_token() {
         let cli = Cli::try_parse_from(["daemon", "--token", "tmd_secret", "--runtime", "a=b"])
             .expect("parses");
-        assert_eq!(cli.args.server, "http://127.0.0.1:7070");
+        assert_eq!(cli.args.server, ["http://127.0.0.1:7070"]);
+        let replicas = Cli::try_parse_from([
+            "daemon",
+            "--server",
+            "http://a:7070,http://b:7070",
+            "--server",
+            "http://c:7070",
+        ])
+        .expect("parses");
+        assert_eq!(
+            replicas.args.server,
+            ["http://a:7070", "http://b:7070", "http://c:7070"]
+        );
         assert_eq!(cli.args.max_tasks, 4);
         assert_eq!(cli.args.interrupt_grace_secs, 10);
         assert_eq!(cli.args.shutdown_secs, 30);

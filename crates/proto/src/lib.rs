@@ -98,6 +98,17 @@ pub fn endpoint(
     url: &str,
     tls: &ClientTls,
 ) -> Result<(tonic::transport::Endpoint, Option<String>), EndpointError> {
+    endpoint_via(url, None, tls)
+}
+
+/// Like [`endpoint`], connecting to `addr` (one of the addresses `url`'s
+/// host name resolves to) while still naming `url`'s host to the server
+/// (`:authority`, and the name its TLS certificate must carry).
+pub fn endpoint_via(
+    url: &str,
+    addr: Option<std::net::SocketAddr>,
+    tls: &ClientTls,
+) -> Result<(tonic::transport::Endpoint, Option<String>), EndpointError> {
     use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
     let invalid = || EndpointError::InvalidUrl {
         url: url.to_string(),
@@ -110,7 +121,15 @@ pub fn endpoint(
             source,
         })
     };
-    let endpoint = Endpoint::from_shared(url.to_string()).map_err(|_| invalid())?;
+    let endpoint = match addr {
+        None => Endpoint::from_shared(url.to_string()).map_err(|_| invalid())?,
+        Some(addr) => {
+            let scheme = uri.scheme_str().unwrap_or("http");
+            Endpoint::from_shared(format!("{scheme}://{addr}"))
+                .map_err(|_| invalid())?
+                .origin(uri.clone())
+        }
+    };
     match uri.scheme_str() {
         Some("https") => {
             let mut config = ClientTlsConfig::new().domain_name(host.trim_matches(['[', ']']));

@@ -44,7 +44,8 @@ pub struct ServeArgs {
     #[arg(long, env = "TASKMESH_KEEPALIVE_SECS", default_value_t = 20,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub keepalive_secs: u64,
-    /// Seconds to let open streams finish after SIGINT/SIGTERM.
+    /// Seconds, after SIGINT/SIGTERM, for daemons to move to another
+    /// replica, and then again for open calls to finish.
     #[arg(long, env = "TASKMESH_DRAIN_SECS", default_value_t = 10)]
     pub drain_secs: u64,
     /// How often daemons send heartbeats (told to them when they register).
@@ -265,9 +266,12 @@ pub async fn serve(
     let scheme = if tls.is_some() { "https" } else { "http" };
     println!("taskmesh listening on {scheme}://{addr}  (gRPC, gRPC-web and the dashboard)");
 
+    let drain = Duration::from_secs(args.drain_secs);
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let draining = domain.clone();
     tokio::spawn(async move {
         shutdown.await;
+        move_daemons(&draining, drain).await;
         tracing::info!("shutting down: no new connections; draining open ones");
         let _ = stop_tx.send(true);
     });
@@ -304,7 +308,6 @@ pub async fn serve(
     let server = server::run(listener, domain, config, async move {
         let _ = stopped.wait_for(|s| *s).await;
     });
-    let drain = Duration::from_secs(args.drain_secs);
     tokio::select! {
         r = server => r?,
         _ = async { let _ = stop_rx.wait_for(|s| *s).await; tokio::time::sleep(drain).await } => {
@@ -320,6 +323,36 @@ pub async fn serve(
     store.close().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The first step of a graceful stop: tells every daemon with a session
+/// here to move to another replica, refuses new sessions, and waits (up to
+/// `patience`) until they have left. Their tasks run on; a daemon that
+/// knows no other replica comes back when this one restarts.
+async fn move_daemons(domain: &Domain, patience: Duration) {
+    let sessions = domain.session_count();
+    domain.drain_sessions();
+    if sessions == 0 {
+        return;
+    }
+    tracing::info!(
+        sessions,
+        "shutting down: asking daemons to move to another replica"
+    );
+    let left = async {
+        // A handful of reads of a counter, only while shutting down.
+        let mut every = tokio::time::interval(Duration::from_millis(20));
+        while domain.session_count() > 0 {
+            every.tick().await;
+        }
+    };
+    match tokio::time::timeout(patience, left).await {
+        Ok(()) => tracing::info!("every daemon has left"),
+        Err(_) => tracing::warn!(
+            remaining = domain.session_count(),
+            "drain deadline passed with daemons still here; closing their sessions"
+        ),
+    }
 }
 
 /// `taskmesh token create`: a token minted straight in the database.

@@ -114,6 +114,8 @@ impl Session {
             Some(Down::Error(err)) => self.on_session_error(err),
             Some(Down::Ready(_)) => debug!("repeated SessionReady ignored"),
             Some(Down::StartedAck(ack)) => debug!(task_id = %ack.task_id, "started acknowledged"),
+            // Handled by the session loop, which moves to another server.
+            Some(Down::Drain(_)) => debug!("repeated Drain ignored"),
             None => debug!("empty SessionResponse ignored"),
         }
     }

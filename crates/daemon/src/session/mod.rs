@@ -41,7 +41,8 @@ use tracing::{info, warn};
 
 use super::Config;
 use super::client::{
-    BACKOFF_CAP, BACKOFF_START, Backoff, Client, Conn, OpenError, open_session, to_duration,
+    BACKOFF_CAP, BACKOFF_START, Backoff, Client, Conn, OpenError, Servers, Target, open_session,
+    targets, to_duration,
 };
 use super::output::OutputBuffer;
 use super::runner::{Control, RunnerEvent};
@@ -78,6 +79,12 @@ pub(crate) enum SessionEnd {
     NotReady,
     /// Register or opening the stream failed.
     OpenFailed(OpenError),
+    /// The server is shutting down and asked the daemon to move; a session
+    /// on another server is open (in `Session::moved`).
+    Moved,
+    /// The server is shutting down and asked the daemon to move, and no
+    /// other server took it yet.
+    Drained,
 }
 
 impl fmt::Display for SessionEnd {
@@ -91,6 +98,10 @@ impl fmt::Display for SessionEnd {
             SessionEnd::RequestStreamClosed => f.write_str("the request stream closed"),
             SessionEnd::NotReady => f.write_str("no SessionReady from the server in time"),
             SessionEnd::OpenFailed(e) => e.fmt(f),
+            SessionEnd::Moved => f.write_str("moved to another server (this one is shutting down)"),
+            SessionEnd::Drained => {
+                f.write_str("the server is shutting down and no other server took the session yet")
+            }
         }
     }
 }
@@ -132,7 +143,11 @@ impl TaskRecord {
 
 pub(crate) struct Session {
     cfg: Arc<Config>,
-    client: Client,
+    servers: Servers,
+    /// The server of the current (or last) session, and its client.
+    server: Option<(Target, Client)>,
+    /// A session opened on another server while the last one drained.
+    moved: Option<(Target, Client, Conn)>,
     /// Stop requests (SIGTERM, Ctrl-C): the first drains, the next
     /// interrupts running tasks at once.
     stops: Stops,
@@ -157,6 +172,16 @@ fn up(message: Up) -> SessionRequest {
     }
 }
 
+type Opening = Pin<Box<dyn Future<Output = Result<Conn, OpenError>> + Send>>;
+
+/// Waits for the session opening in `moving`; never ready without one.
+async fn opening(moving: &mut Option<(Target, Client, Opening)>) -> Result<Conn, OpenError> {
+    match moving {
+        Some((_, _, opening)) => opening.await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn tick(interval: &mut Option<Interval>) {
     match interval {
         Some(i) => {
@@ -167,11 +192,13 @@ async fn tick(interval: &mut Option<Interval>) {
 }
 
 impl Session {
-    pub(crate) fn new(cfg: Arc<Config>, client: Client, stops: Stops) -> Self {
+    pub(crate) fn new(cfg: Arc<Config>, servers: Servers, stops: Stops) -> Self {
         let (events_tx, events_rx) = mpsc::channel(EVENTS_CAPACITY);
         Self {
             cfg,
-            client,
+            servers,
+            server: None,
+            moved: None,
             stops,
             stops_open: true,
             shutdown_seen: false,
@@ -195,10 +222,22 @@ impl Session {
         let mut backoff = Backoff::new(BACKOFF_START, BACKOFF_CAP);
         let mut attempt: u32 = 0;
         let why = loop {
-            let register = self.register_request();
-            let running = self.running_task_ids();
-            let opening = open_session(self.client.clone(), register, running);
-            let reason = match self.drive(opening).await {
+            let opened = match self.moved.take() {
+                Some((target, client, conn)) => {
+                    self.server = Some((target, client));
+                    Some(Ok(conn))
+                }
+                None => match self.choose_server().await {
+                    None => break "shutdown finished while connecting",
+                    Some(None) => Some(Err(OpenError::NoServer)),
+                    Some(Some(client)) => {
+                        let register = self.register_request();
+                        let running = self.running_task_ids();
+                        self.drive(open_session(client, register, running)).await
+                    }
+                },
+            };
+            let reason = match opened {
                 None => break "shutdown finished while connecting",
                 Some(Err(e)) if e.is_final() => {
                     self.abandon();
@@ -218,9 +257,13 @@ impl Session {
             if self.phase == Phase::Done {
                 break "shutdown finished";
             }
+            if matches!(reason, SessionEnd::Moved) {
+                continue;
+            }
             let delay = backoff.next_delay();
             attempt += 1;
-            warn!(%reason, ?delay, attempt, "no session; reconnecting");
+            let server = self.server_name();
+            warn!(%reason, %server, ?delay, attempt, "no session; reconnecting");
             if self.drive(sleep(delay)).await.is_none() {
                 break "shutdown finished while disconnected";
             }
@@ -233,6 +276,36 @@ impl Session {
         }
         self.deregister().await;
         Ok(())
+    }
+
+    /// Picks the server to try next: after the last one, which failed or
+    /// drained (the same again only when it is the only one). `None` when
+    /// shutdown finished meanwhile; `Some(None)` when no server's client
+    /// could be made.
+    pub(super) async fn choose_server(&mut self) -> Option<Option<Client>> {
+        let targets = self.drive(targets(self.servers.urls())).await?;
+        let last = self.server.as_ref().map(|(t, _)| t.clone());
+        let picked = self.servers.pick(&targets, last.as_ref());
+        let client = picked.as_ref().map(|(_, c)| c.clone());
+        if picked.is_some() {
+            self.server = picked;
+        }
+        Some(client)
+    }
+
+    fn server_name(&self) -> String {
+        self.server
+            .as_ref()
+            .map_or_else(String::new, |(t, _)| t.to_string())
+    }
+
+    /// The server asked the daemon to move: opens a session on another
+    /// server while this one still serves. `None` when there is no other.
+    async fn move_away(&mut self) -> Option<(Target, Client)> {
+        let targets = targets(self.servers.urls()).await;
+        let here = self.server.as_ref().map(|(t, _)| t.clone());
+        let picked = self.servers.pick(&targets, here.as_ref())?;
+        (Some(&picked.0) != here.as_ref()).then_some(picked)
     }
 
     fn register_request(&self) -> RegisterRequest {
@@ -314,6 +387,8 @@ impl Session {
         let ready_deadline = Instant::now() + READY_TIMEOUT;
         let mut ready = false;
         let mut heartbeat: Option<Interval> = None;
+        // A session opening on another server while this one drains.
+        let mut moving: Option<(Target, Client, Opening)> = None;
         loop {
             self.update_phase();
             if self.phase == Phase::Done {
@@ -336,13 +411,42 @@ impl Session {
                             let mut i = tokio::time::interval_at(Instant::now() + every, every);
                             i.set_missed_tick_behavior(MissedTickBehavior::Delay);
                             heartbeat = Some(i);
-                            info!(%daemon_id, heartbeat = ?every, tasks = self.tasks.len(), "session ready");
+                            let server = self.server_name();
+                            info!(%daemon_id, %server, heartbeat = ?every, tasks = self.tasks.len(), "session ready");
+                        }
+                        Some(Down::Drain(d)) => {
+                            if moving.is_some() {
+                                continue;
+                            }
+                            let server = self.server_name();
+                            info!(%server, reason = %d.reason, "the server is shutting down; moving to another");
+                            let Some((target, client)) = self.move_away().await else {
+                                return SessionEnd::Drained;
+                            };
+                            let register = self.register_request();
+                            let running = self.running_task_ids();
+                            let opening = Box::pin(open_session(client.clone(), register, running));
+                            moving = Some((target, client, opening));
                         }
                         other => self.on_response(other),
                     },
                     Ok(None) => return SessionEnd::ServerClosed,
                     Err(s) => return SessionEnd::StreamFailed(s),
                 },
+                opened = opening(&mut moving), if moving.is_some() => {
+                    let Some((target, client, _)) = moving.take() else { continue };
+                    match opened {
+                        Ok(conn) => {
+                            info!(server = %target, "moved: a session is open on another server");
+                            self.moved = Some((target, client, conn));
+                            return SessionEnd::Moved;
+                        }
+                        Err(e) => {
+                            warn!(server = %target, error = %e, "could not move to this server");
+                            return SessionEnd::Drained;
+                        }
+                    }
+                }
                 Some(ev) = self.events_rx.recv() => self.on_runner_event(ev),
                 permit = tx.reserve(), if can_send => match permit {
                     Ok(permit) => {

@@ -62,7 +62,10 @@ impl Session {
         let Some(daemon_id) = self.daemon_id.clone() else {
             return;
         };
-        let call = self.client.deregister(DeregisterRequest {
+        let Some((_, mut client)) = self.server.clone() else {
+            return;
+        };
+        let call = client.deregister(DeregisterRequest {
             daemon_id: daemon_id.clone(),
         });
         match timeout(DEREGISTER_TIMEOUT, call).await {

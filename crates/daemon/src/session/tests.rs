@@ -46,16 +46,30 @@ fn test_config(max_tasks: usize) -> (Arc<Config>, PathBuf) {
     (Arc::new(cfg), dir)
 }
 
-fn client_for(addr: SocketAddr) -> Client {
-    let channel = Endpoint::from_shared(format!("http://{addr}"))
+fn client_for(url: &str) -> Client {
+    let channel = Endpoint::from_shared(url.to_owned())
         .expect("endpoint")
         .connect_lazy();
     DaemonServiceClient::with_interceptor(channel, Bearer::new("tmd_test").expect("token"))
 }
 
+/// The client of the server the session would try next.
+async fn current_client(s: &mut Session) -> Client {
+    s.choose_server()
+        .await
+        .flatten()
+        .expect("a client for the mock server")
+}
+
+/// The servers of a daemon that knows the mock servers at `addrs`.
+fn servers_for(addrs: &[SocketAddr]) -> Servers {
+    let urls = addrs.iter().map(|a| format!("http://{a}")).collect();
+    Servers::new(urls, Box::new(|url, _| Ok(client_for(url))))
+}
+
 fn offline_session(max_tasks: usize) -> (Session, PathBuf) {
     let (cfg, dir) = test_config(max_tasks);
-    let client = client_for(SocketAddr::from(([127, 0, 0, 1], 9)));
+    let client = servers_for(&[SocketAddr::from(([127, 0, 0, 1], 9))]);
     (
         Session::new(cfg, client, Box::pin(futures_util::stream::pending())),
         dir,
@@ -209,7 +223,7 @@ async fn session_runs_a_task_and_resends_after_a_reconnect() {
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let session = Session::new(
         cfg,
-        client_for(addr),
+        servers_for(&[addr]),
         Box::pin(futures_util::stream::once(async move {
             let _ = stop_rx.await;
         })),
@@ -327,7 +341,7 @@ async fn shutdown_interrupts_running_tasks_and_reports_them() {
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let session = Session::new(
         cfg,
-        client_for(addr),
+        servers_for(&[addr]),
         Box::pin(futures_util::stream::once(async move {
             let _ = stop_rx.await;
         })),
@@ -414,7 +428,7 @@ async fn a_second_stop_request_interrupts_at_once() {
     let stop_rx = futures_util::stream::unfold(stop_rx, |mut rx| async move {
         rx.recv().await.map(|()| ((), rx))
     });
-    let daemon = tokio::spawn(Session::new(cfg, client_for(addr), Box::pin(stop_rx)).run());
+    let daemon = tokio::spawn(Session::new(cfg, servers_for(&[addr]), Box::pin(stop_rx)).run());
     let (c1, down1, _) = connect(&mut mock).await;
     down1
         .send(down(Down::Command(spawn_cmd(
@@ -459,10 +473,10 @@ async fn a_session_says_why_it_ended() {
     let (cfg, dir) = test_config(1);
     let mut s = Session::new(
         cfg,
-        client_for(addr),
+        servers_for(&[addr]),
         Box::pin(futures_util::stream::pending()),
     );
-    let opening = open_session(s.client.clone(), s.register_request(), vec![]);
+    let opening = open_session(current_client(&mut s).await, s.register_request(), vec![]);
     let serving = async {
         let conn = opening.await.expect("a session opens");
         s.serve(conn).await
@@ -477,7 +491,7 @@ async fn a_session_says_why_it_ended() {
     assert_eq!(end.to_string(), "the server closed the session");
 
     // ...or with an error.
-    let opening = open_session(s.client.clone(), s.register_request(), vec![]);
+    let opening = open_session(current_client(&mut s).await, s.register_request(), vec![]);
     let serving = async {
         let conn = opening.await.expect("a session opens");
         s.serve(conn).await
@@ -505,7 +519,7 @@ async fn a_refused_token_ends_the_daemon() {
         let (cfg, dir) = test_config(1);
         let s = Session::new(
             cfg,
-            client_for(addr),
+            servers_for(&[addr]),
             Box::pin(futures_util::stream::pending()),
         );
         let err = timeout(Duration::from_secs(30), s.run())
@@ -520,7 +534,7 @@ async fn a_refused_token_ends_the_daemon() {
     let (cfg, dir) = test_config(1);
     let s = Session::new(
         cfg,
-        client_for(addr),
+        servers_for(&[addr]),
         Box::pin(futures_util::stream::pending()),
     );
     let daemon = tokio::spawn(s.run());
@@ -531,6 +545,104 @@ async fn a_refused_token_ends_the_daemon() {
         ));
     }
     assert!(!daemon.is_finished(), "an unavailable server is retried");
+    daemon.abort();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A server that shuts down sends Drain: the daemon opens a session on the
+/// next server it knows (naming its running task, so nothing is
+/// interrupted) before it lets go of the draining one, and resends there
+/// the output the draining server never acknowledged.
+#[tokio::test]
+async fn a_draining_server_is_left_for_the_next_one() {
+    let (a, mut mock_a) = start_mock().await;
+    let (b, mut mock_b) = start_mock().await;
+    let (cfg, dir) = test_config(2);
+    let daemon = tokio::spawn(
+        Session::new(
+            cfg,
+            servers_for(&[a, b]),
+            Box::pin(futures_util::stream::pending()),
+        )
+        .run(),
+    );
+    let (c1, down1, _) = connect(&mut mock_a).await;
+    down1
+        .send(down(Down::Command(spawn_cmd(
+            "cmd-1",
+            "t1",
+            "echo started; sleep 1000",
+            1,
+        ))))
+        .expect("send");
+    // The first line reaches A, which never acknowledges it.
+    let first = loop {
+        if let Up::Messages(m) = next_up(&mut mock_a, c1).await {
+            break m.messages[0].clone();
+        }
+    };
+    down1
+        .send(down(Down::Drain(crate::pb::Drain {
+            reason: "replica shutting down".into(),
+        })))
+        .expect("send");
+    timeout(Duration::from_secs(30), down1.closed())
+        .await
+        .expect("the daemon lets go of the draining server");
+    // By then its session on B was open.
+    assert!(
+        matches!(mock_b.try_recv(), Ok(MockEvent::Registered(..))),
+        "registered with B before leaving A"
+    );
+    let Ok(MockEvent::Connected(c2, down2)) = mock_b.try_recv() else {
+        panic!("the session on B was open before A was let go");
+    };
+    match next_up(&mut mock_b, c2).await {
+        Up::Open(open) => assert_eq!(open.running_task_ids, ["t1"], "the task runs on"),
+        other => panic!("expected SessionOpen, got {other:?}"),
+    }
+    down2
+        .send(down(Down::Ready(crate::pb::SessionReady {
+            daemon_id: "d1".into(),
+            heartbeat_interval: None,
+        })))
+        .expect("send");
+    // B gets the line A never acknowledged.
+    loop {
+        if let Up::Messages(m) = next_up(&mut mock_b, c2).await {
+            assert_eq!(m.messages[0].seq, first.seq);
+            assert_eq!(m.messages[0].content, first.content);
+            break;
+        }
+    }
+    daemon.abort();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// With one server, Drain ends the session and the daemon comes back to
+/// it (when it restarts) like after any other break.
+#[tokio::test]
+async fn a_drain_with_nowhere_to_go_reconnects_later() {
+    let (a, mut mock) = start_mock().await;
+    let (cfg, dir) = test_config(1);
+    let daemon = tokio::spawn(
+        Session::new(
+            cfg,
+            servers_for(&[a]),
+            Box::pin(futures_util::stream::pending()),
+        )
+        .run(),
+    );
+    let (_, down1, _) = connect(&mut mock).await;
+    down1
+        .send(down(Down::Drain(crate::pb::Drain {
+            reason: "replica shutting down".into(),
+        })))
+        .expect("send");
+    timeout(Duration::from_secs(30), down1.closed())
+        .await
+        .expect("the session ends");
+    let (_, _down2, _) = connect(&mut mock).await;
     daemon.abort();
     let _ = std::fs::remove_dir_all(dir);
 }

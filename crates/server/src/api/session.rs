@@ -216,6 +216,9 @@ where
         let mut cursor = 0i64;
         let closed = self.domain.closed();
         tokio::pin!(closed);
+        let drained = self.domain.drained();
+        tokio::pin!(drained);
+        let mut drain_sent = false;
         // handle() and pump() are boxed while they run: inline, their
         // database futures would size every idle session's task for the
         // busiest moment of any session.
@@ -224,6 +227,15 @@ where
                 _ = &mut closed => {
                     let _ = self.tx.send(Err(Status::unavailable(SHUTTING_DOWN))).await;
                     break SessionEnd::ShuttingDown;
+                }
+                _ = &mut drained, if !drain_sent => {
+                    drain_sent = true;
+                    let drain = pb::Drain {
+                        reason: "this replica is shutting down; move to another".into(),
+                    };
+                    if let Err(why) = self.send(Down::Drain(drain)).await {
+                        break why;
+                    }
                 }
                 why = self.access.ended() => {
                     let status = Status::from(domain::Error::from(why.clone()));

@@ -70,6 +70,9 @@ pub struct Domain {
     sessions: SessionRegistry,
     /// Set on shutdown: every stream the server holds open ends.
     closing: tokio::sync::watch::Sender<bool>,
+    /// Set when shutdown begins: daemons are asked to move to another
+    /// replica, and new sessions are refused.
+    draining: tokio::sync::watch::Sender<bool>,
     pub liveness: Liveness,
     /// Where each task's output stands, for the ingest fast path.
     marks: marks::Marks,
@@ -118,6 +121,7 @@ impl Domain {
             hub: OutputHub::default(),
             sessions: SessionRegistry::default(),
             closing: tokio::sync::watch::channel(false).0,
+            draining: tokio::sync::watch::channel(false).0,
             liveness,
             peers: OnceLock::new(),
             marks: marks::Marks::default(),
@@ -159,6 +163,30 @@ impl Domain {
         m.sessions.set(sessions as i64);
         m.watchers.set(watchers as i64);
         Ok(m.render())
+    }
+
+    /// Asks every daemon with a session here to move to another replica
+    /// (a Drain message) and refuses new sessions; the sessions go on until
+    /// their daemons leave or [`Domain::close_streams`].
+    pub fn drain_sessions(&self) {
+        self.draining.send_replace(true);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        *self.draining.borrow()
+    }
+
+    /// Completes once `drain_sessions` was called.
+    pub fn drained(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.draining.subscribe();
+        async move {
+            let _ = rx.wait_for(|c| *c).await;
+        }
+    }
+
+    /// How many daemons hold a session here.
+    pub fn session_count(&self) -> usize {
+        self.streams.counts().0
     }
 
     /// Ends every open watch and session, so a graceful shutdown can finish.

@@ -169,6 +169,11 @@ impl Domain {
         daemon_id: &str,
         running: &[String],
     ) -> Result<(Daemon, u64, std::sync::Arc<tokio::sync::Notify>)> {
+        if self.is_draining() {
+            return Err(Error::Unavailable(
+                "this replica is shutting down: open the session on another".into(),
+            ));
+        }
         let daemon = self.load_daemon(p, daemon_id).await?;
         self.store
             .set_daemon_state(&daemon.id, DaemonState::Online)
@@ -197,8 +202,11 @@ impl Domain {
         Ok((daemon, conn, wake))
     }
 
+    /// Forgets a session that ended. The daemon is marked offline, unless
+    /// this replica is draining: then it is moving to another, which marks
+    /// it online (and if it never arrives, liveness finds it silent).
     pub async fn close_session(&self, daemon_id: &str, conn: u64) -> Result<()> {
-        if self.sessions.unregister(daemon_id, conn) {
+        if self.sessions.unregister(daemon_id, conn) && !self.is_draining() {
             self.store
                 .set_daemon_state(daemon_id, DaemonState::Offline)
                 .await?;
