@@ -148,13 +148,13 @@ export function TaskView(props: { id: string; me: Me }) {
     (async () => {
       try {
         const { task } = await api.getTask({ id: props.id }, { signal: stop.signal });
-        last.current = Math.max(0, Number(task?.lastSeq ?? 0n) - WINDOW);
+        last.current = Math.max(0, Number(task?.outputPrunedSeq ?? 0n), Number(task?.lastSeq ?? 0n) - WINDOW);
       } catch {
         last.current = 0;
       }
       setBase(last.current);
       await follow(
-        (signal) => api.watchTask({ taskId: props.id, sinceSeq: BigInt(last.current) }, { signal }),
+        (signal) => api.watchTask({ taskId: props.id, sinceSeq: BigInt(last.current), follow: true }, { signal }),
         (ev) => {
           setError("");
           if (ev.event.case === "task") setTask(ev.event.value);
@@ -177,6 +177,8 @@ export function TaskView(props: { id: string; me: Me }) {
   }, [props.id]);
 
   /** Shows the WINDOW messages before the first shown: loaded ones, or fetched. */
+  // Output up to this seq was removed by the server's retention.
+  const pruned = Number(task?.outputPrunedSeq ?? 0n);
   const showEarlier = async () => {
     if (from > 0) {
       setFrom(Math.max(0, from - WINDOW));
@@ -184,7 +186,7 @@ export function TaskView(props: { id: string; me: Me }) {
     }
     setLoadingEarlier(true);
     try {
-      const since = Math.max(0, base - WINDOW);
+      const since = Math.max(pruned, base - WINDOW);
       const earlier: TaskMessage[] = [];
       let after = since;
       while (after < base) {
@@ -295,9 +297,10 @@ export function TaskView(props: { id: string; me: Me }) {
       {note && <p class="note">{note}</p>}
 
       <section class="output" aria-label="Output">
-        {from + base > 0 && (
+        {pruned > 0 && <p class="muted">Messages 1–{pruned} were removed by the server's retention.</p>}
+        {from + base - pruned > 0 && (
           <button class="link earlier" disabled={loadingEarlier} onClick={showEarlier}>
-            Show earlier messages ({from + base} not shown)
+            Show earlier messages ({from + base - pruned} not shown)
           </button>
         )}
         {messages.slice(from).map((m) => <Message key={String(m.seq)} m={m} decide={!ro && m.kind === MessageKind.APPROVAL && pending.has(m.approvalId) ? decide : undefined} />)}

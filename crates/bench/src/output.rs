@@ -123,6 +123,7 @@ pub async fn fanout(ctx: &mut Ctx, watchers: usize) -> BenchResult<Row> {
                 .watch_task(pb::WatchTaskRequest {
                     task_id: task,
                     since_seq: 0,
+                    follow: false,
                 })
                 .await?
                 .into_inner();

@@ -593,7 +593,16 @@ pub fn task_details(task: &pb::Task, usage: &pb::GetTaskUsageResponse, now: i64)
         ("updated", time(&task.update_time)),
         ("started", time(&task.start_time)),
         ("ended", time(&task.end_time)),
-        ("output", format!("{} messages", task.last_seq)),
+        (
+            "output",
+            match task.output_pruned_seq {
+                0 => format!("{} messages", task.last_seq),
+                n => format!(
+                    "{} messages; 1–{n} removed by the server's retention",
+                    task.last_seq
+                ),
+            },
+        ),
         ("usage", total),
         ("cost", cost),
     ]

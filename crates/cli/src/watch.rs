@@ -91,6 +91,7 @@ impl Watcher {
         let request = pb::WatchTaskRequest {
             task_id: self.task_id.clone(),
             since_seq: self.printed,
+            follow: false,
         };
         let mut stream = match conn.tasks().watch_task(request).await {
             Ok(r) => r.into_inner(),
@@ -118,6 +119,13 @@ impl Watcher {
                         self.printed = m.seq;
                     }
                     Event::Task(t) => {
+                        if t.output_pruned_seq > self.printed {
+                            note(&format!(
+                                "taskmesh: output up to seq {} was removed by the server's retention (serve --retain-output)",
+                                t.output_pruned_seq
+                            ));
+                            self.printed = t.output_pruned_seq;
+                        }
                         if self.status != Some(t.status()) {
                             self.status = Some(t.status());
                             note(&format::status_change(&t));

@@ -118,6 +118,16 @@ pub struct ServeArgs {
     /// memory at most. Units: B, KiB, MiB, GiB.
     #[arg(long, env = "TASKMESH_WATCHER_BUDGET", default_value = "8MiB", value_parser = parse_bytes)]
     pub watcher_budget: usize,
+    /// Remove the output of tasks that ended longer ago than this (e.g.
+    /// 30d); the task, its events and its usage stay, and reading the
+    /// output says it was pruned. Checked every minute; off by default.
+    #[arg(long, env = "TASKMESH_RETAIN_OUTPUT", value_parser = parse_duration)]
+    pub retain_output: Option<Duration>,
+    /// Remove whole tasks (with output, events and usage) that ended
+    /// longer ago than this (e.g. 90d); a parent goes after its subtasks.
+    /// Off by default.
+    #[arg(long, env = "TASKMESH_RETAIN_TASKS", value_parser = parse_duration)]
+    pub retain_tasks: Option<Duration>,
     /// Serve the Prometheus metrics on this address (plain HTTP, path
     /// /metrics) instead of at /metrics on --listen.
     #[arg(long, env = "TASKMESH_METRICS_LISTEN", value_name = "ADDR")]
@@ -154,20 +164,21 @@ fn parse_bytes(s: &str) -> Result<usize, String> {
         .ok_or_else(|| format!("{s:?} must be more than zero and fit in memory"))
 }
 
-/// `500ms`, `15s`, `2m`, `1h`; a bare number is seconds.
+/// `500ms`, `15s`, `2m`, `1h`, `30d`; a bare number is seconds.
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (n, unit) = s.split_at(split);
     let n: u64 = n
         .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 500ms, 15s, 2m or 1h"))?;
+        .map_err(|_| format!("{s:?} is not a duration like 500ms, 15s, 2m, 1h or 30d"))?;
     let d = match unit.trim() {
         "ms" => Duration::from_millis(n),
         "" | "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
-        "h" => Duration::from_secs(n * 3600),
-        other => return Err(format!("unknown unit {other:?}; use ms, s, m or h")),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        "d" => Duration::from_secs(n.saturating_mul(86_400)),
+        other => return Err(format!("unknown unit {other:?}; use ms, s, m, h or d")),
     };
     if d.is_zero() {
         return Err("must be more than zero".into());
@@ -249,6 +260,8 @@ pub async fn serve(
     let limits = domain::Limits {
         max_streams_per_token: args.max_streams_per_token,
         watcher_budget_bytes: args.watcher_budget,
+        retain_output: args.retain_output,
+        retain_tasks: args.retain_tasks,
     };
     let domain = Domain::with_limits(store.clone(), liveness, limits);
     if let Some(secret) = domain.bootstrap().await? {

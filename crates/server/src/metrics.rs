@@ -61,6 +61,8 @@ pub struct Metrics {
     pub swept_daemons_offline: Counter,
     pub swept_tasks_interrupted: Counter,
     pub swept_tasks_requeued: Counter,
+    pub retention_messages_deleted: Counter,
+    pub retention_tasks_deleted: Counter,
     pub sessions: Gauge,
     pub watchers: Gauge,
     pub tasks: Family<TaskLabels, Gauge>,
@@ -92,6 +94,8 @@ impl Metrics {
             swept_daemons_offline: Counter::default(),
             swept_tasks_interrupted: Counter::default(),
             swept_tasks_requeued: Counter::default(),
+            retention_messages_deleted: Counter::default(),
+            retention_tasks_deleted: Counter::default(),
             sessions: Gauge::default(),
             watchers: Gauge::default(),
             tasks: Family::default(),
@@ -148,6 +152,16 @@ impl Metrics {
             "liveness_tasks_requeued",
             "Tasks queued again because their daemon was lost or did not take them",
             m.swept_tasks_requeued.clone(),
+        );
+        r.register(
+            "retention_messages_deleted",
+            "Output messages removed by retention (--retain-output, --retain-tasks)",
+            m.retention_messages_deleted.clone(),
+        );
+        r.register(
+            "retention_tasks_deleted",
+            "Tasks removed by retention (--retain-tasks)",
+            m.retention_tasks_deleted.clone(),
         );
         r.register(
             "sessions",

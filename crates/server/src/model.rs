@@ -201,6 +201,8 @@ pub struct Task {
     pub ended_at: Option<Micros>,
     /// Highest seq such that all output up to it is stored.
     pub last_seq: i64,
+    /// Output with a seq up to this was removed by retention.
+    pub output_pruned_seq: i64,
     /// When a stop was asked of the task while a daemon held it.
     pub stop_requested_at: Option<Micros>,
     /// The agent's last progress report: a one-line summary and 0..=100,

@@ -147,6 +147,7 @@ pub async fn run(
         Backend::Sqlite => None,
     };
     let liveness = sweeper.spawn_liveness();
+    let retention = sweeper.spawn_retention();
     // Our own listener (tonic applies its socket options only to its own):
     // TCP_NODELAY, and the TLS handshakes off the accept loop; see `conn`.
     let incoming = conn::incoming(
@@ -166,6 +167,9 @@ pub async fn run(
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     liveness.abort();
+    if let Some(retention) = retention {
+        retention.abort();
+    }
     if let Some(peers) = peers {
         peers.abort();
     }

@@ -89,6 +89,7 @@ pub fn task_with_subtasks(t: model::Task, subtasks: Vec<model::Task>, count: i64
         end_time: t.ended_at.and_then(timestamp),
         subtasks: subtasks.into_iter().map(task).collect(),
         last_seq: t.last_seq,
+        output_pruned_seq: t.output_pruned_seq,
         progress_summary: t.progress_summary,
         progress_percent: t.progress_percent as i32,
         plan_truncated: t.plan_truncated,

@@ -39,6 +39,7 @@ async fn replicas_share_dispatch_output_and_commands() {
         .watch_task(pb::WatchTaskRequest {
             task_id: task.id.clone(),
             since_seq: 0,
+            follow: false,
         })
         .await
         .unwrap()

@@ -130,6 +130,7 @@ async fn secrets_never_reach_the_status_reason(backend: Backend) {
         .watch_task(pb::WatchTaskRequest {
             task_id: refused.id.clone(),
             since_seq: i64::MAX,
+            follow: false,
         })
         .await
         .unwrap()

@@ -70,6 +70,7 @@ async fn until_status(s: &TestServer, id: &str, status: TaskStatus) -> pb::Task 
         .watch_task(pb::WatchTaskRequest {
             task_id: id.into(),
             since_seq: i64::MAX,
+            follow: false,
         })
         .await
         .unwrap()

@@ -101,6 +101,8 @@ async fn the_families_are_there_and_move(backend: Backend) {
         "taskmesh_output_messages_total",
         "taskmesh_output_bytes_total",
         "taskmesh_liveness_sweeps_total",
+        "taskmesh_retention_messages_deleted_total",
+        "taskmesh_retention_tasks_deleted_total",
         "taskmesh_sessions",
         "taskmesh_watchers",
         "taskmesh_tasks",

@@ -115,6 +115,7 @@ async fn until_ended(s: &TestServer, id: &str) -> pb::Task {
         .watch_task(pb::WatchTaskRequest {
             task_id: id.into(),
             since_seq: i64::MAX,
+            follow: false,
         })
         .await
         .unwrap()

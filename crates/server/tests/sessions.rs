@@ -30,6 +30,7 @@ async fn push_dispatch_and_gapless_output(backend: Backend) {
         .watch_task(pb::WatchTaskRequest {
             task_id: task.id.clone(),
             since_seq: 0,
+            follow: false,
         })
         .await
         .unwrap()
@@ -113,6 +114,7 @@ async fn push_dispatch_and_gapless_output(backend: Backend) {
         .watch_task(pb::WatchTaskRequest {
             task_id: task.id.clone(),
             since_seq: 295,
+            follow: false,
         })
         .await
         .unwrap()
@@ -126,8 +128,44 @@ async fn push_dispatch_and_gapless_output(backend: Backend) {
         }
     }
     assert_eq!(got, vec![296, 297, 298, 299, 300]);
+    // The task has ended and everything was sent: both watches end, OK.
+    for stream in [&mut watch, &mut late] {
+        let end = tokio::time::timeout(PATIENCE, stream.next()).await;
+        assert!(
+            matches!(end, Ok(None)),
+            "the watch of an ended task ends: {end:?}"
+        );
+    }
+    // A watch that asks to follow stays, and sees the next attempt.
+    let mut follower = tasks
+        .watch_task(pb::WatchTaskRequest {
+            task_id: task.id.clone(),
+            since_seq: 300,
+            follow: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = follower.next().await.unwrap().unwrap().event;
+    assert!(
+        matches!(&first, Some(pb::watch_task_response::Event::Task(t)) if t.status == TaskStatus::Completed as i32),
+        "{first:?}"
+    );
+    start(&s, &task.id).await;
+    let next = tokio::time::timeout(PATIENCE, follower.next())
+        .await
+        .expect("the follower hears of the new attempt")
+        .unwrap()
+        .unwrap()
+        .event;
+    assert!(
+        matches!(&next, Some(pb::watch_task_response::Event::Task(t)) if t.attempt == 2),
+        "{next:?}"
+    );
     s.stop().await;
 }
+
+const PATIENCE: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// StopTask of a running task pushes InterruptTask; the daemon's failure
 /// report then ends it cancelled. SendMessage issued while the daemon is
@@ -381,6 +419,7 @@ async fn daemon_tenancy(backend: Backend) {
         tc.watch_task(pb::WatchTaskRequest {
             task_id: id.clone(),
             since_seq: 0,
+            follow: false,
         })
         .await,
     );
@@ -424,6 +463,7 @@ async fn secrets_are_redacted(backend: Backend) {
         .watch_task(pb::WatchTaskRequest {
             task_id: task.id.clone(),
             since_seq: 0,
+            follow: false,
         })
         .await
         .unwrap()
@@ -594,6 +634,7 @@ async fn gaps_hold_output_back_until_filled(backend: Backend) {
         .watch_task(pb::WatchTaskRequest {
             task_id: task.id.clone(),
             since_seq: 0,
+            follow: false,
         })
         .await
         .unwrap()

@@ -214,6 +214,7 @@ async fn watch(
         .watch_task(pb::WatchTaskRequest {
             task_id: task_id.into(),
             since_seq: 0,
+            follow: false,
         })
         .await
         .unwrap()

@@ -124,6 +124,7 @@ async fn watch_once(tasks: &mut Tasks, id: &str) {
         .watch_task(pb::WatchTaskRequest {
             task_id: id.into(),
             since_seq: 0,
+            follow: false,
         })
         .await
         .unwrap()
@@ -146,6 +147,7 @@ async fn watches_leave_nothing_behind(backend: Backend) {
             .watch_task(pb::WatchTaskRequest {
                 task_id: uuid::Uuid::new_v4().to_string(),
                 since_seq: 0,
+                follow: false,
             })
             .await
             .unwrap_err();
@@ -207,6 +209,7 @@ async fn a_slow_watcher_holds_its_budget_not_the_output(backend: Backend) {
         .watch_task(pb::WatchTaskRequest {
             task_id: id.clone(),
             since_seq: 0,
+            follow: false,
         })
         .await
         .unwrap()
@@ -307,6 +310,7 @@ async fn large_output_is_read_in_pages(backend: Backend) {
                 .watch_task(pb::WatchTaskRequest {
                     task_id: id.clone(),
                     since_seq: 0,
+                    follow: false,
                 })
                 .await
                 .unwrap()

@@ -23,6 +23,7 @@ impl Watch {
             .watch_task(pb::WatchTaskRequest {
                 task_id: task_id.into(),
                 since_seq,
+                follow: false,
             })
             .await
             .unwrap()

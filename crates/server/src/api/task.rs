@@ -208,13 +208,14 @@ impl TaskService for TaskApi {
         let r = req.get_ref();
         let id = parse_id("task_id", &r.task_id)?;
         let limit = page_size("limit", r.limit, 1000, 10_000)?;
-        let (messages, last_seq) = self
+        let page = self
             .domain
             .list_task_messages(&p, &id, r.since_seq, limit)
             .await?;
         Ok(Response::new(pb::ListTaskMessagesResponse {
-            messages: messages.into_iter().map(wire::task_message).collect(),
-            last_seq,
+            messages: page.messages.into_iter().map(wire::task_message).collect(),
+            last_seq: page.last_seq,
+            pruned_through_seq: page.pruned_through_seq,
         }))
     }
 
@@ -227,7 +228,10 @@ impl TaskService for TaskApi {
         let p = principal(&req)?;
         let r = req.get_ref();
         let id = parse_id("task_id", &r.task_id)?;
-        let rx = self.domain.watch_task(&p, &id, r.since_seq).await?;
+        let rx = self
+            .domain
+            .watch_task(&p, &id, r.since_seq, r.follow)
+            .await?;
         // Markers for output to read from the store never leave the server.
         let stream = ReceiverStream::new(rx).filter_map(|u| {
             let event = match u {

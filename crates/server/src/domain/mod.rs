@@ -32,6 +32,7 @@ mod peers;
 pub mod redact;
 mod registry;
 mod reports;
+mod retention;
 mod sessions;
 mod streams;
 mod tasks;
@@ -54,9 +55,10 @@ pub use hub::{OutputHub, TaskUpdate, WorkspaceUpdate};
 pub use liveness::{Liveness, SweepReport};
 pub use peers::PeerEvent;
 pub use reports::TaskEnd;
+pub use retention::RetentionReport;
 pub use sessions::SessionRegistry;
 pub use streams::{StreamEnd, StreamGuard};
-pub use tasks::{ListTasks, NewTask, TaskPatch};
+pub use tasks::{ListTasks, MessagesPage, NewTask, TaskPatch};
 pub use tokens::hash_secret;
 pub use validate::{
     MAX_DEPTH, MAX_NAME_CHARS, MAX_PLAN_BYTES, check_runtime, page_size, parse_id,
@@ -95,6 +97,10 @@ pub struct Limits {
     /// Output a watcher may hold undelivered before it falls back to
     /// catching up from the database.
     pub watcher_budget_bytes: usize,
+    /// Output of tasks that ended longer ago than this is removed.
+    pub retain_output: Option<std::time::Duration>,
+    /// Tasks that ended longer ago than this are removed whole.
+    pub retain_tasks: Option<std::time::Duration>,
 }
 
 impl Default for Limits {
@@ -102,6 +108,8 @@ impl Default for Limits {
         Limits {
             max_streams_per_token: streams::MAX_STREAMS_PER_TOKEN,
             watcher_budget_bytes: 8 << 20,
+            retain_output: None,
+            retain_tasks: None,
         }
     }
 }

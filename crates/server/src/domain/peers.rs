@@ -188,6 +188,7 @@ fn tombstone(id: String, workspace_id: String, status: TaskStatus) -> Task {
         progress_summary: String::new(),
         progress_percent: -1,
         plan_truncated: false,
+        output_pruned_seq: 0,
         model: String::new(),
         permission_mode: String::new(),
         pending_approvals: 0,

@@ -47,6 +47,16 @@ pub struct ListTasks {
     pub page_token: Option<String>,
 }
 
+/// A page of a task's output.
+pub struct MessagesPage {
+    pub messages: Vec<TaskMessage>,
+    /// The task's highest contiguous stored seq.
+    pub last_seq: i64,
+    /// When the page starts after output removed by retention: the last
+    /// removed seq; else 0.
+    pub pruned_through_seq: i64,
+}
+
 impl Domain {
     /// Loads a task the caller may see; anything else is NOT_FOUND.
     pub async fn load_task(&self, p: &Principal, id: &str) -> Result<Task> {
@@ -120,6 +130,7 @@ impl Domain {
             progress_summary: String::new(),
             progress_percent: -1,
             plan_truncated: false,
+            output_pruned_seq: 0,
             model,
             permission_mode,
             pending_approvals: 0,
@@ -397,19 +408,30 @@ impl Domain {
         task_id: &str,
         since_seq: i64,
         limit: i64,
-    ) -> Result<(Vec<TaskMessage>, i64)> {
+    ) -> Result<MessagesPage> {
         if since_seq < 0 {
             return Err(invalid("since_seq", "must not be negative"));
         }
         let task = self.load_task(p, task_id).await?;
+        // Pruned output is gone: say so, and go on after it.
+        let pruned = (since_seq < task.output_pruned_seq).then_some(task.output_pruned_seq);
         let mut messages = self
             .store
-            .list_messages(&task.id, since_seq, limit, RESPONSE_BUDGET_BYTES)
+            .list_messages(
+                &task.id,
+                since_seq.max(task.output_pruned_seq),
+                limit,
+                RESPONSE_BUDGET_BYTES,
+            )
             .await?;
         // Only the acknowledged, gapless prefix: a message past a gap would
         // let a pager skip the gap for good.
         messages.retain(|m| m.seq <= task.last_seq);
-        Ok((messages, task.last_seq))
+        Ok(MessagesPage {
+            messages,
+            last_seq: task.last_seq,
+            pruned_through_seq: pruned.unwrap_or(0),
+        })
     }
 
     pub async fn task_usage(&self, p: &Principal, task_id: &str) -> Result<TaskUsage> {

@@ -119,6 +119,20 @@ struct Watcher {
     task_id: String,
     last: i64,
     out: Outlet<TaskUpdate>,
+    /// Follow across the task's end (WatchTaskRequest.follow).
+    follow: bool,
+    /// The last seq of the task's attempt, once it has ended.
+    ended_at: Option<i64>,
+}
+
+/// A task in one of these states is done until someone starts it again;
+/// a watch that does not follow ends there. (`interrupted` is not among
+/// them: a task cut short by its daemon's shutdown is queued again.)
+fn has_ended(status: TaskStatus) -> bool {
+    matches!(
+        status,
+        TaskStatus::Completed | TaskStatus::Failed | TaskStatus::Cancelled
+    )
 }
 
 impl Watcher {
@@ -138,9 +152,13 @@ impl Watcher {
         task: Task,
         live: &mut Subscription<TaskUpdate>,
     ) -> std::result::Result<(), Stop> {
+        self.note_status(&task);
         self.send(TaskUpdate::Task(Box::new(task))).await?;
         self.catch_up().await?;
         loop {
+            if self.is_done() {
+                return Ok(());
+            }
             let update = tokio::select! {
                 u = live.recv() => u,
                 stop = self.out.stopped() => return Err(stop),
@@ -158,6 +176,7 @@ impl Watcher {
                     // Output it has not seen yet (a peer replica's, say) is
                     // read from the store.
                     let behind = t.last_seq > self.last;
+                    self.note_status(&t);
                     self.send(TaskUpdate::Task(t)).await?;
                     if behind {
                         self.catch_up().await?;
@@ -166,6 +185,20 @@ impl Watcher {
                 Err(broadcast::error::RecvError::Closed) => return Ok(()),
             }
         }
+    }
+
+    /// Notes where the task stands: whether it has ended, and output
+    /// removed by retention (the replay goes on after it; the task sent
+    /// to the client says how far it was removed).
+    fn note_status(&mut self, task: &Task) {
+        self.ended_at = has_ended(task.status).then_some(task.last_seq);
+        self.last = self.last.max(task.output_pruned_seq);
+    }
+
+    /// The task has ended and its output was all sent: a watch that does
+    /// not follow is over.
+    fn is_done(&self) -> bool {
+        !self.follow && self.ended_at.is_some_and(|last_seq| self.last >= last_seq)
     }
 
     async fn send(&mut self, update: TaskUpdate) -> std::result::Result<(), Stop> {
@@ -205,12 +238,14 @@ impl Domain {
     /// before anything is allocated for it; the hub is subscribed before the
     /// task is read again and the replay reads the store, so nothing falls
     /// between them; seqs at or below the last one sent are skipped, and a
-    /// gap (a lagging watcher) is filled from the store.
+    /// gap (a lagging watcher) is filled from the store. Unless `follow`,
+    /// the stream ends once the task has ended and its output was sent.
     pub async fn watch_task(
         self: &Arc<Self>,
         p: &Principal,
         id: &str,
         since_seq: i64,
+        follow: bool,
     ) -> Result<Deliveries<TaskUpdate>> {
         if since_seq < 0 {
             return Err(invalid("since_seq", "must not be negative"));
@@ -225,6 +260,8 @@ impl Domain {
             task_id: task.id.clone(),
             last: since_seq,
             out,
+            follow,
+            ended_at: None,
         };
         tokio::spawn(watcher.run(task, live));
         Ok(rx)

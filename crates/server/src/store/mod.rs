@@ -13,6 +13,7 @@ mod messages;
 mod metrics;
 mod outbox;
 mod postgres;
+mod retention;
 mod sqlite;
 mod tasks;
 mod tokens;

@@ -49,7 +49,7 @@ const TASK_WRITE_COLUMNS: &str = task_write_columns!();
 /// approvals are written on their own.
 pub(super) const TASK_COLUMNS: &str = concat!(
     task_write_columns!(),
-    ", progress_summary, progress_percent, pending_approvals"
+    ", progress_summary, progress_percent, pending_approvals, output_pruned_seq"
 );
 
 pub(super) async fn insert_event(
@@ -152,6 +152,7 @@ pub(super) fn task_from_row(r: &AnyRow) -> Result<Task> {
         permission_mode: r.try_get("permission_mode")?,
         pending_approvals: r.try_get("pending_approvals")?,
         plan_truncated: false,
+        output_pruned_seq: r.try_get("output_pruned_seq")?,
         completion_action: parse_enum(&r.try_get::<String, _>("completion_action")?)?,
         target_branch: r.try_get("target_branch")?,
     })
