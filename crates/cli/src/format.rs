@@ -384,7 +384,38 @@ pub fn daemon_table(daemons: &[pb::Daemon], now: i64) -> String {
     )
 }
 
-fn tokens(u: &pb::TaskUsage) -> String {
+/// `user`, `daemon`, `viewer`, `agent`.
+pub fn token_kind(kind: pb::TokenKind) -> &'static str {
+    match kind {
+        pb::TokenKind::User => "user",
+        pb::TokenKind::Daemon => "daemon",
+        pb::TokenKind::Viewer => "viewer",
+        pb::TokenKind::Agent => "agent",
+        pb::TokenKind::Unspecified => "-",
+    }
+}
+
+/// `token list`: one line a token, revoked ones saying since when.
+pub fn tokens(tokens: &[pb::Token], now: i64) -> String {
+    let rows: Vec<[String; 6]> = tokens
+        .iter()
+        .map(|t| {
+            [
+                t.id.clone(),
+                token_kind(t.kind()).to_owned(),
+                cell(&t.name),
+                or_dash(&t.user_name).to_owned(),
+                ago(t.create_time.as_ref(), now),
+                t.revoke_time
+                    .as_ref()
+                    .map_or_else(|| "-".to_owned(), |r| ago(Some(r), now)),
+            ]
+        })
+        .collect();
+    table(["ID", "KIND", "NAME", "USER", "CREATED", "REVOKED"], &rows)
+}
+
+fn token_counts(u: &pb::TaskUsage) -> String {
     format!(
         "{} input, {} output, {} cache read, {} cache write tokens",
         u.input_tokens, u.output_tokens, u.cache_read_tokens, u.cache_write_tokens
@@ -395,7 +426,7 @@ fn tokens(u: &pb::TaskUsage) -> String {
 pub fn usage_lines(usage: &pb::GetTaskUsageResponse) -> String {
     let mut out = String::new();
     for u in &usage.usage {
-        let _ = writeln!(out, "{}: {}", u.model, tokens(u));
+        let _ = writeln!(out, "{}: {}", u.model, token_counts(u));
     }
     let (total, cost) = usage_fields(usage);
     if !total.is_empty() {
@@ -452,7 +483,7 @@ fn usage_fields(usage: &pb::GetTaskUsageResponse) -> (String, String) {
         .total
         .as_ref()
         .filter(|u| used(u))
-        .map(tokens)
+        .map(token_counts)
         .unwrap_or_default();
     let cost = match (usage.cost_usd > 0.0, usage.turns > 0) {
         (false, false) => String::new(),
@@ -471,7 +502,7 @@ pub fn usage_summary(usage: &pb::GetTaskUsageResponse) -> Option<String> {
     let models: Vec<String> = usage
         .usage
         .iter()
-        .map(|u| format!("{}: {}", u.model, tokens(u)))
+        .map(|u| format!("{}: {}", u.model, token_counts(u)))
         .collect();
     let mut line = format!("usage: {}", models.join("; "));
     if !cost.is_empty() {
@@ -617,7 +648,7 @@ pub fn task_details(task: &pb::Task, usage: &pb::GetTaskUsageResponse, now: i64)
     if usage.usage.len() > 1 {
         out.push_str("\nusage by model:\n");
         for u in &usage.usage {
-            let _ = writeln!(out, "  {}: {}", u.model, tokens(u));
+            let _ = writeln!(out, "  {}: {}", u.model, token_counts(u));
         }
     }
     if !task.subtasks.is_empty() {

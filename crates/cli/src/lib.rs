@@ -381,6 +381,168 @@ pub enum DaemonsCommand {
     },
 }
 
+/// Options of `taskmesh token`.
+#[derive(clap::Args)]
+#[command(after_help = "Example:\n  \
+    taskmesh token create --kind daemon --name build-box > daemon.token\n  \
+    taskmesh token list\n  \
+    taskmesh token revoke $TOKEN_ID\n\n\
+    With a user token (TASKMESH_TOKEN or --token) these go through the server, \
+    as the dashboard's Tokens view does. Without one, or with --database-url, \
+    `token create` writes straight to the database: the way to a first token of \
+    another workspace, or with no server running.")]
+pub struct TokenArgs {
+    #[command(flatten)]
+    pub server: ServerArgs,
+    #[command(subcommand)]
+    pub command: TokenCommand,
+}
+
+#[derive(clap::Subcommand)]
+pub enum TokenCommand {
+    /// Create a token and print its secret alone on stdout (shown once).
+    ///
+    /// Example: taskmesh token create --kind daemon > daemon.token
+    Create(TokenCreateArgs),
+    /// List the tokens of a workspace (never their secrets).
+    ///
+    /// Example: taskmesh token list --workspace lab
+    List {
+        /// Workspace id or name; needed when the token sees several.
+        #[arg(long, env = "TASKMESH_WORKSPACE")]
+        workspace: Option<String>,
+    },
+    /// Revoke a token: calls with it fail from now on, and its open
+    /// streams (a daemon's session, watches) end at once.
+    ///
+    /// Example: taskmesh token revoke $TOKEN_ID
+    Revoke {
+        /// The token's id (from `token list`).
+        id: String,
+    },
+}
+
+/// What a token may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TokenKindArg {
+    /// For people and scripts: TaskService and WorkspaceService.
+    User,
+    /// For `taskmesh daemon`: DaemonService in one workspace.
+    Daemon,
+    /// Read-only, in one workspace: list, get and watch; change nothing.
+    Viewer,
+}
+
+#[derive(clap::Args)]
+pub struct TokenCreateArgs {
+    /// What the token may do.
+    #[arg(long, value_enum, default_value = "user")]
+    pub kind: TokenKindArg,
+    /// A label to tell tokens apart in `token list`.
+    #[arg(long, default_value = "cli")]
+    pub name: String,
+    /// Workspace id or name (through the server: needed when your token
+    /// sees several; in the database: `default` unless given, created if
+    /// missing).
+    #[arg(long, env = "TASKMESH_WORKSPACE")]
+    pub workspace: Option<String>,
+    /// Write the token straight to this database instead of asking the
+    /// server (also what happens when no user token is set; then
+    /// `sqlite://taskmesh.db`).
+    #[arg(long, env = "TASKMESH_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// In the database only: the user a user token acts as (created and
+    /// added to the workspace if missing). Through the server a user token
+    /// acts as you.
+    #[arg(long, default_value = "admin")]
+    pub user: String,
+}
+
+/// Where a `taskmesh token` verb goes.
+pub enum TokenRoute {
+    /// `token create` straight in the database.
+    Database(TokenCreateArgs),
+    /// Any verb, through the server.
+    Server(TokenArgs),
+}
+
+impl TokenArgs {
+    /// `token create` writes to the database (not the server) when asked
+    /// to, or when there is no user token to ask the server with.
+    pub fn route(self) -> TokenRoute {
+        let no_token = self
+            .server
+            .token
+            .as_deref()
+            .is_none_or(|t| t.trim().is_empty());
+        match self.command {
+            TokenCommand::Create(c) if c.database_url.is_some() || no_token => {
+                TokenRoute::Database(c)
+            }
+            command => TokenRoute::Server(TokenArgs {
+                server: self.server,
+                command,
+            }),
+        }
+    }
+}
+
+/// Runs `taskmesh token <verb>` through the server.
+pub async fn token(args: TokenArgs) -> Result<()> {
+    let conn = args.server.connect().await?;
+    let mut client = conn.workspaces();
+    match args.command {
+        TokenCommand::Create(c) => {
+            let kind = match c.kind {
+                TokenKindArg::User => pb::TokenKind::User,
+                TokenKindArg::Daemon => pb::TokenKind::Daemon,
+                TokenKindArg::Viewer => pb::TokenKind::Viewer,
+            };
+            let made = client
+                .create_token(pb::CreateTokenRequest {
+                    workspace: c.workspace.unwrap_or_default(),
+                    kind: kind as i32,
+                    name: c.name,
+                })
+                .await?
+                .into_inner();
+            let token = made.token.ok_or(CliError::Incomplete("token"))?;
+            note(&format!(
+                "created {} token {} ({}) in workspace {} (shown once)",
+                format::token_kind(token.kind()),
+                token.id,
+                token.name,
+                token.workspace_id
+            ));
+            say(&format!("{}\n", made.secret))
+        }
+        TokenCommand::List { workspace } => {
+            let tokens = client
+                .list_tokens(pb::ListTokensRequest {
+                    workspace: workspace.unwrap_or_default(),
+                })
+                .await?
+                .into_inner()
+                .tokens;
+            say(&format::tokens(&tokens, format::now()))
+        }
+        TokenCommand::Revoke { id } => {
+            let token = client
+                .revoke_token(pb::RevokeTokenRequest { id })
+                .await?
+                .into_inner()
+                .token
+                .ok_or(CliError::Incomplete("token"))?;
+            say(&format!(
+                "revoked {} token {} ({})\n",
+                format::token_kind(token.kind()),
+                token.id,
+                token.name
+            ))
+        }
+    }
+}
+
 fn parse_status(s: &str) -> Result<TaskStatus, String> {
     match TaskStatus::from_str_name(&format!("TASK_STATUS_{}", s.to_ascii_uppercase())) {
         Some(status) if status != TaskStatus::Unspecified => Ok(status),

@@ -5,7 +5,7 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Subcommand, ValueEnum};
+use clap::ValueEnum;
 use tokio::net::TcpListener;
 
 use crate::domain::{self, Domain, Liveness};
@@ -186,14 +186,6 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
-#[derive(Subcommand)]
-pub enum TokenCommand {
-    /// Create a token and print its secret alone on stdout (shown once).
-    ///
-    /// Example: export TASKMESH_TOKEN=$(taskmesh token create --kind daemon)
-    Create(TokenCreateArgs),
-}
-
 #[derive(Clone, Copy, ValueEnum)]
 pub enum KindArg {
     /// For people and scripts: TaskService and WorkspaceService.
@@ -264,19 +256,20 @@ pub async fn serve(
         retain_tasks: args.retain_tasks,
     };
     let domain = Domain::with_limits(store.clone(), liveness, limits);
+    let addr = listener.local_addr()?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
     if let Some(secret) = domain.bootstrap().await? {
         println!(
             "\nFirst start: created a user token for workspace \"default\". It is shown once:\n\n    {secret}\n\n\
-             Use it as:  export TASKMESH_TOKEN={secret}\n\
+             Sign in to the dashboard at {scheme}://{addr}/ with it, or use it as:\n\
+             \x20   export TASKMESH_TOKEN={secret}\n\
              and send it as `authorization: Bearer $TASKMESH_TOKEN`. More tokens: `taskmesh token create`.\n"
         );
     }
-    let addr = listener.local_addr()?;
     tracing::info!(backend = ?store.backend(), "database ready");
     // Before the line that says it is up: from then on a SIGHUP reloads
     // the certificate and never ends the process.
     let reloader = tls.as_ref().map(ServerTls::spawn_reloader);
-    let scheme = if tls.is_some() { "https" } else { "http" };
     println!("taskmesh listening on {scheme}://{addr}  (gRPC, gRPC-web and the dashboard)");
 
     let drain = Duration::from_secs(args.drain_secs);

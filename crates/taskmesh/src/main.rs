@@ -7,7 +7,8 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use taskmesh_server::cmd::{LogFormat, ServeArgs, TokenCommand};
+use taskmesh_cli::TokenRoute;
+use taskmesh_server::cmd::{LogFormat, ServeArgs};
 use tracing_subscriber::EnvFilter;
 
 /// taskmesh: a control plane for coding-agent daemons.
@@ -26,9 +27,9 @@ enum Command {
     /// Run the control plane: gRPC, gRPC-web, reflection, health and the
     /// dashboard on one port.
     Serve(ServeArgs),
-    /// Manage access tokens directly in the database.
-    #[command(subcommand)]
-    Token(TokenCommand),
+    /// Create, list and revoke access tokens (through the server, or
+    /// straight in the database for a first token).
+    Token(taskmesh_cli::TokenArgs),
     /// Run the reference daemon: take tasks from a server and run each as a
     /// child process.
     Daemon(taskmesh_daemon::DaemonArgs),
@@ -69,9 +70,12 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => taskmesh_server::cmd::serve(args, shutdown_signal()).await,
-            Command::Token(TokenCommand::Create(args)) => {
-                taskmesh_server::cmd::token_create(args).await
-            }
+            Command::Token(args) => match args.route() {
+                TokenRoute::Database(create) => {
+                    taskmesh_server::cmd::token_create(database_token(create)).await
+                }
+                TokenRoute::Server(args) => taskmesh_cli::token(args).await.map_err(Into::into),
+            },
             Command::Daemon(args) => taskmesh_daemon::run(args, stop_requests())
                 .await
                 .map_err(Into::into),
@@ -130,4 +134,26 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+/// `token create` in the database: its flags as the server's command takes
+/// them.
+fn database_token(c: taskmesh_cli::TokenCreateArgs) -> taskmesh_server::cmd::TokenCreateArgs {
+    use taskmesh_cli::TokenKindArg as Kind;
+    use taskmesh_server::cmd::KindArg;
+    taskmesh_server::cmd::TokenCreateArgs {
+        database: taskmesh_server::cmd::DatabaseArg {
+            database_url: c
+                .database_url
+                .unwrap_or_else(|| "sqlite://taskmesh.db".to_owned()),
+        },
+        workspace: c.workspace.unwrap_or_else(|| "default".to_owned()),
+        kind: match c.kind {
+            Kind::User => KindArg::User,
+            Kind::Daemon => KindArg::Daemon,
+            Kind::Viewer => KindArg::Viewer,
+        },
+        name: c.name,
+        user: c.user,
+    }
 }

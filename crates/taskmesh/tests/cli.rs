@@ -190,4 +190,77 @@ async fn the_log_can_be_json(backend: Backend) {
     server.terminate().await;
 }
 
+/// A second `serve` on an address in use fails at once and says why,
+/// before it mints a first-start token nobody could use; the first-start
+/// banner names the dashboard's URL.
+#[tokio::test]
+async fn a_busy_address_fails_before_any_token() {
+    let first_db = TestDb::new(Backend::Sqlite).await;
+    let mut first = std::process::Command::new(BIN);
+    first
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--database-url",
+            &first_db.url,
+        ])
+        .env("RUST_LOG", "warn");
+    let first = common::process::ServeProcess::spawn(
+        tokio::process::Command::from(first),
+        common::process::SERVE_LISTENING,
+    )
+    .await
+    .expect("the first server starts");
+    assert!(first.token.is_some());
+
+    let second_db = TestDb::new(Backend::Sqlite).await;
+    let out = std::process::Command::new(BIN)
+        .args(["serve", "--listen", &first.addr.to_string()])
+        .args(["--database-url", &second_db.url])
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stdout.contains("tmu_"),
+        "no token for a server that never ran: {stdout}"
+    );
+    assert!(
+        stderr.contains(&format!("cannot listen on {}", first.addr)),
+        "{stderr}"
+    );
+    // Started again on a free port, the second database mints its token
+    // then, with the URL to sign in at.
+    let out = tokio::process::Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--database-url",
+            &second_db.url,
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(out.stdout.unwrap()).lines();
+    let mut banner = String::new();
+    while let Some(line) = lines.next_line().await.unwrap() {
+        if line.starts_with(common::process::SERVE_LISTENING) {
+            break;
+        }
+        banner.push_str(&line);
+        banner.push('\n');
+    }
+    assert!(banner.contains("tmu_"), "{banner}");
+    assert!(
+        banner.contains("Sign in to the dashboard at http://127.0.0.1:"),
+        "{banner}"
+    );
+}
+
 both_backends!(serve_and_use, the_log_can_be_json);

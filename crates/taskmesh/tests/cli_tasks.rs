@@ -663,7 +663,47 @@ async fn events_usage_delete_and_the_workspace_variable(backend: Backend) {
     );
 }
 
+/// `token create`, `token list` and `token revoke` through the server
+/// with the user's token: the daemon token made works until it is revoked.
+async fn tokens_through_the_server(backend: Backend) {
+    let s = start_server(backend).await;
+    let secret = ok(
+        &s,
+        &["token", "create", "--kind", "daemon", "--name", "build-box"],
+    )
+    .await;
+    let secret = secret.trim_end();
+    assert!(secret.starts_with("tmd_"), "{secret}");
+    let mut daemons = common::daemon::daemon_client(&s, secret).await;
+    common::daemon::try_register(&mut daemons, "build-box", 1)
+        .await
+        .expect("the new daemon token works");
+
+    let table = ok(&s, &["token", "list"]).await;
+    let header = table.lines().next().expect("a header");
+    for column in ["ID", "KIND", "NAME", "USER", "CREATED", "REVOKED"] {
+        assert!(header.contains(column), "{header}");
+    }
+    let row = table
+        .lines()
+        .find(|l| l.contains("build-box"))
+        .unwrap_or_else(|| panic!("not listed:\n{table}"));
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(cells[1..3], ["daemon", "build-box"], "{row}");
+    assert_eq!(cells.last(), Some(&"-"), "not revoked yet: {row}");
+    assert!(!table.contains(secret), "a list never shows secrets");
+
+    let revoked = ok(&s, &["token", "revoke", cells[0]]).await;
+    assert!(revoked.starts_with("revoked daemon token"), "{revoked}");
+    let table = ok(&s, &["token", "list"]).await;
+    let row = row_of(&table, cells[0]).expect("still listed");
+    assert!(row.ends_with("ago"), "revoked: {row}");
+    let refused = common::daemon::try_register(&mut daemons, "build-box", 1).await;
+    assert!(refused.is_err(), "a revoked token is refused");
+}
+
 both_backends!(
+    tokens_through_the_server,
     events_usage_delete_and_the_workspace_variable,
     create_start_stop,
     watch_prints_each_message_once,
@@ -674,7 +714,7 @@ both_backends!(
 
 #[test]
 fn every_verb_explains_itself_with_an_example() {
-    let verbs: [&[&str]; 23] = [
+    let verbs: [&[&str]; 27] = [
         &["task"],
         &["task", "create"],
         &["task", "list"],
@@ -698,6 +738,10 @@ fn every_verb_explains_itself_with_an_example() {
         &["daemons", "disconnect"],
         &["daemons", "get"],
         &["daemons", "check-target"],
+        &["token"],
+        &["token", "create"],
+        &["token", "list"],
+        &["token", "revoke"],
     ];
     for verb in verbs {
         let out = std::process::Command::new(BIN)
