@@ -339,7 +339,7 @@ pub struct WatchArgs {
 
 /// Options of `taskmesh daemons`.
 #[derive(clap::Args)]
-#[command(after_help = "Example:\n  taskmesh daemons --workspace lab\n  \
+#[command(after_help = "Example:\n  taskmesh daemons --workspace default\n  \
     taskmesh daemons disconnect $DAEMON_ID")]
 pub struct DaemonsArgs {
     #[command(flatten)]
@@ -406,7 +406,7 @@ pub enum TokenCommand {
     Create(TokenCreateArgs),
     /// List the tokens of a workspace (never their secrets).
     ///
-    /// Example: taskmesh token list --workspace lab
+    /// Example: taskmesh token list --workspace default
     List {
         /// Workspace id or name; needed when the token sees several.
         #[arg(long, env = "TASKMESH_WORKSPACE")]

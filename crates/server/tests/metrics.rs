@@ -113,6 +113,27 @@ async fn the_families_are_there_and_move(backend: Backend) {
     ] {
         assert!(after.has(family), "no {family}");
     }
+    // The Grafana dashboard in the repository asks only for these.
+    let dashboard: serde_json::Value =
+        serde_json::from_str(include_str!("../../../deploy/grafana-dashboard.json"))
+            .expect("the dashboard is JSON");
+    let mut asked = 0;
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().expect("targets") {
+            let expr = target["expr"].as_str().expect("an expression");
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if let Some(name) = word.strip_prefix("taskmesh_") {
+                    let family = format!("taskmesh_{}", name.trim_end_matches("_bucket"));
+                    assert!(
+                        after.has(&family),
+                        "the dashboard asks for {family}: {expr}"
+                    );
+                    asked += 1;
+                }
+            }
+        }
+    }
+    assert!(asked >= 15, "{asked}");
     let grew = |metric: &str, labels: &[(&str, &str)]| {
         after.value(metric, labels) - before.value(metric, labels)
     };

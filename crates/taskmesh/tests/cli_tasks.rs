@@ -712,38 +712,40 @@ both_backends!(
     daemons_lists_a_registered_daemon,
 );
 
+/// The verbs `every_verb_explains_itself_with_an_example` reads.
+const VERBS: [&[&str]; 27] = [
+    &["task"],
+    &["task", "create"],
+    &["task", "list"],
+    &["task", "get"],
+    &["task", "start"],
+    &["task", "stop"],
+    &["task", "send"],
+    &["task", "reassign"],
+    &["task", "continue"],
+    &["task", "watch"],
+    &["task", "approve"],
+    &["task", "deny"],
+    &["task", "approvals"],
+    &["task", "diff"],
+    &["task", "retry-completion"],
+    &["task", "clone-worktree"],
+    &["task", "events"],
+    &["task", "usage"],
+    &["task", "delete"],
+    &["daemons"],
+    &["daemons", "disconnect"],
+    &["daemons", "get"],
+    &["daemons", "check-target"],
+    &["token"],
+    &["token", "create"],
+    &["token", "list"],
+    &["token", "revoke"],
+];
+
 #[test]
 fn every_verb_explains_itself_with_an_example() {
-    let verbs: [&[&str]; 27] = [
-        &["task"],
-        &["task", "create"],
-        &["task", "list"],
-        &["task", "get"],
-        &["task", "start"],
-        &["task", "stop"],
-        &["task", "send"],
-        &["task", "reassign"],
-        &["task", "continue"],
-        &["task", "watch"],
-        &["task", "approve"],
-        &["task", "deny"],
-        &["task", "approvals"],
-        &["task", "diff"],
-        &["task", "retry-completion"],
-        &["task", "clone-worktree"],
-        &["task", "events"],
-        &["task", "usage"],
-        &["task", "delete"],
-        &["daemons"],
-        &["daemons", "disconnect"],
-        &["daemons", "get"],
-        &["daemons", "check-target"],
-        &["token"],
-        &["token", "create"],
-        &["token", "list"],
-        &["token", "revoke"],
-    ];
-    for verb in verbs {
+    for verb in VERBS {
         let out = std::process::Command::new(BIN)
             .args(verb)
             .arg("--help")
@@ -772,4 +774,31 @@ fn every_verb_explains_itself_with_an_example() {
     for verb in ["task", "daemons"] {
         assert!(help.contains(verb), "{help}");
     }
+}
+
+/// The examples in the help that need no variable and no quoting run as
+/// written against a fresh server.
+#[tokio::test]
+async fn the_help_examples_work_as_written() {
+    let s = start_server(Backend::Sqlite).await;
+    let mut ran = 0;
+    for verb in VERBS {
+        let out = std::process::Command::new(BIN)
+            .args(verb)
+            .arg("--help")
+            .output()
+            .expect("run taskmesh");
+        let help = String::from_utf8(out.stdout).expect("utf-8");
+        let examples = help
+            .lines()
+            .map(|l| l.trim().trim_start_matches("Example:").trim())
+            .filter(|l| l.starts_with("taskmesh "))
+            .filter(|l| !l.contains(['$', '>', '\'', '"']));
+        for example in examples {
+            let args: Vec<&str> = example.split_whitespace().skip(1).collect();
+            ok(&s, &args).await;
+            ran += 1;
+        }
+    }
+    assert!(ran >= 3, "{ran} examples ran");
 }
