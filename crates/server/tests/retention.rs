@@ -100,14 +100,7 @@ async fn retention(backend: Backend) {
         (1, 1200, 0),
         "{pruned:?}"
     );
-    let page = tasks
-        .list_task_messages(pb::ListTaskMessagesRequest {
-            task_id: done.id.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let page = first_page(&s, &done.id).await;
     assert!(page.messages.is_empty());
     assert_eq!((page.pruned_through_seq, page.last_seq), (1200, 1200));
     let task = get(&s, &done.id).await;

@@ -619,14 +619,7 @@ async fn gaps_hold_output_back_until_filled(backend: Backend) {
     };
     let acked = dc.report_task_messages(report(&[1, 2, 4])).await.unwrap();
     assert_eq!(acked.into_inner().acked_seq, 2);
-    let listed = tasks
-        .list_task_messages(pb::ListTaskMessagesRequest {
-            task_id: task.id.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let listed = first_page(&s, &task.id).await;
     let seqs: Vec<i64> = listed.messages.iter().map(|m| m.seq).collect();
     assert_eq!((seqs, listed.last_seq), (vec![1, 2], 2));
 

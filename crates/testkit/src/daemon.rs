@@ -268,6 +268,11 @@ pub async fn claimed_task(s: &TestServer, dc: &mut Daemons, daemon_id: &str, nam
 
 /// The first page of a task's stored output (ListTaskMessages' defaults).
 pub async fn stored_messages(s: &TestServer, task_id: &str) -> Vec<pb::TaskMessage> {
+    first_page(s, task_id).await.messages
+}
+
+/// ListTaskMessages from the start, with its defaults: the whole answer.
+pub async fn first_page(s: &TestServer, task_id: &str) -> pb::ListTaskMessagesResponse {
     s.tasks()
         .await
         .list_task_messages(pb::ListTaskMessagesRequest {
@@ -277,7 +282,6 @@ pub async fn stored_messages(s: &TestServer, task_id: &str) -> Vec<pb::TaskMessa
         .await
         .unwrap()
         .into_inner()
-        .messages
 }
 
 /// A task's audit trail.
