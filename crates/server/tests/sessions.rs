@@ -657,7 +657,42 @@ async fn gaps_hold_output_back_until_filled(backend: Backend) {
     s.stop().await;
 }
 
+/// A daemon that connects to a queue longer than its free slots gets that
+/// many tasks in one claim, the oldest first, each with its own SpawnTask
+/// and dispatch event; the rest stay queued.
+async fn a_claim_fills_the_free_slots_oldest_first(backend: Backend) {
+    let s = start_server(backend).await;
+    let mut queued = Vec::new();
+    for i in 0..6 {
+        let task = new_task(&s, &format!("t{i}")).await;
+        start(&s, &task.id).await;
+        queued.push(task.id);
+    }
+    let (mut dc, daemon_id) = connect_daemon(&s, "m1", 4).await;
+    let mut session = Session::open(&mut dc, &daemon_id, vec![]).await;
+    let mut spawned = Vec::new();
+    for _ in 0..4 {
+        let cmd = session.command().await;
+        spawned.push(spawn_of(&cmd).task.as_ref().unwrap().id.clone());
+    }
+    assert_eq!(spawned, queued[..4], "the oldest four, in order");
+    for id in &queued[..4] {
+        assert_eq!(get(&s, id).await.status, TaskStatus::Dispatched as i32);
+        let dispatched = events(&s, id)
+            .await
+            .iter()
+            .filter(|e| e.to_status == TaskStatus::Dispatched as i32)
+            .count();
+        assert_eq!(dispatched, 1, "one dispatch event");
+    }
+    for id in &queued[4..] {
+        assert_eq!(get(&s, id).await.status, TaskStatus::Queued as i32);
+    }
+    s.stop().await;
+}
+
 both_backends!(
+    a_claim_fills_the_free_slots_oldest_first,
     push_dispatch_and_gapless_output,
     stop_and_durable_commands,
     concurrent_claims,

@@ -10,6 +10,27 @@ use crate::pb;
 use crate::store::NewCommand;
 use crate::wire;
 
+/// One lock per stripe of daemon ids, held while a daemon's free slots
+/// are filled: the claim counts the daemon's active tasks and then takes
+/// that many, so two fills of one daemon at once would both see the same
+/// slots free. A daemon's session, and so its fills, lives on one replica.
+pub(super) struct FillLocks([tokio::sync::Mutex<()>; 64]);
+
+impl Default for FillLocks {
+    fn default() -> Self {
+        FillLocks(std::array::from_fn(|_| tokio::sync::Mutex::new(())))
+    }
+}
+
+impl FillLocks {
+    fn of(&self, daemon_id: &str) -> &tokio::sync::Mutex<()> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        daemon_id.hash(&mut h);
+        &self.0[(h.finish() % 64) as usize]
+    }
+}
+
 /// A task handed to a daemon, with what it needs to start.
 #[derive(Debug, Clone)]
 pub struct Assignment {
@@ -30,7 +51,7 @@ impl Domain {
         {
             return Ok(None);
         }
-        let Some((task, input)) = self.store.claim_task(&daemon, None).await? else {
+        let Some((task, input)) = self.store.claim_tasks(&daemon, 1, None).await?.pop() else {
             return Ok(None);
         };
         self.task_changed(&task, false);
@@ -55,24 +76,22 @@ impl Domain {
         Ok(n)
     }
 
-    /// Claims up to `free` queued tasks for a connected daemon, each with
-    /// its SpawnTask, then wakes the daemon's session.
+    /// Claims up to `free` queued tasks for a connected daemon in one
+    /// transaction, each with its SpawnTask, then wakes the daemon's
+    /// session.
     pub(super) async fn fill(&self, daemon: &Daemon, free: i64) -> Result<usize> {
         let key = self.agent_key().await?;
         let make = |task: &Task, input: &AttemptInput| spawn_command(&daemon.id, task, input, &key);
-        let mut n = 0;
-        while (n as i64) < free {
-            let Some((task, _)) = self.store.claim_task(daemon, Some(&make)).await? else {
-                break;
-            };
+        let _one_at_a_time = self.fill_locks.of(&daemon.id).lock().await;
+        let claimed = self.store.claim_tasks(daemon, free, Some(&make)).await?;
+        for (task, _) in &claimed {
             crate::metrics::METRICS.claimed(&task.id, task.queued_at);
-            self.task_changed(&task, false);
-            n += 1;
+            self.task_changed(task, false);
         }
-        if n > 0 {
+        if !claimed.is_empty() {
             self.sessions.wake(&daemon.id);
         }
-        Ok(n)
+        Ok(claimed.len())
     }
 
     /// Offers a workspace's queue to each of its connected daemons.

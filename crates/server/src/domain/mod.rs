@@ -80,6 +80,9 @@ pub struct Domain {
     marks: marks::Marks,
     /// Tasks in the middle of printing a private key.
     key_blocks: marks::KeyBlocks,
+    /// Fills of one daemon's free slots run one at a time (striped by
+    /// daemon id): two at once would both count its slots free.
+    fill_locks: dispatch::FillLocks,
     /// Other replicas on the same PostgreSQL database, once joined.
     peers: OnceLock<peers::Peers>,
     /// Every long-lived stream, by token.
@@ -137,6 +140,7 @@ impl Domain {
             streams: Arc::new(streams::StreamRegistry::new(limits.max_streams_per_token)),
             limits,
             agent_key: tokio::sync::OnceCell::new(),
+            fill_locks: dispatch::FillLocks::default(),
         })
     }
 

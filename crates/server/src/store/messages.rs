@@ -152,23 +152,11 @@ impl Store {
         now: Micros,
     ) -> Result<()> {
         for chunk in messages.chunks(MESSAGE_CHUNK) {
-            let mut n = 0;
-            let values: Vec<String> = (0..chunk.len())
-                .map(|_| {
-                    let row: Vec<String> = (0..10)
-                        .map(|_| {
-                            n += 1;
-                            self.placeholder(n)
-                        })
-                        .collect();
-                    format!("({})", row.join(", "))
-                })
-                .collect();
             let sql = format!(
                 "INSERT INTO task_messages (task_id, seq, kind, content, tool_name, \
                  tool_input_json, attempt, created_at, size, approval_id) VALUES {} \
                  ON CONFLICT (task_id, seq) DO NOTHING",
-                values.join(", ")
+                self.rows_of(10, chunk.len())
             );
             let mut q = sqlx::query(&sql);
             for m in chunk {

@@ -189,6 +189,20 @@ impl Store {
             Backend::Postgres => format!("${n}"),
         }
     }
+
+    /// `n` rows of `width` parameters for a multi-row VALUES list, numbered
+    /// from 1: `($1, $2), ($3, $4)` (`?` on SQLite).
+    fn rows_of(&self, width: usize, n: usize) -> String {
+        let rows: Vec<String> = (0..n)
+            .map(|r| {
+                let row: Vec<String> = (1..=width)
+                    .map(|c| self.placeholder(r * width + c))
+                    .collect();
+                format!("({})", row.join(", "))
+            })
+            .collect();
+        rows.join(", ")
+    }
 }
 
 /// The statuses of tasks a daemon holds ([`TaskStatus::is_active`]) as an

@@ -122,6 +122,34 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Several commands in one statement per chunk.
+    pub(super) async fn insert_commands(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+        commands: &[NewCommand],
+    ) -> Result<()> {
+        let now = now_micros();
+        for chunk in commands.chunks(100) {
+            let sql = format!(
+                "INSERT INTO commands (id, daemon_id, task_id, payload, created_at) VALUES {}",
+                self.rows_of(5, chunk.len())
+            );
+            let mut q = sqlx::query(&sql);
+            for c in chunk {
+                q = q
+                    .bind(&c.id)
+                    .bind(&c.daemon_id)
+                    .bind(&c.task_id)
+                    .bind(c.payload.clone())
+                    .bind(now);
+            }
+            q.execute(&mut **tx).await?;
+        }
+        Ok(())
+    }
+}
+
 pub(super) async fn insert_command(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     c: &NewCommand,

@@ -7,7 +7,6 @@ use sqlx::Row;
 use sqlx::any::AnyRow;
 
 use super::attempts::attempt_input;
-use super::outbox::insert_command;
 use super::*;
 use crate::model::*;
 
@@ -71,6 +70,37 @@ pub(super) async fn insert_event(
     .execute(&mut **tx)
     .await?;
     Ok(())
+}
+
+impl Store {
+    /// The same event for each of `tasks`, in one statement per chunk.
+    async fn insert_events(
+        &self,
+        tx: &mut sqlx::Transaction<'_, Any>,
+        tasks: &[Task],
+        event: &NewEvent,
+    ) -> Result<()> {
+        for chunk in tasks.chunks(ROWS_PER_INSERT) {
+            let sql = format!(
+                "INSERT INTO task_events (task_id, from_status, to_status, actor, reason, attempt, \
+             created_at) VALUES {}",
+                self.rows_of(7, chunk.len())
+            );
+            let mut q = sqlx::query(&sql);
+            for task in chunk {
+                q = q
+                    .bind(&task.id)
+                    .bind(event.from.map(|s| s.as_str()).unwrap_or(""))
+                    .bind(event.to.as_str())
+                    .bind(&event.actor)
+                    .bind(&event.reason)
+                    .bind(task.attempt)
+                    .bind(task.updated_at);
+            }
+            q.execute(&mut **tx).await?;
+        }
+        Ok(())
+    }
 }
 
 /// Binds the task's columns as $1..$29 in TASK_WRITE_COLUMNS order.
@@ -161,6 +191,11 @@ pub(super) fn task_from_row(r: &AnyRow) -> Result<Task> {
 /// The transition a claim makes in one statement, beside the domain's
 /// transition engine; the domain's tests check its table allows it.
 pub const CLAIM: (TaskStatus, TaskStatus) = (TaskStatus::Queued, TaskStatus::Dispatched);
+
+/// Tasks one claim takes at most.
+const CLAIM_BATCH: i64 = 256;
+/// Rows per multi-row INSERT (7 parameters each: far below SQLite's limit).
+const ROWS_PER_INSERT: usize = 100;
 
 /// Builds the SpawnTask written in the same transaction as a claim.
 pub type SpawnMaker<'a> = dyn Fn(&Task, &AttemptInput) -> NewCommand + Sync + 'a;
@@ -371,71 +406,98 @@ impl Store {
             .collect()
     }
 
-    /// Atomically moves the oldest queued task this daemon can run to
-    /// dispatched, if it has a free slot, recording the event and (for a
-    /// pushed dispatch) the SpawnTask command in the same transaction.
-    ///
-    /// PostgreSQL locks the candidate row `FOR UPDATE SKIP LOCKED`, so
-    /// concurrent claimers take different tasks; SQLite runs every write on
-    /// one connection, which makes the statement atomic by itself.
-    pub async fn claim_task(
+    /// Moves up to `limit` of the oldest queued tasks this daemon can run
+    /// (as many as it has free slots, at most) to `dispatched` in one
+    /// statement, with their events and, given `command`, their SpawnTask
+    /// commands, all in one transaction; answers them oldest first.
+    /// PostgreSQL skips rows another claim holds (`FOR UPDATE SKIP
+    /// LOCKED`); SQLite has one writer, which makes the statement atomic by
+    /// itself.
+    pub async fn claim_tasks(
         &self,
         daemon: &Daemon,
+        limit: i64,
         command: Option<&SpawnMaker<'_>>,
-    ) -> Result<Option<(Task, AttemptInput)>> {
-        if daemon.runtimes.is_empty() {
-            return Ok(None);
+    ) -> Result<Vec<(Task, AttemptInput)>> {
+        if daemon.runtimes.is_empty() || limit < 1 {
+            return Ok(Vec::new());
         }
         let mut tx = self.writer.begin().await?;
-        if self.active_count(&mut *tx, daemon).await? >= daemon.max_concurrent_tasks {
-            return Ok(None);
+        let free = daemon.max_concurrent_tasks - self.active_count(&mut *tx, daemon).await?;
+        let limit = limit.min(free).min(CLAIM_BATCH);
+        if limit < 1 {
+            return Ok(Vec::new());
         }
         let runtimes: Vec<String> = (0..daemon.runtimes.len())
-            .map(|i| format!("${}", i + 4))
+            .map(|i| format!("${}", i + 5))
             .collect();
-        let lock = match self.backend {
-            Backend::Postgres => "FOR UPDATE SKIP LOCKED",
-            Backend::Sqlite => "",
-        };
         let (from, to) = (CLAIM.0.as_str(), CLAIM.1.as_str());
-        let sql = format!(
-            "UPDATE tasks SET status = '{to}', daemon_id = $1, version = version + 1, \
-             updated_at = $2 WHERE status = '{from}' AND id = (SELECT id FROM tasks \
-             WHERE workspace_id = $3 AND status = '{from}' AND runtime IN ({}) \
-             AND (pinned_daemon_id IS NULL OR pinned_daemon_id = $1) \
-             ORDER BY queued_at, id LIMIT 1 {lock}) RETURNING {TASK_COLUMNS}",
+        let oldest = format!(
+            "SELECT id FROM tasks WHERE workspace_id = $3 AND status = '{from}' \
+             AND runtime IN ({}) AND (pinned_daemon_id IS NULL OR pinned_daemon_id = $1) \
+             ORDER BY queued_at, id LIMIT $4",
             runtimes.join(", ")
         );
+        let set = format!(
+            "UPDATE tasks SET status = '{to}', daemon_id = $1, version = version + 1, \
+             updated_at = $2"
+        );
+        let sql = match self.backend {
+            // The locking pick in a CTE, which runs once: PostgreSQL may
+            // run a `WHERE id IN (subquery … LIMIT)` more than once and so
+            // take more rows than the limit.
+            Backend::Postgres => format!(
+                "WITH picked AS ({oldest} FOR UPDATE SKIP LOCKED) {set} FROM picked \
+                 WHERE tasks.id = picked.id AND tasks.status = '{from}' RETURNING {}",
+                TASK_COLUMNS
+                    .split(", ")
+                    .map(|c| format!("tasks.{c}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            Backend::Sqlite => format!(
+                "{set} WHERE status = '{from}' AND id IN ({oldest}) RETURNING {TASK_COLUMNS}"
+            ),
+        };
         let now = now_micros();
         let mut q = sqlx::query(&sql)
             .bind(&daemon.id)
             .bind(now)
-            .bind(&daemon.workspace_id);
+            .bind(&daemon.workspace_id)
+            .bind(limit);
         for r in &daemon.runtimes {
             q = q.bind(r.name.clone());
         }
-        let Some(row) = q.fetch_optional(&mut *tx).await? else {
-            return Ok(None);
-        };
-        let task = task_from_row(&row)?;
+        let rows = q.fetch_all(&mut *tx).await?;
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut tasks = rows.iter().map(task_from_row).collect::<Result<Vec<_>>>()?;
+        // RETURNING keeps no order: the oldest goes first.
+        tasks.sort_by(|a, b| (a.queued_at, &a.id).cmp(&(b.queued_at, &b.id)));
         let event = NewEvent {
             from: Some(CLAIM.0),
             to: CLAIM.1,
             actor: format!("daemon:{}", daemon.id),
             reason: "dispatched".into(),
         };
-        insert_event(&mut tx, &task, &event).await?;
-        // First attempts never have inputs: spare them the read.
-        let input = if task.attempt > 1 {
-            attempt_input(&mut tx, &task.id, task.attempt).await?
-        } else {
-            AttemptInput::default()
-        };
+        self.insert_events(&mut tx, &tasks, &event).await?;
+        let mut claimed = Vec::with_capacity(tasks.len());
+        for task in tasks {
+            // First attempts never have inputs: spare them the read.
+            let input = if task.attempt > 1 {
+                attempt_input(&mut tx, &task.id, task.attempt).await?
+            } else {
+                AttemptInput::default()
+            };
+            claimed.push((task, input));
+        }
         if let Some(make) = command {
-            insert_command(&mut tx, &make(&task, &input)).await?;
+            let commands: Vec<NewCommand> = claimed.iter().map(|(t, i)| make(t, i)).collect();
+            self.insert_commands(&mut tx, &commands).await?;
         }
         tx.commit().await?;
-        Ok(Some((task, input)))
+        Ok(claimed)
     }
 
     /// Records an active task's progress; answers the task, or `None` when
