@@ -304,7 +304,7 @@ export function TaskView(props: { id: string; me: Me }) {
           </button>
         )}
         {messages.slice(from).map((m) => <Message key={String(m.seq)} m={m} decide={!ro && m.kind === MessageKind.APPROVAL && pending.has(m.approvalId) ? decide : undefined} />)}
-        {messages.length === 0 && <p class="muted">No output yet.</p>}
+        {messages.length === 0 && pruned === 0 && <p class="muted">No output yet.</p>}
       </section>
 
       {!ro && (
