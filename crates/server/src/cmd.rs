@@ -370,7 +370,8 @@ pub async fn token_create(args: TokenCreateArgs) -> CliResult {
         // The usual mistake: run where the server's database is not.
         eprintln!(
             "note: {url} did not exist and was created; the token works only for a server on this \
-             database (pass --database-url, or run this where `taskmesh serve` runs)"
+             database (export TASKMESH_TOKEN to create it through the server, pass --database-url, \
+             or run this where `taskmesh serve` runs)"
         );
     }
     let domain = Domain::new(store.clone());

@@ -263,4 +263,35 @@ async fn a_busy_address_fails_before_any_token() {
     );
 }
 
+/// `token create` without a user token writes to the database, and says
+/// so when the database file did not exist (run in the wrong directory, it
+/// would otherwise make a token for a server that does not exist).
+#[test]
+fn token_create_says_when_it_made_a_new_database() {
+    let dir = common::process::TempDir::new("fresh-dir");
+    let out = std::process::Command::new(BIN)
+        .args(["token", "create", "--kind", "daemon"])
+        .current_dir(&dir.0)
+        .env_remove("TASKMESH_TOKEN")
+        .env_remove("TASKMESH_DATABASE_URL")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("tmd_"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("sqlite://taskmesh.db did not exist and was created"),
+        "{stderr}"
+    );
+    // The second time the file is there: no such note.
+    let again = std::process::Command::new(BIN)
+        .args(["token", "create", "--kind", "daemon"])
+        .current_dir(&dir.0)
+        .env_remove("TASKMESH_TOKEN")
+        .env_remove("TASKMESH_DATABASE_URL")
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&again.stderr).contains("did not exist"));
+}
+
 both_backends!(serve_and_use, the_log_can_be_json);
