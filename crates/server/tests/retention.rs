@@ -65,18 +65,7 @@ async fn retention(backend: Backend) {
     assert_eq!(session.output(&running.id, 1..=10, line).await, 10);
     // A parent and its subtask, both cancelled before they ran.
     let parent = new_task(&s, "parent").await;
-    let child = tasks
-        .create_task(pb::CreateTaskRequest {
-            name: "child".into(),
-            plan: "echo hi".into(),
-            parent_task_id: parent.id.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .task
-        .unwrap();
+    let child = new_subtask(&s, "child", &parent.id).await;
     for id in [&child.id, &parent.id] {
         tasks
             .stop_task(pb::StopTaskRequest { id: id.clone() })

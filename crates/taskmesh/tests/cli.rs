@@ -269,13 +269,16 @@ async fn a_busy_address_fails_before_any_token() {
 #[test]
 fn token_create_says_when_it_made_a_new_database() {
     let dir = common::process::TempDir::new("fresh-dir");
-    let out = std::process::Command::new(BIN)
-        .args(["token", "create", "--kind", "daemon"])
-        .current_dir(&dir.0)
-        .env_remove("TASKMESH_TOKEN")
-        .env_remove("TASKMESH_DATABASE_URL")
-        .output()
-        .unwrap();
+    let create = || {
+        std::process::Command::new(BIN)
+            .args(["token", "create", "--kind", "daemon"])
+            .current_dir(&dir.0)
+            .env_remove("TASKMESH_TOKEN")
+            .env_remove("TASKMESH_DATABASE_URL")
+            .output()
+            .unwrap()
+    };
+    let out = create();
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("tmd_"));
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -284,13 +287,7 @@ fn token_create_says_when_it_made_a_new_database() {
         "{stderr}"
     );
     // The second time the file is there: no such note.
-    let again = std::process::Command::new(BIN)
-        .args(["token", "create", "--kind", "daemon"])
-        .current_dir(&dir.0)
-        .env_remove("TASKMESH_TOKEN")
-        .env_remove("TASKMESH_DATABASE_URL")
-        .output()
-        .unwrap();
+    let again = create();
     assert!(!String::from_utf8_lossy(&again.stderr).contains("did not exist"));
 }
 

@@ -238,6 +238,22 @@ pub async fn new_task(s: &TestServer, name: &str) -> pb::Task {
     .unwrap()
 }
 
+/// A subtask of `parent`, pending.
+pub async fn new_subtask(s: &TestServer, name: &str, parent: &str) -> pb::Task {
+    let mut c = s.tasks().await;
+    c.create_task(pb::CreateTaskRequest {
+        name: name.into(),
+        plan: "echo hi".into(),
+        parent_task_id: parent.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .task
+    .unwrap()
+}
+
 /// A daemon registered in workspace `default` with a token of its own.
 pub async fn connect_daemon(s: &TestServer, machine: &str, max: i32) -> (Daemons, String) {
     let token = s.token_in("default", TokenKind::Daemon).await;
