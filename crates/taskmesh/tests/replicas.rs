@@ -113,7 +113,7 @@ async fn a_daemon_moves_between_replicas_without_losing_anything() {
 
     // Every line once, numbered without a gap, on any replica.
     let messages = stored(&mut tasks, &task.id).await;
-    assert!(messages.len() > 60, "{} messages", messages.len());
+    assert!(messages.len() >= 60, "{} messages", messages.len());
     for (i, m) in messages.iter().enumerate() {
         assert_eq!(m.seq, i as i64 + 1, "seqs are contiguous from 1");
         assert_eq!(m.content, format!("line {}", i + 1));
