@@ -691,7 +691,60 @@ async fn a_claim_fills_the_free_slots_oldest_first(backend: Backend) {
     s.stop().await;
 }
 
+/// A permission request still waiting when its task ends is closed
+/// (expired), and the task no longer counts it.
+async fn an_open_approval_closes_with_its_task(backend: Backend) {
+    let s = start_server(backend).await;
+    let (mut dc, daemon_id) = connect_daemon(&s, "m1", 2).await;
+    let mut session = Session::open(&mut dc, &daemon_id, vec![]).await;
+    let asking = new_task(&s, "asks").await;
+    start(&s, &asking.id).await;
+    let cmd = session.command().await;
+    session.ack(&cmd.id).await;
+    session.started(&asking.id, 1).await;
+    let ask = pb::TaskMessageInput {
+        seq: 1,
+        kind: pb::MessageKind::Approval as i32,
+        tool_name: "Bash".into(),
+        tool_input_json: r#"{"command":"rm -rf build"}"#.into(),
+        request_id: "req-1".into(),
+        ..Default::default()
+    };
+    match session.report(&asking.id, vec![ask]).await {
+        Down::OutputAck(a) => assert_eq!(a.acked_seq, 1),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(get(&s, &asking.id).await.pending_approvals, 1);
+    session
+        .send(Up::Completed(pb::CompleteTaskRequest {
+            task_id: asking.id.clone(),
+            ..Default::default()
+        }))
+        .await;
+    match session.next().await {
+        Down::OutputAck(a) => assert!(a.task_ended),
+        other => panic!("{other:?}"),
+    }
+    let task = get(&s, &asking.id).await;
+    assert_eq!(task.status, TaskStatus::Completed as i32);
+    assert_eq!(task.pending_approvals, 0);
+    let approvals = s
+        .tasks()
+        .await
+        .list_approvals(pb::ListApprovalsRequest {
+            task_id: asking.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .approvals;
+    assert_eq!(approvals.len(), 1);
+    assert_eq!(approvals[0].state, pb::ApprovalState::Expired as i32);
+    s.stop().await;
+}
+
 both_backends!(
+    an_open_approval_closes_with_its_task,
     a_claim_fills_the_free_slots_oldest_first,
     push_dispatch_and_gapless_output,
     stop_and_durable_commands,
