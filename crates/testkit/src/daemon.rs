@@ -225,20 +225,10 @@ pub fn spawn_of(c: &pb::Command) -> &pb::SpawnTask {
 }
 
 pub async fn new_task(s: &TestServer, name: &str) -> pb::Task {
-    let mut c = s.tasks().await;
-    c.create_task(pb::CreateTaskRequest {
-        name: name.into(),
-        plan: "echo hi".into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .task
-    .unwrap()
+    new_subtask(s, name, "").await
 }
 
-/// A subtask of `parent`, pending.
+/// A subtask of `parent` (none when empty), pending.
 pub async fn new_subtask(s: &TestServer, name: &str, parent: &str) -> pb::Task {
     let mut c = s.tasks().await;
     c.create_task(pb::CreateTaskRequest {

@@ -4,7 +4,7 @@
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
-use super::tasks::{NewEvent, insert_event};
+use super::tasks::NewEvent;
 use super::*;
 use crate::model::*;
 
@@ -96,7 +96,7 @@ impl Store {
         .bind(detail)
         .execute(&mut *tx)
         .await?;
-        insert_event(&mut tx, task, event).await?;
+        self.insert_event(&mut tx, task, event).await?;
         tx.commit().await?;
         Ok(())
     }

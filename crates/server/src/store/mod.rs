@@ -208,14 +208,21 @@ impl Store {
 /// The statuses of tasks a daemon holds ([`TaskStatus::is_active`]) as an
 /// SQL list, `('dispatched', 'running')`: every query that asks "is it on a
 /// daemon?" uses this one list.
-static ACTIVE: LazyLock<String> = LazyLock::new(|| {
+static ACTIVE: LazyLock<String> = LazyLock::new(|| status_list(TaskStatus::is_active));
+
+/// The statuses of finished tasks ([`TaskStatus::is_finished`]) as an SQL
+/// list: what retention may remove.
+static FINISHED: LazyLock<String> = LazyLock::new(|| status_list(TaskStatus::is_finished));
+
+/// The statuses `pick` holds for, as an SQL list: `('a', 'b')`.
+fn status_list(pick: fn(TaskStatus) -> bool) -> String {
     let names: Vec<String> = TaskStatus::ALL
         .iter()
-        .filter(|s| s.is_active())
+        .filter(|s| pick(**s))
         .map(|s| format!("'{}'", s.as_str()))
         .collect();
     format!("({})", names.join(", "))
-});
+}
 
 #[cfg(test)]
 mod tests {

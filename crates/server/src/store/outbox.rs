@@ -31,7 +31,8 @@ pub struct PendingCommand {
 impl Store {
     pub async fn insert_command(&self, command: &NewCommand) -> Result<()> {
         let mut tx = self.writer.begin().await?;
-        insert_command(&mut tx, command).await?;
+        self.insert_commands(&mut tx, std::slice::from_ref(command))
+            .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -148,22 +149,4 @@ impl Store {
         }
         Ok(())
     }
-}
-
-pub(super) async fn insert_command(
-    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
-    c: &NewCommand,
-) -> Result<()> {
-    sqlx::query(
-        "INSERT INTO commands (id, daemon_id, task_id, payload, created_at) \
-         VALUES ($1, $2, $3, $4, $5)",
-    )
-    .bind(&c.id)
-    .bind(&c.daemon_id)
-    .bind(&c.task_id)
-    .bind(c.payload.clone())
-    .bind(now_micros())
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
 }

@@ -1,27 +1,11 @@
 //! What retention reads and removes: ended tasks older than a cutoff,
 //! their output a few hundred rows per statement, and whole tasks.
 
-use std::sync::LazyLock;
-
 use sqlx::Row;
 
 use super::tasks::{TASK_COLUMNS, task_from_row};
 use super::*;
 use crate::model::*;
-
-/// The states a task rests in once its attempt is over.
-static ENDED: LazyLock<String> = LazyLock::new(|| {
-    let names: Vec<String> = [
-        TaskStatus::Completed,
-        TaskStatus::Failed,
-        TaskStatus::Cancelled,
-        TaskStatus::Interrupted,
-    ]
-    .iter()
-    .map(|s| format!("'{}'", s.as_str()))
-    .collect();
-    format!("({})", names.join(", "))
-});
 
 impl Store {
     /// Up to `limit` tasks that ended before `cutoff` and still keep
@@ -31,7 +15,7 @@ impl Store {
             "SELECT id, last_seq FROM tasks WHERE ended_at IS NOT NULL AND \
              last_seq > output_pruned_seq AND ended_at < $1 AND status IN {} \
              ORDER BY ended_at LIMIT $2",
-            *ENDED
+            *FINISHED
         ))
         .bind(cutoff)
         .bind(limit)
@@ -83,7 +67,7 @@ impl Store {
             "SELECT {TASK_COLUMNS} FROM tasks t WHERE ended_at IS NOT NULL AND ended_at < $1 \
              AND status IN {} AND NOT EXISTS (SELECT 1 FROM tasks c WHERE c.parent_id = t.id) \
              ORDER BY ended_at LIMIT $2",
-            *ENDED
+            *FINISHED
         ))
         .bind(cutoff)
         .bind(limit)
@@ -98,7 +82,7 @@ impl Store {
         let n = sqlx::query(&format!(
             "DELETE FROM tasks WHERE id = $1 AND ended_at IS NOT NULL AND ended_at < $2 \
              AND status IN {} AND NOT EXISTS (SELECT 1 FROM tasks c WHERE c.parent_id = $1)",
-            *ENDED
+            *FINISHED
         ))
         .bind(task_id)
         .bind(cutoff)

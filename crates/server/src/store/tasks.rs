@@ -51,30 +51,20 @@ pub(super) const TASK_COLUMNS: &str = concat!(
     ", progress_summary, progress_percent, pending_approvals, output_pruned_seq"
 );
 
-pub(super) async fn insert_event(
-    tx: &mut sqlx::Transaction<'_, Any>,
-    task: &Task,
-    event: &NewEvent,
-) -> Result<()> {
-    sqlx::query(
-        "INSERT INTO task_events (task_id, from_status, to_status, actor, reason, attempt, \
-         created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-    )
-    .bind(&task.id)
-    .bind(event.from.map(|s| s.as_str()).unwrap_or(""))
-    .bind(event.to.as_str())
-    .bind(&event.actor)
-    .bind(&event.reason)
-    .bind(task.attempt)
-    .bind(task.updated_at)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
-}
-
 impl Store {
+    /// One task's event, in the transaction that changes it.
+    pub(super) async fn insert_event(
+        &self,
+        tx: &mut sqlx::Transaction<'_, Any>,
+        task: &Task,
+        event: &NewEvent,
+    ) -> Result<()> {
+        self.insert_events(tx, std::slice::from_ref(task), event)
+            .await
+    }
+
     /// The same event for each of `tasks`, in one statement per chunk.
-    async fn insert_events(
+    pub(super) async fn insert_events(
         &self,
         tx: &mut sqlx::Transaction<'_, Any>,
         tasks: &[Task],
@@ -192,6 +182,16 @@ pub(super) fn task_from_row(r: &AnyRow) -> Result<Task> {
 /// transition engine; the domain's tests check its table allows it.
 pub const CLAIM: (TaskStatus, TaskStatus) = (TaskStatus::Queued, TaskStatus::Dispatched);
 
+/// [`TASK_COLUMNS`] named as `tasks.…`, for a statement that joins another
+/// table with the same column names.
+static TASK_COLUMNS_OF_TASKS: LazyLock<String> = LazyLock::new(|| {
+    TASK_COLUMNS
+        .split(", ")
+        .map(|c| format!("tasks.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+});
+
 /// Tasks one claim takes at most.
 const CLAIM_BATCH: i64 = 256;
 /// Rows per multi-row INSERT (7 parameters each: far below SQLite's limit).
@@ -210,7 +210,7 @@ impl Store {
         )), task)
         .execute(&mut *tx)
         .await?;
-        insert_event(&mut tx, task, event).await?;
+        self.insert_event(&mut tx, task, event).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -344,7 +344,7 @@ impl Store {
         task.progress_percent = row.try_get(2)?;
         task.pending_approvals = row.try_get(3)?;
         if let Some(event) = event {
-            insert_event(&mut tx, task, event).await?;
+            self.insert_event(&mut tx, task, event).await?;
         }
         tx.commit().await?;
         Ok(true)
@@ -354,7 +354,7 @@ impl Store {
     /// approval): from and to are the task's status.
     pub async fn add_event(&self, task: &Task, event: &NewEvent) -> Result<()> {
         let mut tx = self.writer.begin().await?;
-        insert_event(&mut tx, task, event).await?;
+        self.insert_event(&mut tx, task, event).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -449,11 +449,7 @@ impl Store {
             Backend::Postgres => format!(
                 "WITH picked AS ({oldest} FOR UPDATE SKIP LOCKED) {set} FROM picked \
                  WHERE tasks.id = picked.id AND tasks.status = '{from}' RETURNING {}",
-                TASK_COLUMNS
-                    .split(", ")
-                    .map(|c| format!("tasks.{c}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                *TASK_COLUMNS_OF_TASKS
             ),
             Backend::Sqlite => format!(
                 "{set} WHERE status = '{from}' AND id IN ({oldest}) RETURNING {TASK_COLUMNS}"
