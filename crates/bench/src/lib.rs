@@ -68,6 +68,9 @@ pub struct Params {
     pub throughput_daemons: Vec<usize>,
     /// (batch size, messages in all)
     pub ingest: Vec<(usize, usize)>,
+    /// (daemons, messages in all) sent in batches of 1 by that many
+    /// daemons at once.
+    pub ingest_many: (usize, usize),
     pub watchers: Vec<usize>,
     pub fanout_messages: usize,
     pub idle_sessions: Vec<usize>,
@@ -83,6 +86,7 @@ impl Params {
             throughput_tasks: 2000,
             throughput_daemons: vec![1, 8, 32],
             ingest: vec![(1, 3000), (10, 20_000), (100, 100_000)],
+            ingest_many: (32, 32_000),
             watchers: vec![1, 100, 1000],
             fanout_messages: 100,
             idle_sessions: vec![1000, 5000],
@@ -98,6 +102,7 @@ impl Params {
             throughput_tasks: 300,
             throughput_daemons: vec![1, 8, 32],
             ingest: vec![(1, 500), (10, 3000), (100, 20_000)],
+            ingest_many: (32, 6400),
             watchers: vec![1, 100],
             fanout_messages: 30,
             idle_sessions: vec![1000],
@@ -114,6 +119,7 @@ impl Params {
             throughput_tasks: 20,
             throughput_daemons: vec![1, 2],
             ingest: vec![(10, 100)],
+            ingest_many: (2, 20),
             watchers: vec![3],
             fanout_messages: 3,
             idle_sessions: vec![20],
@@ -225,6 +231,8 @@ async fn bench(args: BenchArgs) -> BenchResult<()> {
         for (batch, total) in ctx.params.ingest.clone() {
             add(vec![output::ingest(&mut ctx, batch, total).await?]);
         }
+        let (daemons, total) = ctx.params.ingest_many;
+        add(output::ingest_many(&mut ctx, daemons, total).await?);
     }
     if wants("fanout") {
         for w in ctx.params.watchers.clone() {

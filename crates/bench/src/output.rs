@@ -1,5 +1,6 @@
 //! Output: ingest rate, and fan-out latency to WatchTask watchers.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -18,13 +19,14 @@ use crate::pb;
 use crate::pb::task_service_client::TaskServiceClient;
 use crate::pb::watch_task_response::Event as Watched;
 
-/// A daemon in session with one task running on it.
+/// A daemon (named `name`) in session with one task running on it.
 async fn running_task(
     sut: &Sut,
     ws: &Workspace,
+    name: &str,
 ) -> BenchResult<(BenchDaemon, mpsc::UnboundedReceiver<Event>, String)> {
     let mut admin = sut.daemons(ws).await?;
-    let id = daemon::register(&mut admin, &format!("{}-probe", ws.name), 1).await?;
+    let id = daemon::register(&mut admin, name, 1).await?;
     let (tx, mut events) = mpsc::unbounded_channel();
     let d = BenchDaemon::open(
         super::harness::channel(sut.server.addr).await?,
@@ -56,7 +58,7 @@ pub async fn ingest(ctx: &mut Ctx, batch: usize, total: usize) -> BenchResult<Ro
         "output ingest, batches of {batch}, {total} messages"
     ));
     let ws = ctx.sut.workspace(&format!("ingest-{batch}")).await?;
-    let (d, mut events, task) = running_task(&ctx.sut, &ws).await?;
+    let (d, mut events, task) = running_task(&ctx.sut, &ws, &format!("{}-probe", ws.name)).await?;
     let t0 = Instant::now();
     let (mut sent, mut acked) = (0usize, 0usize);
     while acked < total {
@@ -91,6 +93,100 @@ pub async fn ingest(ctx: &mut Ctx, batch: usize, total: usize) -> BenchResult<Ro
     })
 }
 
+/// Batches each daemon keeps unacknowledged in [`ingest_many`].
+const MANY_WINDOW: usize = 4;
+
+/// `daemons` daemons at once, each with a task printing line by line: every
+/// message its own batch, up to [`MANY_WINDOW`] unacknowledged per daemon,
+/// `total` messages in all. Two rows: messages stored and acknowledged per
+/// second across them all (floor: raw INSERTs of `daemons` rows per commit,
+/// what perfect grouping would cost), and each batch's time from sent to
+/// acknowledged (floor: a bare round trip plus one durable commit).
+pub async fn ingest_many(ctx: &mut Ctx, daemons: usize, total: usize) -> BenchResult<Vec<Row>> {
+    progress(format!(
+        "output ingest, {daemons} daemons, batches of 1, {total} messages"
+    ));
+    let ws = ctx
+        .sut
+        .workspace(&format!("ingest-{daemons}-daemons"))
+        .await?;
+    let mut running = Vec::with_capacity(daemons);
+    for i in 0..daemons {
+        running.push(running_task(&ctx.sut, &ws, &format!("{}-{i}", ws.name)).await?);
+    }
+    let per = total / daemons;
+    let t0 = Instant::now();
+    let mut set = JoinSet::new();
+    for (d, mut events, task) in running {
+        set.spawn(async move {
+            let mut waiting: VecDeque<(i64, Instant)> = VecDeque::with_capacity(MANY_WINDOW);
+            let mut latencies = Vec::with_capacity(per);
+            let (mut sent, mut acked) = (0usize, 0usize);
+            while acked < per {
+                while sent < per && sent - acked < MANY_WINDOW {
+                    sent += 1;
+                    waiting.push_back((sent as i64, Instant::now()));
+                    d.output(&task, daemon::messages(sent as i64, 1)).await?;
+                }
+                let (seq, at) = wait_for(&mut events, |e| match e {
+                    Event::Ack {
+                        task_id,
+                        acked_seq,
+                        at,
+                        ..
+                    } if *task_id == task => Some((*acked_seq, *at)),
+                    _ => None,
+                })
+                .await?;
+                while let Some((_, sent_at)) = waiting.front().filter(|(s, _)| *s <= seq) {
+                    latencies.push(at.saturating_duration_since(*sent_at));
+                    waiting.pop_front();
+                }
+                acked = acked.max(seq as usize);
+            }
+            d.close();
+            BenchResult::Ok(latencies)
+        });
+    }
+    let mut latencies = Vec::with_capacity(per * daemons);
+    while let Some(done) = set.join_next().await {
+        latencies.extend(done??);
+    }
+    let rate = latencies.len() as f64 / t0.elapsed().as_secs_f64();
+    let content = daemon::messages(1, 1).remove(0).content;
+    let floor_rate = ctx
+        .floor_db
+        .insert_rate(latencies.len(), daemons, &content)
+        .await?;
+    let mut floor = super::dispatch::CommandFloor::open(ctx).await?;
+    let mut floor_samples = Vec::with_capacity(ctx.params.latency_samples);
+    for _ in 0..ctx.params.latency_samples {
+        floor_samples.push(floor.sample(ctx).await?);
+    }
+    let n = latencies.len();
+    Ok(vec![
+        Row {
+            figure: format!("output ingest, {daemons} daemons, batches of 1"),
+            value: Value::Rate(rate, "msg/s"),
+            floor: Value::Rate(floor_rate, "rows/s"),
+            target: Some(Target::RateAtLeast(50_000.0)),
+            note: format!(
+                "{n} messages, up to {MANY_WINDOW} unacknowledged per daemon; \
+                 floor: raw INSERT of {daemons} rows per commit"
+            ),
+        },
+        Row {
+            figure: format!("output ack, {daemons} daemons, batches of 1"),
+            value: Value::Latency(Percentiles::new(latencies)),
+            floor: Value::Latency(Percentiles::new(floor_samples)),
+            target: Some(Target::P99AtMost(Duration::from_millis(5))),
+            note: format!(
+                "{n} batches, sent → OutputAck; floor: bare round trip + one durable commit"
+            ),
+        },
+    ])
+}
+
 /// Watchers share an HTTP/2 connection in groups of this many.
 const WATCHERS_PER_CONNECTION: usize = 10;
 
@@ -105,7 +201,7 @@ pub async fn fanout(ctx: &mut Ctx, watchers: usize) -> BenchResult<Row> {
     let k = ctx.params.fanout_messages;
     progress(format!("fan-out to {watchers} watchers, {k} messages"));
     let ws = ctx.sut.workspace(&format!("fanout-{watchers}")).await?;
-    let (d, _events, task) = running_task(&ctx.sut, &ws).await?;
+    let (d, _events, task) = running_task(&ctx.sut, &ws, &format!("{}-probe", ws.name)).await?;
     let ready = Arc::new(AtomicUsize::new(0));
     let mut set = JoinSet::new();
     let mut channel = None;

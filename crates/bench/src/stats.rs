@@ -108,6 +108,8 @@ pub enum Target {
     P99AtMost(Duration),
     /// At least this fraction of the floor's rate.
     FloorShareAtLeast(f64),
+    /// At least this rate, whatever the floor.
+    RateAtLeast(f64),
     BytesAtMost(f64),
 }
 
@@ -116,6 +118,7 @@ impl Target {
         match self {
             Target::P99AtMost(d) => format!("p99 ≤ {}", ms_short(*d)),
             Target::FloorShareAtLeast(f) => format!("≥ {:.0}% of floor", f * 100.0),
+            Target::RateAtLeast(r) => format!("≥ {}/s", si(*r)),
             Target::BytesAtMost(b) => format!("≤ {:.0} KB", b / 1024.0),
         }
     }
@@ -126,6 +129,7 @@ impl Target {
             (Target::FloorShareAtLeast(s), Value::Rate(v, _), Value::Rate(f, _)) => {
                 Some(*v >= s * f)
             }
+            (Target::RateAtLeast(r), Value::Rate(v, _), _) => Some(v >= r),
             (Target::BytesAtMost(b), Value::Bytes(v, _), _) => Some(v <= b),
             _ => None,
         }

@@ -6,13 +6,15 @@ use taskmesh_testkit as common;
 use taskmesh_testkit::both_backends;
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use common::daemon::*;
 use common::{Backend, start_server};
-use taskmesh_server::model::TokenKind;
+use taskmesh_server::model::{MessageKind, TokenKind};
 use taskmesh_server::pb::session_request::Message as Up;
 use taskmesh_server::pb::session_response::Message as Down;
 use taskmesh_server::pb::{self, TaskStatus, command::Kind};
+use taskmesh_server::store::{Append, NewMessage};
 use tokio_stream::StreamExt;
 use tonic::Code;
 
@@ -743,7 +745,124 @@ async fn an_open_approval_closes_with_its_task(backend: Backend) {
     s.stop().await;
 }
 
+/// Appends of several tasks committed as one group: each is stored only if
+/// its task's mark is where it expects and the task is active on its daemon
+/// in its attempt; the others in the group are stored all the same.
+async fn appends_of_many_tasks_commit_as_one_group(backend: Backend) {
+    let s = start_server(backend).await;
+    let (mut dc, daemon_id) = connect_daemon(&s, "m1", 4).await;
+    let mut session = Session::open(&mut dc, &daemon_id, vec![]).await;
+    let mut ids = Vec::new();
+    for name in ["fresh", "stale", "elsewhere", "also-fresh"] {
+        let task = new_task(&s, name).await;
+        start(&s, &task.id).await;
+        let cmd = session.command().await;
+        session.ack(&cmd.id).await;
+        session.started(&task.id, 1).await;
+        ids.push(task.id);
+    }
+    let lines = |from: i64, n: i64| -> Arc<[NewMessage]> {
+        (from..from + n)
+            .map(|seq| NewMessage {
+                seq,
+                kind: MessageKind::Stdout,
+                content: format!("line {seq}"),
+                tool_name: String::new(),
+                tool_input_json: String::new(),
+                approval_id: String::new(),
+            })
+            .collect()
+    };
+    let append = |task: &str, daemon: &str, old: i64, n: i64| Append {
+        task_id: task.into(),
+        daemon_id: daemon.into(),
+        attempt: 1,
+        old,
+        messages: lines(old + 1, n),
+    };
+    let group = [
+        append(&ids[0], &daemon_id, 0, 2),
+        append(&ids[1], &daemon_id, 5, 1),
+        append(&ids[2], "another-daemon", 0, 1),
+        append(&ids[3], &daemon_id, 0, 3),
+    ];
+    let stored = s.store.commit_group(&group).await.unwrap();
+    assert_eq!(stored, [true, false, false, true]);
+    for (id, want) in ids.iter().zip([2, 0, 0, 3]) {
+        let page = first_page(&s, id).await;
+        let seqs: Vec<i64> = page.messages.iter().map(|m| m.seq).collect();
+        assert_eq!((seqs, page.last_seq), ((1..=want).collect(), want), "{id}");
+    }
+    s.stop().await;
+}
+
+/// Eight daemons print at once, a line a batch, sending every line before
+/// reading an ack: each task's lines are stored once, in order, its acks
+/// rise to its last line, and its mark ends there.
+async fn output_from_many_sessions_at_once(backend: Backend) {
+    const LINES: i64 = 40;
+    let s = start_server(backend).await;
+    let mut printers = tokio::task::JoinSet::new();
+    for i in 0..8 {
+        let (mut dc, daemon_id) = connect_daemon(&s, &format!("m{i}"), 1).await;
+        let mut session = Session::open(&mut dc, &daemon_id, vec![]).await;
+        let task = new_task(&s, &format!("t{i}")).await;
+        start(&s, &task.id).await;
+        let cmd = session.command().await;
+        session.ack(&cmd.id).await;
+        session.started(&task.id, 1).await;
+        printers.spawn(async move {
+            for seq in 1..=LINES {
+                session
+                    .send(Up::Messages(pb::ReportTaskMessagesRequest {
+                        task_id: task.id.clone(),
+                        messages: vec![pb::TaskMessageInput {
+                            seq,
+                            kind: pb::MessageKind::Stdout as i32,
+                            content: format!("line {seq}"),
+                            ..Default::default()
+                        }],
+                        ..Default::default()
+                    }))
+                    .await;
+            }
+            let mut acked = 0;
+            while acked < LINES {
+                match session.next().await {
+                    Down::OutputAck(a) if a.task_id == task.id => {
+                        assert!(
+                            a.acked_seq > acked,
+                            "acks rise: {} after {acked}",
+                            a.acked_seq
+                        );
+                        acked = a.acked_seq;
+                    }
+                    other => panic!("{other:?}"),
+                }
+            }
+            drop(dc);
+            task.id
+        });
+    }
+    while let Some(id) = printers.join_next().await {
+        let id = id.unwrap();
+        let page = first_page(&s, &id).await;
+        let lines: Vec<(i64, String)> = page
+            .messages
+            .into_iter()
+            .map(|m| (m.seq, m.content))
+            .collect();
+        let want: Vec<(i64, String)> = (1..=LINES)
+            .map(|seq| (seq, format!("line {seq}")))
+            .collect();
+        assert_eq!((lines, page.last_seq), (want, LINES), "{id}");
+    }
+    s.stop().await;
+}
+
 both_backends!(
+    output_from_many_sessions_at_once,
+    appends_of_many_tasks_commit_as_one_group,
     an_open_approval_closes_with_its_task,
     a_claim_fills_the_free_slots_oldest_first,
     push_dispatch_and_gapless_output,

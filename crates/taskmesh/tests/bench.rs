@@ -26,6 +26,8 @@ async fn bench_smoke_prints_every_figure() {
         "dispatch throughput, 1 daemons",
         "dispatch throughput, 2 daemons",
         "output ingest, batches of 10",
+        "output ingest, 2 daemons, batches of 1",
+        "output ack, 2 daemons, batches of 1",
         "fan-out latency, 3 watchers",
         "heartbeat latency at 100/s",
         "idle daemon sessions, 20",

@@ -6,6 +6,7 @@
 use std::fmt;
 use std::sync::Arc;
 
+use futures_util::FutureExt;
 use prost::Message;
 use tokio::sync::{Notify, mpsc};
 use tokio_stream::{Stream, StreamExt};
@@ -13,13 +14,22 @@ use tonic::Status;
 use tracing::Instrument;
 
 use super::parse;
-use crate::domain::{self, Domain, SHUTTING_DOWN, StreamEnd, StreamGuard, TaskEnd, parse_id};
+use crate::domain::{
+    self, Domain, MAX_BATCH, SHUTTING_DOWN, StreamEnd, StreamGuard, TaskEnd, parse_id,
+};
 use crate::model::Principal;
 use crate::pb::session_response::Message as Down;
 use crate::pb::{self, session_request::Message as Up};
 
 /// What goes down a session: boxed, see [`SessionLoop::tx`].
 pub(super) type Outbound = mpsc::Receiver<Result<Box<pb::SessionResponse>, Status>>;
+
+/// What the daemon's stream gives: a message, an error, or its end.
+type Inbound = Option<Result<pb::SessionRequest, Status>>;
+
+/// Most bytes of output batches merged into one (see
+/// [`SessionLoop::coalesce`]): what one session holds decoded at once.
+const MERGE_BYTES: usize = 4 << 20;
 
 /// Why a daemon's session ended.
 #[derive(Debug)]
@@ -222,7 +232,7 @@ where
         // handle() and pump() are boxed while they run: inline, their
         // database futures would size every idle session's task for the
         // busiest moment of any session.
-        let why = loop {
+        let why = 'run: loop {
             tokio::select! {
                 _ = &mut closed => {
                     let _ = self.tx.send(Err(Status::unavailable(SHUTTING_DOWN))).await;
@@ -242,27 +252,17 @@ where
                     let _ = self.tx.send(Err(status)).await;
                     break SessionEnd::AccessEnded(why);
                 }
-                up = self.inbound.next() => match up {
-                    Some(Ok(m)) => {
-                        self.domain.session_alive(&self.principal, &self.daemon_id);
-                        if let Err(why) = Box::pin(self.handle(m)).await {
-                            break why;
+                up = self.inbound.next() => {
+                    // What a merge of output batches stopped at comes next.
+                    let mut up = Some(up);
+                    while let Some(now) = up.take() {
+                        let (now, held) = self.coalesce(now);
+                        up = held;
+                        if let Err(why) = self.on_up(now).await {
+                            break 'run why;
                         }
                     }
-                    Some(Err(e)) => {
-                        if e.code() == tonic::Code::Internal && e.message().contains("decode") {
-                            // A frame that does not decode is the daemon's
-                            // mistake, not the server's: say so.
-                            let status = Status::invalid_argument(format!(
-                                "undecodable session message: {}",
-                                e.message()
-                            ));
-                            let _ = self.tx.send(Err(status)).await;
-                        }
-                        break SessionEnd::StreamFailed(e);
-                    }
-                    None => break SessionEnd::ClosedByDaemon,
-                },
+                }
                 _ = self.wake.notified() => {
                     if !self.domain.session_current(&self.daemon_id, self.conn) {
                         let why = SessionEnd::Superseded;
@@ -281,6 +281,70 @@ where
             tracing::warn!(error = %e, "could not mark the daemon offline");
         }
         why
+    }
+
+    /// Handles what the daemon's stream gave: a message, an error or its
+    /// end. `Err` ends the session.
+    async fn on_up(&mut self, up: Inbound) -> Result<(), SessionEnd> {
+        match up {
+            Some(Ok(m)) => {
+                self.domain.session_alive(&self.principal, &self.daemon_id);
+                Box::pin(self.handle(m)).await
+            }
+            Some(Err(e)) => {
+                if e.code() == tonic::Code::Internal && e.message().contains("decode") {
+                    // A frame that does not decode is the daemon's
+                    // mistake, not the server's: say so.
+                    let status = Status::invalid_argument(format!(
+                        "undecodable session message: {}",
+                        e.message()
+                    ));
+                    let _ = self.tx.send(Err(status)).await;
+                }
+                Err(SessionEnd::StreamFailed(e))
+            }
+            None => Err(SessionEnd::ClosedByDaemon),
+        }
+    }
+
+    /// Output batches of one task that arrived back to back, taken as one
+    /// batch: a daemon printing line by line sends many small batches, and
+    /// each would cost its own store append and ack. Takes only what is
+    /// already received (it never waits), up to [`MAX_BATCH`] messages and
+    /// [`MERGE_BYTES`]; answers the merged message and the first one it
+    /// could not merge, which is handled next. A merged batch is checked
+    /// whole, as any batch is.
+    fn coalesce(&mut self, up: Inbound) -> (Inbound, Option<Inbound>) {
+        let Some(Ok(pb::SessionRequest {
+            message: Some(Up::Messages(mut batch)),
+        })) = up
+        else {
+            return (up, None);
+        };
+        let mut bytes = batch.encoded_len();
+        let held = loop {
+            let next = match self.inbound.next().now_or_never() {
+                Some(next) => next,
+                None => break None,
+            };
+            match next {
+                Some(Ok(pb::SessionRequest {
+                    message: Some(Up::Messages(more)),
+                })) if more.task_id == batch.task_id
+                    && more.attempt == batch.attempt
+                    && batch.messages.len() + more.messages.len() <= MAX_BATCH
+                    && bytes + more.encoded_len() <= MERGE_BYTES =>
+                {
+                    bytes += more.encoded_len();
+                    batch.messages.extend(more.messages);
+                }
+                other => break Some(other),
+            }
+        };
+        let merged = pb::SessionRequest {
+            message: Some(Up::Messages(batch)),
+        };
+        (Some(Ok(merged)), held)
     }
 
     /// Sends every pending command after `cursor`.
@@ -522,6 +586,91 @@ mod tests {
                 let _ = std::fs::remove_file(format!("{}{suffix}", self.path.display()));
             }
         }
+    }
+
+    fn output(task: &str, attempt: i32, seqs: std::ops::RangeInclusive<i64>) -> super::Inbound {
+        let messages = seqs
+            .map(|seq| pb::TaskMessageInput {
+                seq,
+                kind: pb::MessageKind::Stdout as i32,
+                content: format!("line {seq}"),
+                ..Default::default()
+            })
+            .collect();
+        Some(Ok(pb::SessionRequest {
+            message: Some(pb::session_request::Message::Messages(
+                pb::ReportTaskMessagesRequest {
+                    task_id: task.into(),
+                    attempt,
+                    messages,
+                    ..Default::default()
+                },
+            )),
+        }))
+    }
+
+    /// (task, attempt, seqs) of an output message; panics on anything else.
+    fn seqs(up: &super::Inbound) -> (String, i32, Vec<i64>) {
+        match up {
+            Some(Ok(pb::SessionRequest {
+                message: Some(pb::session_request::Message::Messages(r)),
+            })) => (
+                r.task_id.clone(),
+                r.attempt,
+                r.messages.iter().map(|m| m.seq).collect(),
+            ),
+            other => panic!("expected output, got {other:?}"),
+        }
+    }
+
+    /// Output batches of one task already received are taken as one; the
+    /// first that cannot join (another task, another attempt, past the
+    /// bounds) is handed back to be handled next; nothing is waited for.
+    #[tokio::test]
+    async fn back_to_back_output_batches_are_merged() {
+        let f = Fixture::new().await;
+        let (mut session, _down, up) = f.open().await;
+        for next in [
+            output("a", 1, 2..=3),
+            output("a", 1, 4..=4),
+            output("b", 1, 1..=1),
+            output("a", 1, 5..=5),
+        ] {
+            up.send(next.unwrap()).await.unwrap();
+        }
+        let (merged, held) = session.coalesce(output("a", 1, 1..=1));
+        assert_eq!(seqs(&merged), ("a".into(), 1, vec![1, 2, 3, 4]));
+        let (alone, held) = session.coalesce(held.expect("b is handed back"));
+        assert_eq!(seqs(&alone), ("b".into(), 1, vec![1]));
+        let (last, held) = session.coalesce(held.expect("a 5 is handed back"));
+        assert_eq!(seqs(&last), ("a".into(), 1, vec![5]));
+        assert!(
+            held.is_none(),
+            "nothing more was received: nothing waited for"
+        );
+
+        up.send(output("a", 2, 1..=1).unwrap()).await.unwrap();
+        let (first, held) = session.coalesce(output("a", 1, 6..=6));
+        assert_eq!(seqs(&first).2, [6]);
+        assert_eq!(seqs(&held.unwrap()), ("a".into(), 2, vec![1]));
+
+        up.send(output("a", 1, 5001..=5001).unwrap()).await.unwrap();
+        let (full, held) = session.coalesce(output("a", 1, 1..=MAX_BATCH as i64));
+        assert_eq!(seqs(&full).2.len(), MAX_BATCH);
+        assert_eq!(seqs(&held.unwrap()).2, [5001]);
+
+        let beat = Some(Ok(pb::SessionRequest {
+            message: Some(pb::session_request::Message::Heartbeat(Default::default())),
+        }));
+        up.send(output("a", 1, 7..=7).unwrap()).await.unwrap();
+        let (same, held) = session.coalesce(beat);
+        assert!(matches!(
+            same,
+            Some(Ok(pb::SessionRequest {
+                message: Some(pb::session_request::Message::Heartbeat(_))
+            }))
+        ));
+        assert!(held.is_none(), "only output is merged");
     }
 
     #[tokio::test]

@@ -1,6 +1,8 @@
 //! Output from daemons: redacted, stored once per (task, seq), acknowledged
 //! up to the highest contiguous seq, and published to watchers.
 
+use std::sync::Arc;
+
 use super::redact::{redact, redact_in_stream};
 use super::{Domain, Error, Result, invalid};
 use crate::model::*;
@@ -49,7 +51,7 @@ impl Domain {
         let asks = input.iter().any(|(_, kind)| *kind == MessageKind::Approval);
         if let Some(mark) = known.filter(|_| !asks) {
             within_window(&input, mark.seq)?;
-            let messages = self.clean(task_id, &input, mark.seq);
+            let messages: Arc<[NewMessage]> = self.clean(task_id, &input, mark.seq).into();
             if messages.is_empty() {
                 return Ok(mark.seq);
             }
@@ -60,7 +62,13 @@ impl Domain {
             if continues
                 && self
                     .store
-                    .append_messages(task_id, &mark.daemon_id, mark.attempt, mark.seq, &messages)
+                    .append_messages(
+                        task_id,
+                        &mark.daemon_id,
+                        mark.attempt,
+                        mark.seq,
+                        messages.clone(),
+                    )
                     .await?
             {
                 let new = messages.last().map_or(mark.seq, |m| m.seq);

@@ -52,6 +52,7 @@ pub use dispatch::Assignment;
 pub use error::{Error, Result, SHUTTING_DOWN, invalid};
 use error::{shutting_down, version_conflict};
 pub use hub::{OutputHub, TaskUpdate, WorkspaceUpdate};
+pub use ingest::MAX_BATCH;
 pub use liveness::{Liveness, SweepReport};
 pub use peers::PeerEvent;
 pub use reports::TaskEnd;

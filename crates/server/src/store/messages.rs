@@ -1,10 +1,11 @@
 //! Task output: stored idempotently on (task, seq), with the task's mark
 //! (`last_seq`, the highest contiguous seq) moved in the same transaction.
 
-use std::sync::LazyLock;
+use std::sync::Arc;
 
 use sqlx::Row;
 
+use super::appends::Append;
 use super::*;
 use crate::model::*;
 
@@ -29,16 +30,6 @@ impl NewMessage {
 
 /// Rows per INSERT of output: 10 parameters each stays far below SQLite's
 /// parameter limit and keeps statements a manageable size.
-/// Moves a mark only from the value the caller saw, for the same daemon
-/// and attempt, while the task is on that daemon.
-static APPEND_MARK: LazyLock<String> = LazyLock::new(|| {
-    format!(
-        "UPDATE tasks SET last_seq = $3 WHERE id = $1 AND last_seq = $2 AND daemon_id = $4 \
-         AND attempt = $5 AND status IN {}",
-        *ACTIVE
-    )
-});
-
 const MESSAGE_CHUNK: usize = 500;
 
 impl Store {
@@ -141,17 +132,15 @@ impl Store {
             .collect()
     }
 
-    /// The multi-row INSERT of a batch, one statement per chunk; a repeated
-    /// seq is ignored.
-    async fn insert_rows(
+    /// The multi-row INSERT of output rows, (task, attempt, message) each,
+    /// one statement per chunk; a repeated seq is ignored.
+    pub(super) async fn insert_rows(
         &self,
         tx: &mut sqlx::Transaction<'_, sqlx::Any>,
-        task_id: &str,
-        attempt: i64,
-        messages: &[NewMessage],
+        rows: &[(&str, i64, &NewMessage)],
         now: Micros,
     ) -> Result<()> {
-        for chunk in messages.chunks(MESSAGE_CHUNK) {
+        for chunk in rows.chunks(MESSAGE_CHUNK) {
             let sql = format!(
                 "INSERT INTO task_messages (task_id, seq, kind, content, tool_name, \
                  tool_input_json, attempt, created_at, size, approval_id) VALUES {} \
@@ -159,15 +148,15 @@ impl Store {
                 self.rows_of(10, chunk.len())
             );
             let mut q = sqlx::query(&sql);
-            for m in chunk {
+            for (task_id, attempt, m) in chunk {
                 q = q
-                    .bind(task_id)
+                    .bind(task_id.to_string())
                     .bind(m.seq)
                     .bind(m.kind.as_str())
                     .bind(m.content.clone())
                     .bind(m.tool_name.clone())
                     .bind(m.tool_input_json.clone())
-                    .bind(attempt)
+                    .bind(*attempt)
                     .bind(now)
                     .bind(m.size() as i64)
                     .bind(m.approval_id.clone());
@@ -179,39 +168,32 @@ impl Store {
 
     /// The fast path for a batch that continues a task's output exactly
     /// (seqs `old + 1 ..`, in order, nothing stored above `old`): the rows
-    /// and the new mark in one transaction of two statements, the mark
-    /// moved only if it is still `old` and the task still active on
-    /// `daemon_id`. Answers false (and changes nothing) otherwise.
+    /// and the new mark committed together, the mark moved only if it is
+    /// still `old` and the task still active on `daemon_id`. Answers false
+    /// (and changes nothing) otherwise. Appends from many sessions share a
+    /// transaction (see `appends`).
     pub async fn append_messages(
         &self,
         task_id: &str,
         daemon_id: &str,
         attempt: i64,
         old: i64,
-        messages: &[NewMessage],
+        messages: Arc<[NewMessage]>,
     ) -> Result<bool> {
-        let Some(last) = messages.last() else {
+        if messages.is_empty() {
             return Ok(true);
-        };
-        let mut tx = self.writer.begin().await?;
-        let moved = sqlx::query(&APPEND_MARK)
-            .bind(task_id)
-            .bind(old)
-            .bind(last.seq)
-            .bind(daemon_id)
-            .bind(attempt)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected()
-            == 1;
-        if !moved {
-            tx.rollback().await?;
-            return Ok(false);
         }
-        self.insert_rows(&mut tx, task_id, attempt, messages, now_micros())
-            .await?;
-        tx.commit().await?;
-        Ok(true)
+        let append = Append {
+            task_id: task_id.to_owned(),
+            daemon_id: daemon_id.to_owned(),
+            attempt,
+            old,
+            messages,
+        };
+        match &self.appends {
+            Some(appends) => appends.append(self, append).await,
+            None => Ok(self.commit_group(&[append]).await?[0]),
+        }
     }
 
     /// Stores output idempotently (a repeated seq is ignored), then advances
@@ -236,8 +218,8 @@ impl Store {
         .ok_or_else(|| Error::Corrupt(format!("task {task_id} vanished")))?;
         let old: i64 = mark.try_get("last_seq")?;
         let stored_max: Option<i64> = mark.try_get("max_seq")?;
-        self.insert_rows(&mut tx, task_id, attempt, messages, now)
-            .await?;
+        let rows: Vec<_> = messages.iter().map(|m| (task_id, attempt, m)).collect();
+        self.insert_rows(&mut tx, &rows, now).await?;
         let mut new = old;
         if stored_max.is_none_or(|max| max <= old) {
             // Nothing was stored above the mark (the usual case), so the

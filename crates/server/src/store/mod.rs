@@ -5,6 +5,7 @@
 //! connecting, pragmas, migrations and locking, is in `sqlite.rs` and
 //! `postgres.rs`, selected by [`Backend`].
 
+mod appends;
 mod approvals;
 mod attempts;
 mod changes;
@@ -20,6 +21,7 @@ mod tokens;
 mod usage;
 mod workspaces;
 
+pub use appends::Append;
 pub use daemons::DaemonInfo;
 pub use messages::NewMessage;
 pub use metrics::Census;
@@ -75,6 +77,9 @@ pub struct Store {
     reader: AnyPool,
     backend: Backend,
     url: String,
+    /// The group committer of output appends; `None` in the committer's
+    /// own copy, which commits directly.
+    appends: Option<appends::Appends>,
 }
 
 /// A bound value for queries whose shape is built at run time.
@@ -105,13 +110,15 @@ impl Store {
                 (pool.clone(), pool)
             }
         };
-        let store = Store {
+        let mut store = Store {
             writer,
             reader,
             backend,
             url: url.to_string(),
+            appends: None,
         };
         store.migrate().await?;
+        store.appends = Some(appends::Appends::start(store.clone()));
         Ok(store)
     }
 
