@@ -22,9 +22,15 @@ use crate::pb::task_service_client::TaskServiceClient;
 use crate::pb::workspace_service_client::WorkspaceServiceClient;
 
 /// `taskmesh serve` (this very binary) on a fresh database, its log
-/// appended to `log` when given.
+/// appended to `log` when given. The idle-session figure holds up to 10,000
+/// sessions on one daemon token, past the default cap of streams a token
+/// may hold, which is raised for it.
 pub async fn serve(db: &TestDb, log: Option<&PathBuf>) -> BenchResult<ServeProcess> {
-    let mut cmd = serve_command(&db.url, "127.0.0.1:0", &[]);
+    let mut cmd = serve_command(
+        &db.url,
+        "127.0.0.1:0",
+        &["--max-streams-per-token", "20000"],
+    );
     cmd.stderr(match log {
         Some(path) => Stdio::from(
             std::fs::OpenOptions::new()

@@ -89,7 +89,7 @@ impl Params {
             ingest_many: (32, 32_000),
             watchers: vec![1, 100, 1000],
             fanout_messages: 100,
-            idle_sessions: vec![1000, 5000],
+            idle_sessions: vec![1000, 10_000],
             heartbeat_rate: 1000,
             heartbeat_secs: 10,
         }

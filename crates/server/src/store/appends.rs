@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use sqlx::Row;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Mutex, mpsc, oneshot};
 
 use super::messages::NewMessage;
 use super::{ACTIVE, Result, Store};
@@ -44,11 +44,15 @@ struct Waiting {
 pub(super) struct Appends(mpsc::Sender<Waiting>);
 
 impl Appends {
-    /// Starts the committer over `store` (a store without a queue of its
-    /// own). It ends when the last `Appends` is dropped.
-    pub(super) fn start(store: Store) -> Self {
+    /// Starts `committers` committers over `store` (a store without a
+    /// queue of its own): while one commits, the next gathers its group.
+    /// They end when the last `Appends` is dropped.
+    pub(super) fn start(store: Store, committers: usize) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(commit_loop(store, rx));
+        let rx = Arc::new(Mutex::new(rx));
+        for _ in 0..committers.max(1) {
+            tokio::spawn(commit_loop(store.clone(), rx.clone()));
+        }
         Self(tx)
     }
 
@@ -68,21 +72,24 @@ impl Appends {
     }
 }
 
-async fn commit_loop(store: Store, mut rx: mpsc::Receiver<Waiting>) {
+async fn commit_loop(store: Store, rx: Arc<Mutex<mpsc::Receiver<Waiting>>>) {
     let mut deferred: Vec<Waiting> = Vec::new();
     loop {
         let mut pending = std::mem::take(&mut deferred);
-        if pending.is_empty() {
-            match rx.recv().await {
-                Some(w) => pending.push(w),
-                None => return,
+        {
+            let mut rx = rx.lock().await;
+            if pending.is_empty() {
+                match rx.recv().await {
+                    Some(w) => pending.push(w),
+                    None => return,
+                }
             }
-        }
-        // Then whatever else is waiting, up to the group's bounds.
-        while pending.len() < MAX_GROUP {
-            match rx.try_recv() {
-                Ok(w) => pending.push(w),
-                Err(_) => break,
+            // Then whatever else is waiting, up to the group's bounds.
+            while pending.len() < MAX_GROUP {
+                match rx.try_recv() {
+                    Ok(w) => pending.push(w),
+                    Err(_) => break,
+                }
             }
         }
         let group = take_group(pending, &mut deferred);

@@ -103,6 +103,12 @@ impl Store {
             <sqlx::AnyConnection as sqlx::Connection>::connect(&probe_url).await?,
         )
         .await?;
+        // SQLite has one writer connection, so one committer; PostgreSQL
+        // commits several groups at once, each waiting on its WAL flush.
+        let committers = match backend {
+            Backend::Sqlite => 1,
+            Backend::Postgres => 2,
+        };
         let (writer, reader) = match backend {
             Backend::Sqlite => sqlite::connect(url).await?,
             Backend::Postgres => {
@@ -118,7 +124,7 @@ impl Store {
             appends: None,
         };
         store.migrate().await?;
-        store.appends = Some(appends::Appends::start(store.clone()));
+        store.appends = Some(appends::Appends::start(store.clone(), committers));
         Ok(store)
     }
 
