@@ -268,22 +268,33 @@ impl FloorDb {
         Ok(())
     }
 
-    /// The claim statement of `Store::claim_task`, run directly by
-    /// `workers` concurrent claimers until the `n` queued tasks are gone.
-    /// Answers claims per second and how many tasks were claimed twice.
-    pub async fn claim_rate(&self, n: usize, workers: usize) -> BenchResult<(f64, usize)> {
+    /// The claim statement of `Store::claim_tasks`, run directly by
+    /// `workers` concurrent claimers, each taking up to `per` tasks a
+    /// statement, until the `n` queued tasks are gone. Answers tasks
+    /// claimed per second and how many were claimed twice.
+    pub async fn claim_rate(
+        &self,
+        n: usize,
+        workers: usize,
+        per: usize,
+    ) -> BenchResult<(f64, usize)> {
         self.queue_tasks(n).await?;
-        let lock = match self.backend {
-            taskmesh_server::store::Backend::Postgres => "FOR UPDATE SKIP LOCKED",
-            taskmesh_server::store::Backend::Sqlite => "",
-        };
-        let sql: Arc<str> = format!(
-            "UPDATE tasks SET status = 'dispatched', daemon_id = $1, version = version + 1, \
-             updated_at = $2 WHERE status = 'queued' AND id = (SELECT id FROM tasks \
-             WHERE workspace_id = $3 AND status = 'queued' AND runtime IN ($4) \
-             AND (pinned_daemon_id IS NULL OR pinned_daemon_id = $1) \
-             ORDER BY queued_at, id LIMIT 1 {lock}) RETURNING id"
-        )
+        // The server's claim statement, raw: up to `per` tasks a statement
+        // (the pick in a CTE on PostgreSQL, which runs it once).
+        let oldest = "SELECT id FROM tasks WHERE workspace_id = $3 AND status = 'queued' \
+             AND runtime IN ($4) AND (pinned_daemon_id IS NULL OR pinned_daemon_id = $1) \
+             ORDER BY queued_at, id LIMIT $5";
+        let set = "UPDATE tasks SET status = 'dispatched', daemon_id = $1, \
+             version = version + 1, updated_at = $2";
+        let sql: Arc<str> = match self.backend {
+            taskmesh_server::store::Backend::Postgres => format!(
+                "WITH picked AS ({oldest} FOR UPDATE SKIP LOCKED) {set} FROM picked \
+                 WHERE tasks.id = picked.id AND tasks.status = 'queued' RETURNING tasks.id"
+            ),
+            taskmesh_server::store::Backend::Sqlite => {
+                format!("{set} WHERE status = 'queued' AND id IN ({oldest}) RETURNING id")
+            }
+        }
         .into();
         let start = Instant::now();
         let mut handles = Vec::new();
@@ -294,16 +305,19 @@ impl FloorDb {
                 let claimer = format!("floor-{w}");
                 let mut got = Vec::new();
                 loop {
-                    let row = sqlx::query(&sql)
+                    let rows = sqlx::query(&sql)
                         .bind(&claimer)
                         .bind(taskmesh_server::model::now_micros())
                         .bind(FLOOR_WS)
                         .bind("shell")
-                        .fetch_optional(&pool)
+                        .bind(per as i64)
+                        .fetch_all(&pool)
                         .await?;
-                    match row {
-                        Some(r) => got.push(r.try_get::<String, _>("id")?),
-                        None => return Ok::<_, sqlx::Error>(got),
+                    if rows.is_empty() {
+                        return Ok::<_, sqlx::Error>(got);
+                    }
+                    for r in rows {
+                        got.push(r.try_get::<String, _>(0)?);
                     }
                 }
             }));
