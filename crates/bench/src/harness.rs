@@ -98,6 +98,8 @@ pub struct Sut {
     pub db: TestDb,
     pub user: Bearer,
     pub tasks: Tasks,
+    /// Workspace names taken.
+    names: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// A workspace of its own for one figure, so daemons of one figure never
@@ -118,10 +120,24 @@ impl Sut {
             db,
             user,
             tasks,
+            names: Default::default(),
         })
     }
 
+    /// A new workspace named `name`, or `name-2`, `name-3`… when a figure
+    /// runs more than once (`--history` measures twice).
     pub async fn workspace(&self, name: &str) -> BenchResult<Workspace> {
+        let name = {
+            let mut used = self.names.lock().unwrap_or_else(|e| e.into_inner());
+            let mut unique = name.to_string();
+            let mut n = 1;
+            while !used.insert(unique.clone()) {
+                n += 1;
+                unique = format!("{name}-{n}");
+            }
+            unique
+        };
+        let name = name.as_str();
         let mut ws = WorkspaceServiceClient::with_interceptor(
             channel(self.server.addr).await?,
             self.user.clone(),

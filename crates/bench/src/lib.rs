@@ -15,6 +15,7 @@ pub mod daemon;
 pub mod dispatch;
 pub mod floor;
 pub mod harness;
+pub mod history;
 pub mod output;
 pub mod sessions;
 pub mod stats;
@@ -46,6 +47,13 @@ pub struct BenchArgs {
     /// A few iterations of everything, to check the tool works (tests).
     #[arg(long, hide = true, conflicts_with = "quick")]
     smoke: bool,
+    /// Run the history family instead of the others: dispatch latency,
+    /// ingest and a WatchTask catch-up on the fresh database, then again
+    /// after bulk SQL wrote 1,000,000 finished tasks and 10,000,000
+    /// messages (100,000 and 1,000,000 with --quick) beside them. Takes
+    /// minutes and gigabytes of disk.
+    #[arg(long)]
+    history: bool,
     /// Run only the figures whose family is named (dispatch, cancel,
     /// throughput, ingest, fanout, idle, heartbeat); comma-separated.
     #[arg(long, value_delimiter = ',')]
@@ -71,6 +79,12 @@ pub struct Params {
     /// (daemons, messages in all) sent in batches of 1 by that many
     /// daemons at once.
     pub ingest_many: (usize, usize),
+    /// (finished tasks, messages) `--history` writes.
+    pub history: (usize, usize),
+    /// Messages the ingest figure of `--history` sends (batches of 10).
+    pub history_ingest: usize,
+    /// Messages of the task `--history` catches up on.
+    pub history_catch_up: usize,
     pub watchers: Vec<usize>,
     pub fanout_messages: usize,
     pub idle_sessions: Vec<usize>,
@@ -87,6 +101,9 @@ impl Params {
             throughput_daemons: vec![1, 8, 32],
             ingest: vec![(1, 3000), (10, 20_000), (100, 100_000)],
             ingest_many: (32, 32_000),
+            history: (1_000_000, 10_000_000),
+            history_ingest: 20_000,
+            history_catch_up: 100_000,
             watchers: vec![1, 100, 1000],
             fanout_messages: 100,
             idle_sessions: vec![1000, 10_000],
@@ -103,6 +120,9 @@ impl Params {
             throughput_daemons: vec![1, 8, 32],
             ingest: vec![(1, 500), (10, 3000), (100, 20_000)],
             ingest_many: (32, 6400),
+            history: (100_000, 1_000_000),
+            history_ingest: 3000,
+            history_catch_up: 20_000,
             watchers: vec![1, 100],
             fanout_messages: 30,
             idle_sessions: vec![1000],
@@ -120,6 +140,9 @@ impl Params {
             throughput_daemons: vec![1, 2],
             ingest: vec![(10, 100)],
             ingest_many: (2, 20),
+            history: (1000, 10_000),
+            history_ingest: 100,
+            history_catch_up: 100,
             watchers: vec![3],
             fanout_messages: 3,
             idle_sessions: vec![20],
@@ -206,7 +229,9 @@ async fn bench(args: BenchArgs) -> BenchResult<()> {
         floor,
         floor_db,
     };
-    let wants = |family: &str| args.only.is_empty() || args.only.iter().any(|o| o == family);
+    let wants = |family: &str| {
+        !args.history && (args.only.is_empty() || args.only.iter().any(|o| o == family))
+    };
     let mut rows: Vec<Row> = Vec::new();
     let mut add = |new: Vec<Row>| {
         for r in &new {
@@ -246,6 +271,9 @@ async fn bench(args: BenchArgs) -> BenchResult<()> {
         for n in ctx.params.idle_sessions.clone() {
             add(vec![sessions::idle_sessions(&mut ctx, n).await?]);
         }
+    }
+    if args.history {
+        add(history::history(&mut ctx).await?);
     }
     drop(ctx);
     println!("{header}");

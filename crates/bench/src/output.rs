@@ -187,6 +187,59 @@ pub async fn ingest_many(ctx: &mut Ctx, daemons: usize, total: usize) -> BenchRe
     ])
 }
 
+/// A task with `n` messages stored (sent in batches of 1,000), then one
+/// WatchTask from the start until its last message arrives: messages
+/// caught up per second.
+pub async fn catch_up(ctx: &mut Ctx, n: usize) -> BenchResult<(String, Value)> {
+    progress(format!("WatchTask catch-up of {n} messages"));
+    let ws = ctx.sut.workspace("catch-up").await?;
+    let (d, mut events, task) = running_task(&ctx.sut, &ws, &format!("{}-probe", ws.name)).await?;
+    let mut sent = 0;
+    while sent < n {
+        let k = 1000.min(n - sent);
+        d.output(&task, daemon::messages(sent as i64 + 1, k))
+            .await?;
+        sent += k;
+        wait_for(&mut events, |e| match e {
+            Event::Ack {
+                task_id, acked_seq, ..
+            } if *task_id == task && *acked_seq as usize >= sent => Some(()),
+            _ => None,
+        })
+        .await?;
+    }
+    let mut client = TaskServiceClient::with_interceptor(
+        super::harness::channel(ctx.sut.server.addr).await?,
+        ctx.sut.user.clone(),
+    );
+    let t0 = Instant::now();
+    let mut stream = client
+        .watch_task(pb::WatchTaskRequest {
+            task_id: task.clone(),
+            since_seq: 0,
+            follow: false,
+        })
+        .await?
+        .into_inner();
+    let mut last = 0;
+    while (last as usize) < n {
+        match stream.next().await {
+            Some(update) => {
+                if let Some(Watched::Message(m)) = update?.event {
+                    last = m.seq;
+                }
+            }
+            None => return Err(format!("the watch ended at seq {last} of {n}").into()),
+        }
+    }
+    let rate = n as f64 / t0.elapsed().as_secs_f64();
+    d.close();
+    Ok((
+        format!("WatchTask catch-up of {n} messages"),
+        Value::Rate(rate, "msg/s"),
+    ))
+}
+
 /// Watchers share an HTTP/2 connection in groups of this many.
 const WATCHERS_PER_CONNECTION: usize = 10;
 

@@ -110,6 +110,9 @@ pub enum Target {
     FloorShareAtLeast(f64),
     /// At least this rate, whatever the floor.
     RateAtLeast(f64),
+    /// No more than this fraction worse than the floor: a p99 at most
+    /// (1 + f) × the floor's, a rate at least (1 − f) × the floor's.
+    WithinOfFloor(f64),
     BytesAtMost(f64),
 }
 
@@ -119,6 +122,7 @@ impl Target {
             Target::P99AtMost(d) => format!("p99 ≤ {}", ms_short(*d)),
             Target::FloorShareAtLeast(f) => format!("≥ {:.0}% of floor", f * 100.0),
             Target::RateAtLeast(r) => format!("≥ {}/s", si(*r)),
+            Target::WithinOfFloor(f) => format!("within {:.0}% of floor", f * 100.0),
             Target::BytesAtMost(b) => format!("≤ {:.0} KB", b / 1024.0),
         }
     }
@@ -130,6 +134,12 @@ impl Target {
                 Some(*v >= s * f)
             }
             (Target::RateAtLeast(r), Value::Rate(v, _), _) => Some(v >= r),
+            (Target::WithinOfFloor(f), Value::Latency(v), Value::Latency(floor)) => {
+                Some(v.p99().as_secs_f64() <= (1.0 + f) * floor.p99().as_secs_f64())
+            }
+            (Target::WithinOfFloor(f), Value::Rate(v, _), Value::Rate(floor, _)) => {
+                Some(*v >= (1.0 - f) * floor)
+            }
             (Target::BytesAtMost(b), Value::Bytes(v, _), _) => Some(v <= b),
             _ => None,
         }
