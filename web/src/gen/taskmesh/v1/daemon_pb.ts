@@ -865,7 +865,8 @@ export const SessionReadySchema: GenMessage<SessionReady> = /*@__PURE__*/
 /**
  * OutputAck acknowledges a task's output up to acked_seq: every message
  * with a seq up to it is stored, and the daemon may drop them. The daemon
- * resends anything above it after a reconnect.
+ * resends anything above it after a reconnect. Batches of one task that
+ * arrive back to back may be stored as one and answered with one ack.
  *
  * @generated from message taskmesh.v1.OutputAck
  */
