@@ -93,11 +93,7 @@ async fn output_is_stored_exactly_once(backend: Backend) {
     check_all(48, histories(), async |(n, history)| {
         let (mut dc, daemon_id) = connect_daemon(&s, &uuid::Uuid::new_v4().to_string(), 1).await;
         let mut session = Session::open(&mut dc, &daemon_id, vec![]).await;
-        let task = new_task(&s, "marks").await;
-        start(&s, &task.id).await;
-        let spawn = session.command().await;
-        session.ack(&spawn.id).await;
-        session.started(&task.id, 1).await;
+        let task = session.run_task(&s, "marks").await;
 
         // The model: which report first carried each seq.
         let mut first: BTreeMap<i64, usize> = BTreeMap::new();

@@ -258,11 +258,7 @@ async fn stop_task_twice_interrupts_once(backend: Backend) {
     let s = start_server(backend).await;
     let (mut dc, daemon_id) = connect_daemon(&s, "m1", 1).await;
     let mut session = Session::open(&mut dc, &daemon_id, vec![]).await;
-    let task = new_task(&s, "stoppable").await;
-    start(&s, &task.id).await;
-    let spawn = session.command().await;
-    session.ack(&spawn.id).await;
-    session.started(&task.id, 1).await;
+    let task = session.run_task(&s, "stoppable").await;
 
     let stop = || async {
         s.tasks()

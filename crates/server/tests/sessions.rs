@@ -699,11 +699,7 @@ async fn an_open_approval_closes_with_its_task(backend: Backend) {
     let s = start_server(backend).await;
     let (mut dc, daemon_id) = connect_daemon(&s, "m1", 2).await;
     let mut session = Session::open(&mut dc, &daemon_id, vec![]).await;
-    let asking = new_task(&s, "asks").await;
-    start(&s, &asking.id).await;
-    let cmd = session.command().await;
-    session.ack(&cmd.id).await;
-    session.started(&asking.id, 1).await;
+    let asking = session.run_task(&s, "asks").await;
     let ask = pb::TaskMessageInput {
         seq: 1,
         kind: pb::MessageKind::Approval as i32,
@@ -754,12 +750,7 @@ async fn appends_of_many_tasks_commit_as_one_group(backend: Backend) {
     let mut session = Session::open(&mut dc, &daemon_id, vec![]).await;
     let mut ids = Vec::new();
     for name in ["fresh", "stale", "elsewhere", "also-fresh"] {
-        let task = new_task(&s, name).await;
-        start(&s, &task.id).await;
-        let cmd = session.command().await;
-        session.ack(&cmd.id).await;
-        session.started(&task.id, 1).await;
-        ids.push(task.id);
+        ids.push(session.run_task(&s, name).await.id);
     }
     let lines = |from: i64, n: i64| -> Arc<[NewMessage]> {
         (from..from + n)
@@ -806,11 +797,7 @@ async fn output_from_many_sessions_at_once(backend: Backend) {
     for i in 0..8 {
         let (mut dc, daemon_id) = connect_daemon(&s, &format!("m{i}"), 1).await;
         let mut session = Session::open(&mut dc, &daemon_id, vec![]).await;
-        let task = new_task(&s, &format!("t{i}")).await;
-        start(&s, &task.id).await;
-        let cmd = session.command().await;
-        session.ack(&cmd.id).await;
-        session.started(&task.id, 1).await;
+        let task = session.run_task(&s, &format!("t{i}")).await;
         printers.spawn(async move {
             for seq in 1..=LINES {
                 session

@@ -122,6 +122,22 @@ impl Session {
         }
     }
 
+    /// Creates and starts a task named `name`, takes its SpawnTask on this
+    /// session, acknowledges it and reports it started (attempt 1).
+    pub async fn run_task(&mut self, s: &TestServer, name: &str) -> pb::Task {
+        let task = new_task(s, name).await;
+        start(s, &task.id).await;
+        let spawn = self.command().await;
+        assert_eq!(
+            spawn_of(&spawn).task.as_ref().map(|t| t.id.as_str()),
+            Some(task.id.as_str()),
+            "spawned another task"
+        );
+        self.ack(&spawn.id).await;
+        self.started(&task.id, 1).await;
+        task
+    }
+
     /// Reports `started` and waits for its StartedAck (or its refusal, left
     /// for [`Session::next`] as is what arrives meanwhile).
     pub async fn started(&mut self, task_id: &str, attempt: i32) {
