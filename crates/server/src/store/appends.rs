@@ -57,18 +57,14 @@ impl Appends {
     }
 
     /// Queues `append` and answers whether it was stored once its group is
-    /// committed.
-    pub(super) async fn append(&self, store: &Store, append: Append) -> Result<bool> {
+    /// committed. If the committers are gone (the server is closing) it was
+    /// not: the caller takes the full path, or the daemon sends it again.
+    pub(super) async fn append(&self, append: Append) -> Result<bool> {
         let (done, answer) = oneshot::channel();
-        match self.0.send(Waiting { append, done }).await {
-            Ok(()) => match answer.await {
-                Ok(stored) => stored,
-                // The committer stopped (the server is closing): the
-                // append was not stored, and the daemon sends it again.
-                Err(_) => Ok(false),
-            },
-            Err(mpsc::error::SendError(w)) => Ok(store.commit_group(&[w.append]).await?[0]),
+        if self.0.send(Waiting { append, done }).await.is_err() {
+            return Ok(false);
         }
+        answer.await.unwrap_or(Ok(false))
     }
 }
 

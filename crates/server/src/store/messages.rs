@@ -150,7 +150,7 @@ impl Store {
             let mut q = sqlx::query(&sql);
             for (task_id, attempt, m) in chunk {
                 q = q
-                    .bind(task_id.to_string())
+                    .bind(*task_id)
                     .bind(m.seq)
                     .bind(m.kind.as_str())
                     .bind(m.content.clone())
@@ -191,7 +191,7 @@ impl Store {
             messages,
         };
         match &self.appends {
-            Some(appends) => appends.append(self, append).await,
+            Some(appends) => appends.append(append).await,
             None => Ok(self.commit_group(&[append]).await?[0]),
         }
     }
