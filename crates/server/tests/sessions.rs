@@ -70,16 +70,7 @@ async fn push_dispatch_and_gapless_output(backend: Backend) {
         other => panic!("{other:?}"),
     }
     // A repeated end report is answered the same way.
-    session
-        .send(Up::Completed(pb::CompleteTaskRequest {
-            task_id: task.id.clone(),
-            ..Default::default()
-        }))
-        .await;
-    match session.next().await {
-        Down::OutputAck(a) => assert!(a.task_ended),
-        other => panic!("{other:?}"),
-    }
+    session.complete(&task.id).await;
 
     let mut seqs = Vec::new();
     let mut statuses = Vec::new();
@@ -713,16 +704,7 @@ async fn an_open_approval_closes_with_its_task(backend: Backend) {
         other => panic!("{other:?}"),
     }
     assert_eq!(get(&s, &asking.id).await.pending_approvals, 1);
-    session
-        .send(Up::Completed(pb::CompleteTaskRequest {
-            task_id: asking.id.clone(),
-            ..Default::default()
-        }))
-        .await;
-    match session.next().await {
-        Down::OutputAck(a) => assert!(a.task_ended),
-        other => panic!("{other:?}"),
-    }
+    session.complete(&asking.id).await;
     let task = get(&s, &asking.id).await;
     assert_eq!(task.status, TaskStatus::Completed as i32);
     assert_eq!(task.pending_approvals, 0);

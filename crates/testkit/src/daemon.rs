@@ -138,6 +138,19 @@ impl Session {
         task
     }
 
+    /// Reports the task completed and waits for the ack that records its end.
+    pub async fn complete(&mut self, task_id: &str) {
+        self.send(Up::Completed(pb::CompleteTaskRequest {
+            task_id: task_id.into(),
+            ..Default::default()
+        }))
+        .await;
+        match self.next().await {
+            Down::OutputAck(a) => assert!(a.task_ended, "the end is recorded: {a:?}"),
+            other => panic!("expected the end's OutputAck, got {other:?}"),
+        }
+    }
+
     /// Reports `started` and waits for its StartedAck (or its refusal, left
     /// for [`Session::next`] as is what arrives meanwhile).
     pub async fn started(&mut self, task_id: &str, attempt: i32) {
