@@ -7,7 +7,7 @@ use super::Domain;
 use super::Result;
 use crate::model::*;
 use crate::pb;
-use crate::store::NewCommand;
+use crate::store::{NewCommand, SpawnMaker};
 use crate::wire;
 
 /// One lock per stripe of daemon ids, held while a daemon's free slots
@@ -81,9 +81,12 @@ impl Domain {
     /// session.
     pub(super) async fn fill(&self, daemon: &Daemon, free: i64) -> Result<usize> {
         let key = self.agent_key().await?;
-        let make = |task: &Task, input: &AttemptInput| spawn_command(&daemon.id, task, input, &key);
+        let daemon_id = daemon.id.clone();
+        let make: SpawnMaker = Box::new(move |task: &Task, input: &AttemptInput| {
+            spawn_command(&daemon_id, task, input, &key)
+        });
         let _one_at_a_time = self.fill_locks.of(&daemon.id).lock().await;
-        let claimed = self.store.claim_tasks(daemon, free, Some(&make)).await?;
+        let claimed = self.store.claim_tasks(daemon, free, Some(make)).await?;
         for (task, _) in &claimed {
             crate::metrics::METRICS.claimed(&task.id, task.queued_at);
             self.task_changed(task, false);

@@ -10,6 +10,7 @@ mod approvals;
 mod attempts;
 mod changes;
 mod daemons;
+mod group;
 mod messages;
 mod metrics;
 mod outbox;
@@ -45,6 +46,8 @@ pub enum Error {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("stored data is invalid: {0}")]
     Corrupt(String),
+    #[error("the database writer stopped (the server is closing)")]
+    WriterStopped,
     #[error("unsupported database URL {0:?}: use sqlite://PATH or postgres://…")]
     UnsupportedUrl(String),
 }
@@ -80,6 +83,9 @@ pub struct Store {
     /// The group committer of output appends; `None` in the committer's
     /// own copy, which commits directly.
     appends: Option<appends::Appends>,
+    /// The group committer of task writes (transitions, claims, commands);
+    /// `None` in the committers' own copy.
+    group: Option<group::Group>,
 }
 
 /// A bound value for queries whose shape is built at run time.
@@ -103,11 +109,13 @@ impl Store {
             <sqlx::AnyConnection as sqlx::Connection>::connect(&probe_url).await?,
         )
         .await?;
-        // SQLite has one writer connection, so one committer; PostgreSQL
-        // commits several groups at once, each waiting on its WAL flush.
-        let committers = match backend {
-            Backend::Sqlite => 1,
-            Backend::Postgres => 2,
+        // SQLite has one writer connection, so one committer of each
+        // kind; PostgreSQL commits several groups at once, each waiting on
+        // its WAL flush (and a task write group runs more statements, one
+        // round trip each, than an append group).
+        let (append_committers, write_committers) = match backend {
+            Backend::Sqlite => (1, 1),
+            Backend::Postgres => (2, 4),
         };
         let (writer, reader) = match backend {
             Backend::Sqlite => sqlite::connect(url).await?,
@@ -122,9 +130,11 @@ impl Store {
             backend,
             url: url.to_string(),
             appends: None,
+            group: None,
         };
         store.migrate().await?;
-        store.appends = Some(appends::Appends::start(store.clone(), committers));
+        store.appends = Some(appends::Appends::start(store.clone(), append_committers));
+        store.group = Some(group::Group::start(store.clone(), write_committers));
         Ok(store)
     }
 

@@ -30,11 +30,10 @@ pub struct PendingCommand {
 
 impl Store {
     pub async fn insert_command(&self, command: &NewCommand) -> Result<()> {
-        let mut tx = self.writer.begin().await?;
-        self.insert_commands(&mut tx, std::slice::from_ref(command))
-            .await?;
-        tx.commit().await?;
-        Ok(())
+        self.grouped(command.clone(), |s, tx, command| {
+            Box::pin(s.insert_commands(tx, std::slice::from_ref(command)))
+        })
+        .await
     }
 
     /// Unacknowledged commands of a daemon after `after_seq`, in order.
@@ -74,24 +73,31 @@ impl Store {
         status: &str,
         message: &str,
     ) -> Result<Option<AckedCommand>> {
-        let row = sqlx::query(
-            "UPDATE commands SET acked_at = $3, result_status = $4, result_message = $5 \
-             WHERE id = $1 AND daemon_id = $2 AND acked_at IS NULL RETURNING task_id, payload",
-        )
-        .bind(command_id)
-        .bind(daemon_id)
-        .bind(now_micros())
-        .bind(status)
-        .bind(message)
-        .fetch_optional(&self.writer)
-        .await?;
-        row.map(|r| {
-            Ok(AckedCommand {
-                task_id: r.try_get(0)?,
-                payload: r.try_get(1)?,
+        let data = [daemon_id, command_id, status, message].map(str::to_owned);
+        self.grouped(data, |_, tx, [daemon_id, command_id, status, message]| {
+            Box::pin(async move {
+                let row = sqlx::query(
+                    "UPDATE commands SET acked_at = $3, result_status = $4, result_message = $5 \
+                     WHERE id = $1 AND daemon_id = $2 AND acked_at IS NULL \
+                     RETURNING task_id, payload",
+                )
+                .bind(command_id)
+                .bind(daemon_id)
+                .bind(now_micros())
+                .bind(status)
+                .bind(message)
+                .fetch_optional(&mut **tx)
+                .await?;
+                row.map(|r| {
+                    Ok(AckedCommand {
+                        task_id: r.try_get(0)?,
+                        payload: r.try_get(1)?,
+                    })
+                })
+                .transpose()
             })
         })
-        .transpose()
+        .await
     }
 
     /// A command's result once its daemon answered: status and message.

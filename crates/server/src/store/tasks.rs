@@ -7,6 +7,7 @@ use sqlx::Row;
 use sqlx::any::AnyRow;
 
 use super::attempts::attempt_input;
+use super::group::Tx;
 use super::*;
 use crate::model::*;
 
@@ -198,7 +199,7 @@ const CLAIM_BATCH: i64 = 256;
 const ROWS_PER_INSERT: usize = 100;
 
 /// Builds the SpawnTask written in the same transaction as a claim.
-pub type SpawnMaker<'a> = dyn Fn(&Task, &AttemptInput) -> NewCommand + Sync + 'a;
+pub type SpawnMaker = Box<dyn Fn(&Task, &AttemptInput) -> NewCommand + Send + Sync>;
 
 impl Store {
     /// Inserts a new task and its creation event in one transaction.
@@ -316,7 +317,35 @@ impl Store {
         prev_version: i64,
         event: Option<&NewEvent>,
     ) -> Result<bool> {
-        let mut tx = self.writer.begin().await?;
+        let data = (task.clone(), prev_version, event.cloned());
+        let saved = self
+            .grouped(data, |s, tx, (task, prev, event)| {
+                Box::pin(s.save_task_in(tx, task, *prev, event.as_ref()))
+            })
+            .await?;
+        let Some(theirs) = saved else {
+            return Ok(false);
+        };
+        // Columns other writers own (output, progress) are read back, so the
+        // task published after this write is current.
+        (
+            task.last_seq,
+            task.progress_summary,
+            task.progress_percent,
+            task.pending_approvals,
+        ) = theirs;
+        Ok(true)
+    }
+
+    /// [`Store::save_task`] in `tx`: answers the columns other writers own,
+    /// or `None` when the version moved.
+    async fn save_task_in(
+        &self,
+        tx: &mut Tx,
+        task: &Task,
+        prev_version: i64,
+        event: Option<&NewEvent>,
+    ) -> Result<Option<(i64, String, i64, i64)>> {
         let updated = bind_task(
             sqlx::query(
                 "UPDATE tasks SET workspace_id = $2, parent_id = $3, depth = $4, name = $5, \
@@ -332,22 +361,21 @@ impl Store {
             task,
         )
         .bind(prev_version)
-        .fetch_optional(&mut *tx)
+        .fetch_optional(&mut **tx)
         .await?;
         let Some(row) = updated else {
-            return Ok(false);
+            return Ok(None);
         };
-        // Columns other writers own (output, progress) are read back, so the
-        // task published after this write is current.
-        task.last_seq = row.try_get(0)?;
-        task.progress_summary = row.try_get(1)?;
-        task.progress_percent = row.try_get(2)?;
-        task.pending_approvals = row.try_get(3)?;
+        let theirs = (
+            row.try_get(0)?,
+            row.try_get(1)?,
+            row.try_get(2)?,
+            row.try_get(3)?,
+        );
         if let Some(event) = event {
-            self.insert_event(&mut tx, task, event).await?;
+            self.insert_event(tx, task, event).await?;
         }
-        tx.commit().await?;
-        Ok(true)
+        Ok(Some(theirs))
     }
 
     /// Records an event that is not a transition (a decision on an
@@ -417,13 +445,27 @@ impl Store {
         &self,
         daemon: &Daemon,
         limit: i64,
-        command: Option<&SpawnMaker<'_>>,
+        command: Option<SpawnMaker>,
     ) -> Result<Vec<(Task, AttemptInput)>> {
         if daemon.runtimes.is_empty() || limit < 1 {
             return Ok(Vec::new());
         }
-        let mut tx = self.writer.begin().await?;
-        let free = daemon.max_concurrent_tasks - self.active_count(&mut *tx, daemon).await?;
+        self.grouped(
+            (daemon.clone(), limit, command),
+            |s, tx, (d, limit, make)| Box::pin(s.claim_tasks_in(tx, d, *limit, make.as_ref())),
+        )
+        .await
+    }
+
+    /// [`Store::claim_tasks`] in `tx`.
+    async fn claim_tasks_in(
+        &self,
+        tx: &mut Tx,
+        daemon: &Daemon,
+        limit: i64,
+        command: Option<&SpawnMaker>,
+    ) -> Result<Vec<(Task, AttemptInput)>> {
+        let free = daemon.max_concurrent_tasks - self.active_count(&mut **tx, daemon).await?;
         let limit = limit.min(free).min(CLAIM_BATCH);
         if limit < 1 {
             return Ok(Vec::new());
@@ -464,7 +506,7 @@ impl Store {
         for r in &daemon.runtimes {
             q = q.bind(r.name.clone());
         }
-        let rows = q.fetch_all(&mut *tx).await?;
+        let rows = q.fetch_all(&mut **tx).await?;
         if rows.is_empty() {
             return Ok(Vec::new());
         }
@@ -477,12 +519,12 @@ impl Store {
             actor: format!("daemon:{}", daemon.id),
             reason: "dispatched".into(),
         };
-        self.insert_events(&mut tx, &tasks, &event).await?;
+        self.insert_events(tx, &tasks, &event).await?;
         let mut claimed = Vec::with_capacity(tasks.len());
         for task in tasks {
             // First attempts never have inputs: spare them the read.
             let input = if task.attempt > 1 {
-                attempt_input(&mut tx, &task.id, task.attempt).await?
+                attempt_input(tx, &task.id, task.attempt).await?
             } else {
                 AttemptInput::default()
             };
@@ -490,9 +532,8 @@ impl Store {
         }
         if let Some(make) = command {
             let commands: Vec<NewCommand> = claimed.iter().map(|(t, i)| make(t, i)).collect();
-            self.insert_commands(&mut tx, &commands).await?;
+            self.insert_commands(tx, &commands).await?;
         }
-        tx.commit().await?;
         Ok(claimed)
     }
 
