@@ -27,9 +27,77 @@ pub(super) type Outbound = mpsc::Receiver<Result<Box<pb::SessionResponse>, Statu
 /// What the daemon's stream gives: a message, an error, or its end.
 type Inbound = Option<Result<pb::SessionRequest, Status>>;
 
-/// Most bytes of output batches merged into one (see
-/// [`SessionLoop::coalesce`]): what one session holds decoded at once.
+/// Most messages and bytes taken from a daemon's stream at once (see
+/// [`SessionLoop::arrived`]; the first message always): what one session
+/// holds decoded at once, and so the largest merged output batch.
+const MAX_ARRIVED: usize = 256;
 const MERGE_BYTES: usize = 4 << 20;
+
+/// Messages that arrived together, in lanes ([`SessionLoop::arrived`]).
+#[derive(Default)]
+struct Arrived {
+    lanes: Vec<(Lane, Vec<pb::SessionRequest>)>,
+    /// How the stream stopped right after them, if it did.
+    end: Option<Stop>,
+}
+
+/// Reports that must be handled in the order they came: those of one
+/// task, the command results, and the rest.
+#[derive(Debug, PartialEq, Eq)]
+enum Lane {
+    Task(String),
+    Commands,
+    Other,
+}
+
+/// How the daemon's stream stopped giving messages.
+enum Stop {
+    Error(Status),
+    Closed,
+}
+
+impl Arrived {
+    /// Adds `m` to its lane; output that continues the lane's last output
+    /// batch (same attempt, at most [`MAX_BATCH`] messages) joins it.
+    fn push(&mut self, m: pb::SessionRequest) {
+        let lane = match &m.message {
+            Some(Up::Started(r)) => Lane::Task(r.task_id.clone()),
+            Some(Up::Progress(r)) => Lane::Task(r.task_id.clone()),
+            Some(Up::Messages(r)) => Lane::Task(r.task_id.clone()),
+            Some(Up::Usage(r)) => Lane::Task(r.task_id.clone()),
+            Some(Up::Changes(r)) => Lane::Task(r.task_id.clone()),
+            Some(Up::Completed(r)) => Lane::Task(r.task_id.clone()),
+            Some(Up::Failed(r)) => Lane::Task(r.task_id.clone()),
+            Some(Up::CommandResult(_)) => Lane::Commands,
+            Some(Up::Heartbeat(_) | Up::Open(_)) | None => Lane::Other,
+        };
+        let at = match self.lanes.iter().position(|(l, _)| *l == lane) {
+            Some(at) => at,
+            None => {
+                self.lanes.push((lane, Vec::new()));
+                self.lanes.len() - 1
+            }
+        };
+        let queue = &mut self.lanes[at].1;
+        let m = match (queue.last_mut(), m) {
+            (
+                Some(pb::SessionRequest {
+                    message: Some(Up::Messages(batch)),
+                }),
+                pb::SessionRequest {
+                    message: Some(Up::Messages(more)),
+                },
+            ) if more.attempt == batch.attempt
+                && batch.messages.len() + more.messages.len() <= MAX_BATCH =>
+            {
+                batch.messages.extend(more.messages);
+                return;
+            }
+            (_, m) => m,
+        };
+        queue.push(m);
+    }
+}
 
 /// Why a daemon's session ended.
 #[derive(Debug)]
@@ -232,7 +300,7 @@ where
         // handle() and pump() are boxed while they run: inline, their
         // database futures would size every idle session's task for the
         // busiest moment of any session.
-        let why = 'run: loop {
+        let why = loop {
             tokio::select! {
                 _ = &mut closed => {
                     let _ = self.tx.send(Err(Status::unavailable(SHUTTING_DOWN))).await;
@@ -253,14 +321,9 @@ where
                     break SessionEnd::AccessEnded(why);
                 }
                 up = self.inbound.next() => {
-                    // What a merge of output batches stopped at comes next.
-                    let mut up = Some(up);
-                    while let Some(now) = up.take() {
-                        let (now, held) = self.coalesce(now);
-                        up = held;
-                        if let Err(why) = self.on_up(now).await {
-                            break 'run why;
-                        }
+                    let arrived = self.arrived(up);
+                    if let Err(why) = Box::pin(self.on_arrived(arrived)).await {
+                        break why;
                     }
                 }
                 _ = self.wake.notified() => {
@@ -283,15 +346,62 @@ where
         why
     }
 
-    /// Handles what the daemon's stream gave: a message, an error or its
-    /// end. `Err` ends the session.
-    async fn on_up(&mut self, up: Inbound) -> Result<(), SessionEnd> {
-        match up {
-            Some(Ok(m)) => {
-                self.domain.session_alive(&self.principal, &self.daemon_id);
-                Box::pin(self.handle(m)).await
+    /// Takes `first` and whatever else has already arrived (it never
+    /// waits), up to [`MAX_ARRIVED`] messages and [`MERGE_BYTES`], sorted
+    /// into lanes: each task's reports in the order they came, and the
+    /// command results in theirs. Back-to-back output batches of one task
+    /// and attempt become one batch (one append, one ack), up to
+    /// [`MAX_BATCH`] messages; a merged batch is checked whole, as any
+    /// batch is. Stops at the stream's end or error, kept for last.
+    fn arrived(&mut self, first: Inbound) -> Arrived {
+        let mut arrived = Arrived::default();
+        let (mut n, mut bytes) = (0, 0);
+        let mut next = Some(first);
+        while let Some(up) = next.take() {
+            let m = match up {
+                Some(Ok(m)) => m,
+                Some(Err(e)) => {
+                    arrived.end = Some(Stop::Error(e));
+                    break;
+                }
+                None => {
+                    arrived.end = Some(Stop::Closed);
+                    break;
+                }
+            };
+            n += 1;
+            bytes += m.encoded_len();
+            arrived.push(m);
+            if n < MAX_ARRIVED && bytes < MERGE_BYTES {
+                next = self.inbound.next().now_or_never();
             }
-            Some(Err(e)) => {
+        }
+        arrived
+    }
+
+    /// Handles what arrived: its lanes at once (each in order), then the
+    /// stream's end if it came. `Err` ends the session.
+    async fn on_arrived(&self, arrived: Arrived) -> Result<(), SessionEnd> {
+        if !arrived.lanes.is_empty() {
+            self.domain.session_alive(&self.principal, &self.daemon_id);
+            let lanes = arrived.lanes.into_iter().map(|(_, lane)| async move {
+                for m in lane {
+                    self.handle(m).await?;
+                }
+                Ok(())
+            });
+            futures_util::future::try_join_all(lanes).await?;
+        }
+        match arrived.end {
+            None => Ok(()),
+            Some(end) => Err(self.stream_ended(end).await),
+        }
+    }
+
+    /// Why the daemon's stream gave no message: an error or its end.
+    async fn stream_ended(&self, end: Stop) -> SessionEnd {
+        match end {
+            Stop::Error(e) => {
                 if e.code() == tonic::Code::Internal && e.message().contains("decode") {
                     // A frame that does not decode is the daemon's
                     // mistake, not the server's: say so.
@@ -301,50 +411,10 @@ where
                     ));
                     let _ = self.tx.send(Err(status)).await;
                 }
-                Err(SessionEnd::StreamFailed(e))
+                SessionEnd::StreamFailed(e)
             }
-            None => Err(SessionEnd::ClosedByDaemon),
+            Stop::Closed => SessionEnd::ClosedByDaemon,
         }
-    }
-
-    /// Output batches of one task that arrived back to back, taken as one
-    /// batch: a daemon printing line by line sends many small batches, and
-    /// each would cost its own store append and ack. Takes only what is
-    /// already received (it never waits), up to [`MAX_BATCH`] messages and
-    /// [`MERGE_BYTES`]; answers the merged message and the first one it
-    /// could not merge, which is handled next. A merged batch is checked
-    /// whole, as any batch is.
-    fn coalesce(&mut self, up: Inbound) -> (Inbound, Option<Inbound>) {
-        let Some(Ok(pb::SessionRequest {
-            message: Some(Up::Messages(mut batch)),
-        })) = up
-        else {
-            return (up, None);
-        };
-        let mut bytes = batch.encoded_len();
-        let held = loop {
-            let next = match self.inbound.next().now_or_never() {
-                Some(next) => next,
-                None => break None,
-            };
-            match next {
-                Some(Ok(pb::SessionRequest {
-                    message: Some(Up::Messages(more)),
-                })) if more.task_id == batch.task_id
-                    && more.attempt == batch.attempt
-                    && batch.messages.len() + more.messages.len() <= MAX_BATCH
-                    && bytes + more.encoded_len() <= MERGE_BYTES =>
-                {
-                    bytes += more.encoded_len();
-                    batch.messages.extend(more.messages);
-                }
-                other => break Some(other),
-            }
-        };
-        let merged = pb::SessionRequest {
-            message: Some(Up::Messages(batch)),
-        };
-        (Some(Ok(merged)), held)
     }
 
     /// Sends every pending command after `cursor`.
@@ -379,7 +449,7 @@ where
 
     /// Handles one upstream message. A rejected report is answered with a
     /// SessionError and the session goes on; only a broken stream ends it.
-    async fn handle(&mut self, m: pb::SessionRequest) -> Result<(), SessionEnd> {
+    async fn handle(&self, m: pb::SessionRequest) -> Result<(), SessionEnd> {
         let p = &self.principal;
         let d = &self.domain;
         let (task_id, result): (String, Result<Option<Down>, Status>) = match m.message {
@@ -563,7 +633,7 @@ mod tests {
         }
 
         async fn open(&self) -> (SessionLoop<Inbound>, Outbound, Up) {
-            let (up, rx) = mpsc::channel(4);
+            let (up, rx) = mpsc::channel(8);
             let open = pb::SessionOpen {
                 daemon_id: self.daemon_id.clone(),
                 running_task_ids: vec![],
@@ -610,11 +680,9 @@ mod tests {
     }
 
     /// (task, attempt, seqs) of an output message; panics on anything else.
-    fn seqs(up: &super::Inbound) -> (String, i32, Vec<i64>) {
-        match up {
-            Some(Ok(pb::SessionRequest {
-                message: Some(pb::session_request::Message::Messages(r)),
-            })) => (
+    fn seqs(m: &pb::SessionRequest) -> (String, i32, Vec<i64>) {
+        match &m.message {
+            Some(pb::session_request::Message::Messages(r)) => (
                 r.task_id.clone(),
                 r.attempt,
                 r.messages.iter().map(|m| m.seq).collect(),
@@ -623,54 +691,57 @@ mod tests {
         }
     }
 
-    /// Output batches of one task already received are taken as one; the
-    /// first that cannot join (another task, another attempt, past the
-    /// bounds) is handed back to be handled next; nothing is waited for.
+    fn lane_keys(a: &Arrived) -> Vec<&Lane> {
+        a.lanes.iter().map(|(lane, _)| lane).collect()
+    }
+
+    /// What already arrived is taken at once, nothing waited for, in
+    /// lanes: each task's reports in the order they came, back-to-back
+    /// output of one task and attempt as one batch within its bounds.
     #[tokio::test]
-    async fn back_to_back_output_batches_are_merged() {
+    async fn what_arrived_is_taken_in_lanes_and_output_merged() {
         let f = Fixture::new().await;
         let (mut session, _down, up) = f.open().await;
+        let beat = pb::SessionRequest {
+            message: Some(pb::session_request::Message::Heartbeat(Default::default())),
+        };
         for next in [
             output("a", 1, 2..=3),
-            output("a", 1, 4..=4),
             output("b", 1, 1..=1),
-            output("a", 1, 5..=5),
+            output("a", 1, 4..=4),
+            Some(Ok(beat)),
+            output("a", 2, 1..=1),
         ] {
             up.send(next.unwrap()).await.unwrap();
         }
-        let (merged, held) = session.coalesce(output("a", 1, 1..=1));
-        assert_eq!(seqs(&merged), ("a".into(), 1, vec![1, 2, 3, 4]));
-        let (alone, held) = session.coalesce(held.expect("b is handed back"));
-        assert_eq!(seqs(&alone), ("b".into(), 1, vec![1]));
-        let (last, held) = session.coalesce(held.expect("a 5 is handed back"));
-        assert_eq!(seqs(&last), ("a".into(), 1, vec![5]));
-        assert!(
-            held.is_none(),
-            "nothing more was received: nothing waited for"
+        let arrived = session.arrived(output("a", 1, 1..=1));
+        let (a, b) = (Lane::Task("a".into()), Lane::Task("b".into()));
+        assert_eq!(lane_keys(&arrived), [&a, &b, &Lane::Other]);
+        let a_lane: Vec<_> = arrived.lanes[0].1.iter().map(seqs).collect();
+        assert_eq!(
+            a_lane,
+            [("a".into(), 1, vec![1, 2, 3, 4]), ("a".into(), 2, vec![1])]
+        );
+        assert_eq!(seqs(&arrived.lanes[1].1[0]), ("b".into(), 1, vec![1]));
+        assert!(arrived.end.is_none());
+
+        let alone = session.arrived(output("c", 1, 1..=1));
+        assert_eq!(
+            alone.lanes.len(),
+            1,
+            "nothing more arrived: nothing waited for"
         );
 
-        up.send(output("a", 2, 1..=1).unwrap()).await.unwrap();
-        let (first, held) = session.coalesce(output("a", 1, 6..=6));
-        assert_eq!(seqs(&first).2, [6]);
-        assert_eq!(seqs(&held.unwrap()), ("a".into(), 2, vec![1]));
-
         up.send(output("a", 1, 5001..=5001).unwrap()).await.unwrap();
-        let (full, held) = session.coalesce(output("a", 1, 1..=MAX_BATCH as i64));
-        assert_eq!(seqs(&full).2.len(), MAX_BATCH);
-        assert_eq!(seqs(&held.unwrap()).2, [5001]);
+        let full = session.arrived(output("a", 1, 1..=MAX_BATCH as i64));
+        let lens: Vec<usize> = full.lanes[0].1.iter().map(|m| seqs(m).2.len()).collect();
+        assert_eq!(lens, [MAX_BATCH, 1]);
 
-        let beat = Some(Ok(pb::SessionRequest {
-            message: Some(pb::session_request::Message::Heartbeat(Default::default())),
-        }));
         up.send(output("a", 1, 7..=7).unwrap()).await.unwrap();
-        let (same, held) = session.coalesce(beat);
-        assert!(matches!(
-            same,
-            Some(Ok(pb::SessionRequest {
-                message: Some(pb::session_request::Message::Heartbeat(_))
-            }))
-        ));
-        assert!(held.is_none(), "only output is merged");
+        drop(up);
+        let last = session.arrived(output("a", 1, 6..=6));
+        assert_eq!(seqs(&last.lanes[0].1[0]).2, [6, 7]);
+        assert!(matches!(last.end, Some(Stop::Closed)));
     }
 
     #[tokio::test]
