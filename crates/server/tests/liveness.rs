@@ -282,6 +282,33 @@ async fn a_rejected_spawn_goes_elsewhere(backend: Backend) {
     );
 }
 
+/// A task queued while a daemon with a free slot is connected, whose
+/// dispatch never ran (its StartTask's caller went away after the task was
+/// queued), is offered by the next sweep.
+async fn a_missed_dispatch_is_made_by_the_sweep(backend: Backend) {
+    let s = server(backend, 60_000, 60_000).await;
+    let (mut d, id) = connect_daemon(&s, "waiting", 1).await;
+    let mut session = Session::open(&mut d, &id, vec![]).await;
+    let _beating = keep_beating(&session, &id);
+    let task = new_task(&s, "missed").await;
+    // What a StartTask writes before it dispatches, and nothing after.
+    let mut queued = s.store.get_task(&task.id).await.unwrap().unwrap();
+    let version = queued.version;
+    queued.status = taskmesh_server::model::TaskStatus::Queued;
+    queued.version += 1;
+    queued.attempt += 1;
+    queued.queued_at = Some(taskmesh_server::model::now_micros());
+    assert!(s.store.save_task(&mut queued, version, None).await.unwrap());
+
+    let spawn = tokio::time::timeout(PATIENCE, session.command())
+        .await
+        .expect("the sweep dispatches the queued task");
+    assert_eq!(spawn_of(&spawn).task.as_ref().unwrap().id, task.id);
+    session.ack(&spawn.id).await;
+    session.started(&task.id, 1).await;
+    until_status(&s, &task.id, TaskStatus::Running).await;
+}
+
 both_backends!(
     silent_daemon_goes_offline,
     a_daemon_back_within_the_grace_keeps_its_task,
@@ -289,4 +316,5 @@ both_backends!(
     a_lost_daemons_dispatch_moves_to_another,
     a_refused_spawn_fails_the_task,
     a_rejected_spawn_goes_elsewhere,
+    a_missed_dispatch_is_made_by_the_sweep,
 );

@@ -109,6 +109,36 @@ impl Domain {
     }
 }
 
+impl Domain {
+    /// Offers the queue of every workspace that has queued tasks to its
+    /// daemons connected here with a free slot: what a dispatch that never
+    /// ran left behind (a StartTask whose caller went away after the task
+    /// was queued, before its dispatch). Answers how many were claimed.
+    pub(super) async fn dispatch_missed(&self) -> Result<usize> {
+        let free = self
+            .store
+            .with_free_slots(self.sessions.taking_work())
+            .await?;
+        let mut queued = std::collections::HashMap::new();
+        let mut n = 0;
+        for (daemon, slots) in free {
+            let ws = daemon.workspace_id.clone();
+            let has = match queued.get(&ws) {
+                Some(has) => *has,
+                None => {
+                    let has = self.store.has_queued(&ws).await?;
+                    queued.insert(ws, has);
+                    has
+                }
+            };
+            if has {
+                n += self.fill(&daemon, slots).await?;
+            }
+        }
+        Ok(n)
+    }
+}
+
 pub(super) fn spawn_command(
     daemon_id: &str,
     task: &Task,

@@ -11,7 +11,10 @@
 //! 3. a task dispatched longer than the dispatch timeout whose SpawnTask was
 //!    never acknowledged goes back to the queue;
 //! 4. open streams whose token was revoked, whose user left the workspace,
-//!    or whose daemon was disconnected end ([`super::streams`]).
+//!    or whose daemon was disconnected end ([`super::streams`]);
+//! 5. queued tasks are offered to the daemons connected here with a free
+//!    slot, so a dispatch that never ran (its StartTask's caller went away
+//!    after the task was queued) costs at most one interval.
 //!
 //! A daemon that returns within the grace and reports its tasks running
 //! keeps them (`open_session`).
@@ -66,6 +69,8 @@ pub struct SweepReport {
     pub offline: usize,
     pub interrupted: usize,
     pub requeued: usize,
+    /// Queued tasks that a missed dispatch had left waiting.
+    pub dispatched: usize,
 }
 
 fn micros(d: Duration) -> Micros {
@@ -103,6 +108,7 @@ impl Domain {
                         offline = r.offline,
                         interrupted = r.interrupted,
                         requeued = r.requeued,
+                        dispatched = r.dispatched,
                         "liveness sweep"
                     ),
                     Ok(_) => {}
@@ -164,6 +170,7 @@ impl Domain {
         for ws in requeued_in {
             self.dispatch_workspace(&ws).await?;
         }
+        report.dispatched = self.dispatch_missed().await?;
         Ok(report)
     }
 

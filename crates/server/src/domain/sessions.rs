@@ -161,6 +161,16 @@ impl SessionRegistry {
             .collect()
     }
 
+    /// Every daemon with a session here that takes pushed work.
+    pub fn taking_work(&self) -> Vec<Daemon> {
+        self.lock()
+            .sessions
+            .values()
+            .filter(|c| !c.draining)
+            .map(|c| c.daemon.clone())
+            .collect()
+    }
+
     /// Connected daemons of a workspace that take pushed work.
     pub fn in_workspace(&self, workspace_id: &str) -> Vec<Daemon> {
         self.lock()

@@ -11,7 +11,10 @@
 //!
 //! Each write answers only once its group is committed. When one fails,
 //! the group is rolled back and each write runs again alone, so one bad
-//! write fails no other.
+//! write fails no other. A queued write commits even if its caller stops
+//! waiting (a cancelled request): what the caller would have done next
+//! does not happen, which the liveness sweep covers for the one that
+//! matters (a StartTask's dispatch, `Domain::dispatch_missed`).
 
 use std::sync::Arc;
 

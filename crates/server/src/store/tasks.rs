@@ -537,6 +537,18 @@ impl Store {
         Ok(claimed)
     }
 
+    /// Whether the workspace has a queued task (read by the queue's index).
+    pub async fn has_queued(&self, workspace_id: &str) -> Result<bool> {
+        let row = sqlx::query(&format!(
+            "SELECT 1 FROM tasks WHERE workspace_id = $1 AND status = '{}' LIMIT 1",
+            CLAIM.0.as_str()
+        ))
+        .bind(workspace_id)
+        .fetch_optional(&self.reader)
+        .await?;
+        Ok(row.is_some())
+    }
+
     /// Records an active task's progress; answers the task, or `None` when
     /// it is no longer active. The version stays: progress is not an edit.
     pub async fn set_progress(
