@@ -107,32 +107,22 @@ impl Domain {
         }
         Ok(())
     }
-}
 
-impl Domain {
     /// Offers the queue of every workspace that has queued tasks to its
     /// daemons connected here with a free slot: what a dispatch that never
     /// ran left behind (a StartTask whose caller went away after the task
     /// was queued, before its dispatch). Answers how many were claimed.
     pub(super) async fn dispatch_missed(&self) -> Result<usize> {
-        let free = self
-            .store
-            .with_free_slots(self.sessions.taking_work())
-            .await?;
-        let mut queued = std::collections::HashMap::new();
+        let daemons = self.sessions.taking_work();
+        let mut has_queued = std::collections::HashMap::new();
         let mut n = 0;
-        for (daemon, slots) in free {
-            let ws = daemon.workspace_id.clone();
-            let has = match queued.get(&ws) {
-                Some(has) => *has,
-                None => {
-                    let has = self.store.has_queued(&ws).await?;
-                    queued.insert(ws, has);
-                    has
-                }
-            };
-            if has {
-                n += self.fill(&daemon, slots).await?;
+        for (daemon, free) in self.store.with_free_slots(daemons).await? {
+            let ws = &daemon.workspace_id;
+            if !has_queued.contains_key(ws) {
+                has_queued.insert(ws.clone(), self.store.has_queued(ws).await?);
+            }
+            if has_queued[ws] {
+                n += self.fill(&daemon, free).await?;
             }
         }
         Ok(n)
